@@ -1,0 +1,76 @@
+"""The regulator operators' client: issuance uploads (streamed), status changes, recalls."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import grpc
+
+from tracecode.v1 import admin_pb2 as apb
+from tracecode.v1 import admin_pb2_grpc
+from tracecode.v1 import verification_pb2 as pb
+
+from .files import Row, RowError
+
+
+class AdminClient:
+    def __init__(self, target: str | grpc.Channel, *, credentials: grpc.ChannelCredentials | None = None,
+                 metadata=(), timeout_s: float = 30.0):
+        if isinstance(target, str):
+            self.channel = (grpc.secure_channel(target, credentials) if credentials
+                            else grpc.insecure_channel(target))
+        else:
+            self.channel = target
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata, self.timeout_s = tuple(metadata), timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def upsert(self, rows: Iterable[Row | RowError], *, replace: bool = False, source: str = "",
+               chunk: int = 500, progress: Callable[[int], None] | None = None,
+               on_error: Callable[[RowError], None] | None = None) -> apb.UpsertIssuanceResponse:
+        """Stream issuance rows in chunks; file-level row errors go to on_error, never to the server."""
+
+        def requests() -> Iterator[apb.UpsertIssuanceRequest]:
+            buf: list[apb.IssuanceInput] = []
+            first, sent = 0, 0
+            for row in rows:
+                if isinstance(row, RowError):
+                    if on_error:
+                        on_error(row)
+                    continue
+                if not buf:
+                    first = row.line
+                f = row.fields
+                status = pb.CodeStatus.Value(f["status"].upper()) if f.get("status") else 0
+                buf.append(apb.IssuanceInput(
+                    code=f["code"], product_id=f["product_id"], gtin=f.get("gtin", ""),
+                    batch=f.get("batch", ""), expiry=f.get("expiry", ""),
+                    pack_units=int(f.get("pack_units") or 1), manufacturer=f.get("manufacturer", ""),
+                    status=status))
+                if len(buf) >= chunk:
+                    yield apb.UpsertIssuanceRequest(records=buf, replace=replace, source=source, first_line=first)
+                    sent += len(buf)
+                    if progress:
+                        progress(sent)
+                    buf = []
+            if buf:
+                yield apb.UpsertIssuanceRequest(records=buf, replace=replace, source=source, first_line=first)
+                if progress:
+                    progress(sent + len(buf))
+
+        return self.stub.UpsertIssuance(requests(), metadata=self.metadata)
+
+    def set_status(self, raw_code: str, status: str, reason: str = "") -> apb.SetCodeStatusResponse:
+        return self.stub.SetCodeStatus(apb.SetCodeStatusRequest(
+            raw_code=raw_code, status=pb.CodeStatus.Value(status), reason=reason),
+            timeout=self.timeout_s, metadata=self.metadata)
+
+    def recall(self, product_id: str, batch: str, status: str = "RECALLED", reason: str = ""):
+        return self.stub.RecallBatch(apb.RecallBatchRequest(
+            product_id=product_id, batch=batch, status=pb.CodeStatus.Value(status), reason=reason),
+            timeout=self.timeout_s, metadata=self.metadata)
+
+    def get(self, raw_code: str) -> pb.IssuanceRecord:
+        return self.stub.GetIssuance(apb.GetIssuanceRequest(raw_code=raw_code),
+                                     timeout=self.timeout_s, metadata=self.metadata)

@@ -1,0 +1,173 @@
+"""The `tracecode` command line: serve, load, verify, reverse, history, status, recall, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import grpc
+
+from tracecode.v1 import verification_pb2 as pb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _print_results(resp) -> None:
+    flag = "replayed" if resp.replayed else ("recorded" if resp.recorded else "NOT recorded")
+    print(f"settlement {resp.settlement_id} at site {resp.site_id}: {flag}")
+    for r in resp.results:
+        verdict = pb.Verdict.Name(r.verdict)
+        print(f"  line {r.line_index + 1}: {verdict:<20} {r.canonical_code or '-'}"
+              + (f"  ({r.reason})" if r.reason else "")
+              + (f"  units {r.units_accepted}, {r.units_remaining} left" if verdict == "OK" else ""))
+
+
+def cmd_serve(args) -> int:
+    from tracecode.server import config as cfg
+    from tracecode.server.app import serve
+    return serve(cfg.from_args(args))
+
+
+def cmd_load(args) -> int:
+    from .admin import AdminClient
+    from .files import ISSUANCE_FIELDS, read_rows
+    client = AdminClient(args.server)
+    total = {"received": 0, "created": 0, "updated": 0, "unchanged": 0, "conflicts": 0, "rejected": 0}
+    file_errors = []
+    started = time.monotonic()
+    for path in args.files:
+        def progress(n, path=path):
+            rate = n / max(time.monotonic() - started, 1e-9)
+            print(f"\r{path}: {n} records sent ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+        resp = client.upsert(read_rows(path, ISSUANCE_FIELDS), replace=args.replace, source=path,
+                             progress=progress, on_error=file_errors.append)
+        print(file=sys.stderr)
+        for k in total:
+            total[k] += getattr(resp, k)
+        for e in resp.errors:
+            print(f"{e.source}:{e.line}: {e.code}: {e.reason}", file=sys.stderr)
+    for e in file_errors:
+        print(str(e), file=sys.stderr)
+    total["rejected"] += len(file_errors)
+    print(" ".join(f"{k}={v}" for k, v in total.items()))
+    client.close()
+    return 1 if total["rejected"] else 0
+
+
+def cmd_verify(args) -> int:
+    from .pos import PosClient, line
+    with PosClient(args.server) as pos:
+        resp = pos.verify(args.site, [line(c, args.product, args.units) for c in args.codes],
+                          settlement_id=args.settlement_id, all_or_nothing=args.all_or_nothing)
+    _print_results(resp)
+    return 0 if all(r.verdict == pb.OK for r in resp.results) else 3
+
+
+def cmd_reverse(args) -> int:
+    from .pos import PosClient
+    with PosClient(args.server) as pos:
+        resp = pos.reverse(args.site, args.settlement_id, args.lines, args.reason)
+    for ln in resp.lines:
+        print(f"line {ln.line_index + 1}: {ln.canonical_code} returned {ln.units_returned} unit(s)"
+              f"{' (earlier)' if ln.already_reversed else ''}; pack now has {ln.units_used} used")
+    return 0
+
+
+def cmd_history(args) -> int:
+    from google.protobuf import json_format
+    from .pos import PosClient
+    with PosClient(args.server) as pos:
+        print(json_format.MessageToJson(pos.history(args.code), ensure_ascii=False))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .admin import AdminClient
+    resp = AdminClient(args.server).set_status(args.code, args.status, args.reason)
+    print(f"{resp.canonical_code}: {pb.CodeStatus.Name(resp.previous)} -> {pb.CodeStatus.Name(resp.status)}")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    from .admin import AdminClient
+    resp = AdminClient(args.server).recall(args.product, args.batch, args.status, args.reason)
+    print(f"changed={resp.codes_changed} unchanged={resp.codes_unchanged}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+    return run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tracecode.server import config as cfg
+    p = argparse.ArgumentParser(prog="tracecode", description="Drug traceability-code verification")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server (embedded Redis unless --redis-url)")
+    cfg.add_arguments(s)
+    s.set_defaults(func=cmd_serve)
+
+    def client_parser(name, help):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--server", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        return c
+
+    c = client_parser("load", "load issuance records from CSV/JSONL files (.gz too)")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--replace", action="store_true", help="overwrite records issued for another product")
+    c.set_defaults(func=cmd_load)
+
+    c = client_parser("verify", "verify and dispense codes as one settlement")
+    c.add_argument("codes", nargs="+")
+    c.add_argument("--site", required=True)
+    c.add_argument("--product", required=True, help="billed product id (applies to every code)")
+    c.add_argument("--units", type=int, default=0, help="units per code (0 = whole pack)")
+    c.add_argument("--settlement-id", help="idempotency key (default: a new one)")
+    c.add_argument("--all-or-nothing", action="store_true")
+    c.set_defaults(func=cmd_verify)
+
+    c = client_parser("reverse", "return (reverse) a settlement or some of its lines")
+    c.add_argument("settlement_id")
+    c.add_argument("--site", required=True)
+    c.add_argument("--lines", type=int, nargs="*", default=[], help="0-based line indexes (default all)")
+    c.add_argument("--reason", default="")
+    c.set_defaults(func=cmd_reverse)
+
+    c = client_parser("history", "a code's issuance record and events")
+    c.add_argument("code")
+    c.set_defaults(func=cmd_history)
+
+    c = client_parser("status", "set a code's status (admin)")
+    c.add_argument("code")
+    c.add_argument("status", choices=["ACTIVE", "RECALLED", "LOCKED", "STOLEN", "DESTROYED"])
+    c.add_argument("--reason", default="")
+    c.set_defaults(func=cmd_status)
+
+    c = client_parser("recall", "recall every code of a product batch (admin)")
+    c.add_argument("--product", required=True)
+    c.add_argument("--batch", required=True)
+    c.add_argument("--status", default="RECALLED")
+    c.add_argument("--reason", default="")
+    c.set_defaults(func=cmd_recall)
+
+    d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

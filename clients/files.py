@@ -1,0 +1,89 @@
+"""Streaming readers of the operators' files (../shared/spec/files.md): CSV (UTF-8, header row,
+RFC 4180) or JSONL, `.gz` read transparently. Rows are yielded one by one, never loaded whole.
+
+A row missing a required field comes out as a RowError naming file, line and field: the caller
+counts and reports it; nothing is skipped silently. Unknown columns produce one warning.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+log = logging.getLogger("tracecode.files")
+
+ISSUANCE_FIELDS = {"code": True, "product_id": True, "gtin": False, "batch": False, "expiry": False,
+                   "pack_units": False, "manufacturer": False, "status": False}
+SETTLEMENT_FIELDS = {"site_id": True, "settlement_id": True, "settled_at": True, "line_no": True,
+                     "code": True, "product_id": True, "units": False, "insured_id": False}
+
+
+@dataclass(slots=True)
+class Row:
+    source: str
+    line: int  # 1-based physical line of the row in its file (CSV header is line 1)
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
+class RowError:
+    source: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.field}: {self.reason}"
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _is_jsonl(path: str) -> bool:
+    base = path[:-3] if path.endswith(".gz") else path
+    return base.endswith((".jsonl", ".ndjson", ".json"))
+
+
+def read_rows(path: str, schema: dict[str, bool]) -> Iterator[Row | RowError]:
+    warned: set[str] = set()
+
+    def check(line: int, raw: dict) -> Row | RowError:
+        unknown = set(raw) - set(schema) - warned
+        if unknown:
+            log.warning("%s: ignoring unknown field(s) %s", path, ", ".join(sorted(unknown)))
+            warned.update(unknown)
+        fields = {k: ("" if v is None else str(v)).strip() for k, v in raw.items() if k in schema}
+        for name, required in schema.items():
+            if required and not fields.get(name):
+                return RowError(path, line, name, "required field is missing or empty")
+        return Row(path, line, fields)
+
+    with _open_text(path) as fh:
+        if _is_jsonl(path):
+            for n, text in enumerate(fh, 1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield RowError(path, n, "-", f"not valid JSON: {exc.msg} at column {exc.colno}")
+                    continue
+                if not isinstance(obj, dict):
+                    yield RowError(path, n, "-", "a JSONL line must be an object")
+                    continue
+                yield check(n, obj)
+        else:
+            reader = csv.DictReader(fh)
+            for raw in reader:
+                line = reader.line_num
+                if None in raw:  # more cells than header columns
+                    yield RowError(path, line, "-", f"{len(raw[None])} cell(s) beyond the header")
+                    continue
+                yield check(line, raw)

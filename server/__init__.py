@@ -1,0 +1,1 @@
+"""The tracecode server: servicer -> verifier -> codec -> store (the only module that speaks Redis)."""

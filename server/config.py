@@ -1,0 +1,102 @@
+"""Configuration: one dataclass, filled from defaults < config file < environment < flags.
+
+Every field can be set as `--field-name` on `tracecode serve`, as `TRACECODE_FIELD_NAME` in the
+environment, or as `field_name = ...` in a TOML file given by `--config` / `TRACECODE_CONFIG`.
+The table in the README is generated from the help texts here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = _opt("127.0.0.1:50051", "gRPC listen address host:port")
+    redis_url: str = _opt("", "Redis URL (redis://, rediss://, unix://); empty starts an embedded redis-server")
+    data_dir: str = _opt("./tracecode-data", "directory of the embedded redis-server's AOF files")
+    redis_appendfsync: str = _opt("everysec", "embedded Redis AOF fsync: always (safest), everysec, no")
+    redis_timeout_s: float = _opt(2.0, "socket timeout of each Redis call, seconds")
+    key_prefix: str = _opt("tc", "prefix of every Redis key")
+    metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
+    workers: int = _opt(1, "server processes sharing the port (SO_REUSEPORT)")
+    threads: int = _opt(16, "gRPC handler threads per process")
+    timezone: str = _opt("Asia/Shanghai", "issuer's calendar: expiry is judged on the settlement's date here")
+    clock_skew_s: int = _opt(600, "accepted difference between a POS settlement time and the server clock")
+    return_window_days: float = _opt(10.0, "how long after a settlement its site may reverse it")
+    max_lines: int = _opt(200, "most lines in one settlement")
+    max_code_length: int = _opt(512, "longest raw scan accepted, characters")
+    max_units: int = _opt(100000, "largest units value on a line")
+    cn_prefixes: str = _opt("8", "leading digits admitted for 20-digit codes; empty admits any")
+    gs_substitutes: str = _opt("", "comma-separated strings a scanner sends instead of ASCII 29 (e.g. '|' or '<GS>')")
+    history_max: int = _opt(256, "events kept per code for GetCodeHistory (older ones are counted, not kept)")
+    audit_max: int = _opt(1_000_000, "approximate length of each audit stream partition")
+    settlement_ttl_days: int = _opt(400, "how long settlement records (idempotency, return ledger) are kept")
+    grace_s: float = _opt(10.0, "on SIGTERM, time in-flight calls get to finish")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
+    log_json: bool = _opt(False, "log one JSON object per line")
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    if isinstance(value, str):
+        if f.type in ("bool", bool):
+            v = value.strip().lower()
+            if v not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"{f.name}: expected a boolean, got {value!r}")
+            return v in ("1", "true", "yes", "on")
+        if f.type in ("int", int):
+            return int(value)
+        if f.type in ("float", float):
+            return float(value)
+    return value
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         config_file: str | None = None) -> Config:
+    """Merge defaults < file < environment < flags (flags given as field -> value, None = unset)."""
+    env = os.environ if env is None else env
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {}
+    path = config_file or env.get("TRACECODE_CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            for k, v in tomllib.load(fh).items():
+                if k not in fields:
+                    raise ValueError(f"{path}: unknown setting {k!r}")
+                values[k] = v
+    for name in fields:
+        v = env.get("TRACECODE_" + name.upper())
+        if v is not None:
+            values[name] = v
+    for name, v in (flags or {}).items():
+        if v is not None and name in fields:
+            values[name] = v
+    return Config(**{k: _coerce(fields[k], v) for k, v in values.items()})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Config field; unset flags stay None so lower layers show through."""
+    parser.add_argument("--config", help="TOML configuration file (also TRACECODE_CONFIG)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    return load(vars(args), config_file=getattr(args, "config", None))

@@ -1,0 +1,121 @@
+"""Issuance records: validation of what issuers upload, and status changes (locks, recalls).
+
+Validation happens here, once, for every path that writes issuance (the Admin RPCs and therefore
+`tracecode load`); the store only stores.
+"""
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Iterable
+
+from tracecode import codec
+from tracecode.v1 import admin_pb2 as apb
+
+from .errors import InvalidRequest, NotFound
+from .store import Store, now_ms
+from .verdicts import STATUS_NAME, STATUSES
+
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\Z")
+MAX_REPORTED_ERRORS = 100
+
+
+def parse_expiry(text: str) -> int:
+    """'YYYY-MM-DD' -> YYYYMMDD (ValueError with the reason when it is no calendar date)."""
+    m = _DATE.match(text)
+    if not m:
+        raise ValueError(f"expiry {text!r}: expected YYYY-MM-DD")
+    y, mo, d = map(int, m.groups())
+    date(y, mo, d)  # raises on 2025-02-30
+    return y * 10000 + mo * 100 + d
+
+
+class IssuanceService:
+    def __init__(self, store: Store, profile=None, chunk: int = 500):
+        self.store = store
+        self.profile = profile
+        self.chunk = chunk
+
+    def _canonical(self, raw: str) -> tuple[str, tuple]:
+        parsed = codec.parse(raw, self.profile)
+        if not parsed[1]:
+            raise InvalidRequest([("raw_code", parsed[6])])
+        return parsed[1], parsed
+
+    def validate(self, rec: apb.IssuanceInput) -> tuple:
+        """An IssuanceInput -> the store's record tuple, or ValueError naming the field."""
+        kind, key, product, serial, batch, expiry, reason = codec.parse(rec.code, self.profile)
+        if not key:
+            raise ValueError(f"code: {reason}")
+        if not rec.product_id:
+            raise ValueError("product_id: required")
+        gtin = rec.gtin
+        if kind == codec.KIND_GS1:
+            if gtin and gtin.zfill(14) != product:
+                raise ValueError(f"gtin: {gtin} differs from the GTIN {product} inside the code")
+            gtin = product
+        elif gtin and not (gtin.isdigit() and len(gtin) <= 14):
+            raise ValueError(f"gtin: {gtin!r} is not a GTIN")
+        exp = parse_expiry(rec.expiry) if rec.expiry else expiry
+        if rec.expiry and expiry and exp != expiry:
+            raise ValueError(f"expiry: {rec.expiry} differs from the expiry inside the code")
+        units = rec.pack_units or 1
+        if units > 100000:
+            raise ValueError(f"pack_units: {units} is more than 100000")
+        status = STATUS_NAME.get(rec.status, "") if rec.status else ""
+        if rec.status and not status:
+            raise ValueError(f"status: unknown value {rec.status}")
+        return (key, rec.product_id, gtin, rec.batch or batch, exp or 0, units, rec.manufacturer, status)
+
+    def upsert_stream(self, requests: Iterable[apb.UpsertIssuanceRequest]) -> apb.UpsertIssuanceResponse:
+        resp = apb.UpsertIssuanceResponse()
+        counters = {0: "unchanged", 1: "created", 2: "updated", 3: "conflicts"}
+
+        def error(source, line, code, reason):
+            resp.rejected += 1
+            if len(resp.errors) < MAX_REPORTED_ERRORS:
+                resp.errors.add(source=source, line=line, code=code, reason=reason)
+
+        for req in requests:
+            valid, where = [], []
+            for offset, rec in enumerate(req.records):
+                resp.received += 1
+                line = req.first_line + offset if req.first_line else 0
+                try:
+                    valid.append(self.validate(rec))
+                    where.append((line, rec.code))
+                except ValueError as exc:
+                    error(req.source, line, rec.code, str(exc))
+            for start in range(0, len(valid), self.chunk):
+                outcomes = self.store.upsert_issuance(valid[start:start + self.chunk], replace=req.replace)
+                for (line, code), outcome in zip(where[start:start + self.chunk], outcomes):
+                    setattr(resp, counters[outcome], getattr(resp, counters[outcome]) + 1)
+                    if outcome == 3 and len(resp.errors) < MAX_REPORTED_ERRORS:
+                        resp.errors.add(source=req.source, line=line, code=code,
+                                        reason="conflict: stored record has another product (kept; use --replace)")
+        return resp
+
+    def get(self, raw: str) -> tuple[str, dict]:
+        code, _ = self._canonical(raw)
+        record = self.store.get_issuance(code)
+        if record is None:
+            raise NotFound(f"code {code} was never issued")
+        return code, record
+
+    def set_status(self, raw: str, status: str, reason: str, actor: str) -> tuple[str, str]:
+        assert status in STATUSES
+        code, _ = self._canonical(raw)
+        (previous,) = self.store.set_status([code], status, now_ms=now_ms(), reason=reason, actor=actor)
+        if not previous:
+            raise NotFound(f"code {code} was never issued")
+        return code, previous
+
+    def recall_batch(self, product: str, batch: str, status: str, reason: str, actor: str) -> tuple[int, int]:
+        changed = unchanged = 0
+        for codes in self.store.batch_codes(product, batch):
+            for prev in self.store.set_status(codes, status, now_ms=now_ms(), reason=reason, actor=actor):
+                if prev == status:
+                    unchanged += 1
+                elif prev:
+                    changed += 1
+        return changed, unchanged

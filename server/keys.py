@@ -1,0 +1,64 @@
+"""Redis key layout. Only the store uses it; nothing else needs to know how keys are spelled.
+
+Every key of one code carries the same hash tag, so on Redis Cluster a code's issuance record,
+dispense state and history sit in one slot and a Lua call can touch them atomically. The tag is a
+*bucket* (crc32 of the canonical code, modulo BUCKETS) rather than the code itself, so that the
+audit stream of a bucket (`{prefix}:{bucket}:audit`) lives in the same slot as the codes it logs
+and the number of audit streams stays bounded (BUCKETS of them) for readers that tail them all.
+
+    {p}:{bbbb}:i:{code}          hash    issuance record (product, gtin, batch, expiry, units, status ...)
+    {p}:{bbbb}:d:{code}          hash    dispense state (units used, first dispense, attempts, events)
+    {p}:{bbbb}:h:{code}          list    the code's events, JSON, newest last, capped
+    {p}:{bbbb}:audit             stream  every state change and flagged attempt of the bucket's calls
+    {p}:{bbbb}:s:{n}:{site}:{sid} hash    a settlement: body digest, stored results, line ledger
+    {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls)
+
+BUCKETS is fixed for the life of a data set: changing it moves every key.
+"""
+from zlib import crc32
+
+BUCKETS = 1024
+
+_TAGS = tuple("{%04d}" % b for b in range(BUCKETS))
+
+
+def tag_of(text: str) -> str:
+    """The hash tag of the bucket that owns `text` (a canonical code or a settlement name)."""
+    return _TAGS[crc32(text.encode()) & (BUCKETS - 1)]
+
+
+class KeySpace:
+    """Key names under one prefix. A bulk REPLAY job uses its own prefix for dispense state
+    while reading issuance from the live one (same tags, so the same slots)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "tc"):
+        if not prefix or any(c in prefix for c in "{}: "):
+            raise ValueError(f"key prefix {prefix!r}: must be non-empty without braces, colons or spaces")
+        self.prefix = prefix
+
+    def code_keys(self, code: str) -> tuple[str, str, str]:
+        """(issuance, dispense, history) keys of one canonical code."""
+        t = tag_of(code)
+        p = self.prefix
+        return f"{p}:{t}:i:{code}", f"{p}:{t}:d:{code}", f"{p}:{t}:h:{code}"
+
+    def issuance(self, code: str) -> str:
+        return f"{self.prefix}:{tag_of(code)}:i:{code}"
+
+    def settlement(self, site: str, settlement_id: str) -> str:
+        # The site's length keeps "a:b"+"c" and "a"+"b:c" apart.
+        name = f"{len(site)}:{site}:{settlement_id}"
+        return f"{self.prefix}:{tag_of(name)}:s:{name}"
+
+    def audit_for(self, key: str) -> str:
+        """The audit stream in the same slot as `key` (any key built by this class)."""
+        start = key.index("{")
+        return f"{self.prefix}:{key[start:key.index('}', start) + 1]}:audit"
+
+    def batch(self, product: str, batch: str) -> str:
+        return f"{self.prefix}:{tag_of(product + chr(0) + batch)}:b:{product}:{batch}"
+
+    def audit_streams(self) -> list[str]:
+        return [f"{self.prefix}:{t}:audit" for t in _TAGS]

@@ -1,0 +1,71 @@
+-- reverse.lua: a return (退药) of some or all lines of one settlement, atomically.
+--
+-- KEYS[1] settlement record    KEYS[2] audit stream of its slot
+-- then two keys per distinct code of the ledger, in ARGV code order: dispense state, history
+-- ARGV[1] site   ARGV[2] now, ms   ARGV[3] return window, ms   ARGV[4] history max   ARGV[5] audit max
+-- ARGV[6] note   ARGV[7] number of distinct codes C, then the C codes, then the 0-based line indexes
+--   to reverse (none: every recorded line)
+-- Returns the json list of [line_index, code, units_returned, units_used_after, already_reversed].
+-- Errors: TCNOTFOUND, TCWINDOW <age ms>, TCBADLINE <index>.
+-- The ledger keeps, per line, [code, units accepted, units returned]; a returned line stays returned,
+-- so a second call changes nothing and reports the same units.
+
+local site, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local hist_max, audit_max, note = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local C = tonumber(ARGV[7])
+
+local s = redis.call('HMGET', KEYS[1], 'l', 'at', 'site', 'i')
+if not s[1] then return redis.error_reply('TCNOTFOUND settlement not found') end
+local settled_at = tonumber(s[2])
+if now - settled_at > window then
+  return redis.error_reply('TCWINDOW ' .. tostring(now - settled_at))
+end
+local ledger = cjson.decode(s[1])
+local sid = s[4] or ''
+local slot = {}
+for c = 1, C do slot[ARGV[7 + c]] = c end
+
+local wanted = {}
+if #ARGV > 7 + C then
+  for j = 8 + C, #ARGV do
+    local idx = tonumber(ARGV[j])
+    if not ledger[idx + 1] then return redis.error_reply('TCBADLINE ' .. ARGV[j]) end
+    wanted[#wanted + 1] = idx
+  end
+else
+  for i = 1, #ledger do
+    if ledger[i][2] > 0 then wanted[#wanted + 1] = i - 1 end
+  end
+end
+
+local out, changed = {}, false
+for _, idx in ipairs(wanted) do
+  local line = ledger[idx + 1]
+  local code, accepted, returned = line[1], line[2], line[3]
+  local c = slot[code]
+  local dkey, hkey
+  if c then dkey, hkey = KEYS[2 * c + 1], KEYS[2 * c + 2] end
+  local already = returned > 0 or accepted == 0 or not c
+  if not already then
+    local used = tonumber(redis.call('HGET', dkey, 'u')) or 0
+    used = math.max(used - accepted, 0)
+    if used == 0 then
+      -- Back at zero the pack is sellable again anywhere: a new first dispense will be recorded.
+      redis.call('HSET', dkey, 'u', 0, 'fs', '', 'fi', '', 'fa', 0)
+    else
+      redis.call('HSET', dkey, 'u', used)
+    end
+    line[3] = accepted
+    changed = true
+    redis.call('RPUSH', hkey, cjson.encode({t = 'REVERSED', a = now, s = site, i = sid,
+                                           l = idx, u = accepted, x = note}))
+    redis.call('LTRIM', hkey, -hist_max, -1)
+    redis.call('HINCRBY', dkey, 'ev', 1)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'REVERSED', 'c', code, 's', site,
+               'i', sid, 'l', idx, 'u', accepted, 'x', note, 'a', now)
+  end
+  local used_after = c and (tonumber(redis.call('HGET', dkey, 'u')) or 0) or 0
+  out[#out + 1] = {idx, code, line[3], used_after, already and 1 or 0}
+end
+if changed then redis.call('HSET', KEYS[1], 'l', cjson.encode(ledger)) end
+return cjson.encode(out)

@@ -1,0 +1,32 @@
+-- status.lua: change the status of issued codes (lock, recall, ...) with an audit event each,
+-- atomically per call.
+--
+-- KEYS[1] audit stream of the slot, then three per code: issuance, dispense state, history.
+-- ARGV[1] new status   ARGV[2] now, ms   ARGV[3] reason   ARGV[4] actor   ARGV[5] history max
+-- ARGV[6] audit max, then the canonical codes in key order.
+-- Returns per code the previous status ('' when the code was never issued: nothing written).
+local status, now, reason, actor = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local hist_max, audit_max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local out = {}
+for j = 1, (#KEYS - 1) / 3 do
+  local k = 1 + 3 * (j - 1)
+  local code = ARGV[6 + j]
+  local prev = redis.call('HGET', KEYS[k + 1], 's')
+  if not prev then
+    out[j] = ''
+  else
+    out[j] = prev
+    if prev ~= status then
+      redis.call('HSET', KEYS[k + 1], 's', status)
+      local detail = prev .. '->' .. status
+      if reason ~= '' then detail = detail .. ': ' .. reason end
+      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = 'STATUS_CHANGED', a = now, s = actor, i = '',
+                                                    l = 0, u = 0, x = detail}))
+      redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
+      redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', audit_max, '*', 't', 'STATUS_CHANGED', 'c', code,
+                 's', actor, 'i', '', 'l', 0, 'u', 0, 'x', detail, 'a', now)
+    end
+  end
+end
+return out

@@ -1,0 +1,223 @@
+"""The verifier: the rules of docs/verification.md between the servicer and the store.
+
+It validates a settlement, canonicalises every scan with the codec (one batch call), hands the
+distinct codes to the store for one atomic judge-and-mark, and turns the store's facts into
+verdicts with reasons a pharmacist can act on. It knows nothing of gRPC.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Sequence
+from zoneinfo import ZoneInfo
+
+from tracecode import codec
+
+from .config import Config
+from .errors import InvalidRequest, SettlementConflict
+from .store import Store, now_ms
+
+# Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
+_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
+
+
+@dataclass(slots=True)
+class Line:
+    raw_code: str
+    product_id: str
+    units: int = 0  # 0 = the whole pack
+
+
+@dataclass(slots=True)
+class LineOutcome:
+    verdict: str
+    canonical_code: str
+    reason: str
+    units_accepted: int = 0
+    units_used: int = 0
+    pack_units: int = 0
+    status: str = ""
+    issued_product_id: str = ""
+    first_site_id: str = ""
+    first_settlement_id: str = ""
+    first_settled_at_ms: int = 0
+    attempts: int = 0
+
+    @property
+    def units_remaining(self) -> int:
+        return max(self.pack_units - self.units_used, 0)
+
+
+@dataclass(slots=True)
+class SettlementOutcome:
+    results: list[LineOutcome]
+    recorded: bool
+    replayed: bool
+
+
+def _fmt_ms(ms: int, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="seconds")
+
+
+def _fmt_day(day: int) -> str:
+    s = str(day)
+    return f"{s[:4]}-{s[4:6]}-{s[6:]}" if len(s) == 8 else s
+
+
+class Verifier:
+    def __init__(self, store: Store, config: Config):
+        self.store = store
+        self.config = config
+        self.tz = ZoneInfo(config.timezone)
+        subs = tuple(s for s in config.gs_substitutes.split(",") if s)
+        self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=config.cn_prefixes,
+                                     max_length=config.max_code_length)
+
+    # ------------------------------------------------------------------ parsing
+
+    def canonical(self, raw: str) -> str:
+        """The canonical key of one scan, or InvalidRequest naming why it is malformed."""
+        kind, key, *_, reason = codec.parse(raw, self.profile)
+        if not key:
+            raise InvalidRequest([("raw_code", reason)])
+        return key
+
+    def _plan(self, lines: Sequence[Line]):
+        parsed = codec.parse_many([ln.raw_code for ln in lines], self.profile)
+        index: dict[str, int] = {}
+        plan, keys = [], []
+        for ln, (kind, key, _product, _serial, _batch, _expiry, reason) in zip(lines, parsed):
+            if key:
+                u = index.get(key)
+                if u is None:
+                    u = index[key] = len(index) + 1
+                plan.append((u, ln.product_id, ln.units, ""))
+            else:
+                plan.append((0, ln.product_id, ln.units, reason))
+            keys.append(key)
+        return plan, list(index), keys
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, site_id: str, settlement_id: str | None, lines: Sequence[Line]) -> None:
+        bad: list[tuple[str, str]] = []
+        if not _ID.match(site_id or ""):
+            bad.append(("site_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
+        if settlement_id is not None and not _ID.match(settlement_id or ""):
+            bad.append(("settlement_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
+        if not lines:
+            bad.append(("lines", "at least one line is required"))
+        elif len(lines) > self.config.max_lines:
+            bad.append(("lines", f"{len(lines)} lines, at most {self.config.max_lines} per settlement"))
+        for i, ln in enumerate(lines[: self.config.max_lines]):
+            if not ln.product_id or len(ln.product_id) > 64:
+                bad.append((f"lines[{i}].product_id", "required: the billed product id, at most 64 characters"))
+            if len(ln.raw_code) > self.config.max_code_length:
+                bad.append((f"lines[{i}].raw_code",
+                            f"{len(ln.raw_code)} characters, at most {self.config.max_code_length}"))
+            if ln.units < 0 or ln.units > self.config.max_units:
+                bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{self.config.max_units}"))
+        if bad:
+            raise InvalidRequest(bad)
+
+    def settle_day(self, at_ms: int) -> int:
+        d = datetime.fromtimestamp(at_ms / 1000, self.tz)
+        return d.year * 10000 + d.month * 100 + d.day
+
+    @staticmethod
+    def digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
+               lines: Sequence[Line]) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{site_id}\x1f{settlement_id}\x1f{at_ms}\x1f{int(all_or_nothing)}".encode())
+        for ln in lines:
+            h.update(f"\x1e{ln.raw_code}\x1f{ln.product_id}\x1f{ln.units}".encode())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ operations
+
+    def dispense(self, site_id: str, settlement_id: str, settled_at_ms: int, lines: Sequence[Line],
+                 all_or_nothing: bool = False, check_skew: bool = True) -> SettlementOutcome:
+        self._validate(site_id, settlement_id, lines)
+        digest = self.digest(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+        if check_skew:
+            skew = abs(settled_at_ms - now_ms()) / 1000
+            if skew > self.config.clock_skew_s:
+                # A late retry of a settlement already recorded still gets its stored answer.
+                stored = self.store.stored_settlement(site_id, settlement_id)
+                if stored and stored[0] == digest:
+                    plan, _, keys = self._plan(lines)
+                    return self._outcome(stored[1], keys, replayed=True)
+                raise InvalidRequest([("settled_at",
+                                       f"{skew:.0f} s from the server clock, at most {self.config.clock_skew_s} s")])
+        plan, codes, keys = self._plan(lines)
+        try:
+            replayed, out = self.store.verify(
+                dispense=True, site=site_id, settlement_id=settlement_id, settled_at_ms=settled_at_ms,
+                settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
+                lines=plan, codes=codes)
+        except SettlementConflict:
+            raise SettlementConflict(
+                f"settlement {settlement_id!r} of site {site_id!r} was already recorded with a different "
+                "request body; use a new settlement id for a new sale") from None
+        return self._outcome(out, keys, replayed)
+
+    def check(self, site_id: str, at_ms: int | None, lines: Sequence[Line]) -> list[LineOutcome]:
+        """The verdicts lines would get now, marking nothing (site_id may be empty)."""
+        self._validate(site_id or "-", None, lines)
+        at_ms = at_ms or now_ms()
+        plan, codes, keys = self._plan(lines)
+        _, out = self.store.verify(
+            dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
+            settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes)
+        return self._outcome(out, keys, False).results
+
+    def reverse(self, site_id: str, settlement_id: str, line_indexes: Sequence[int], note: str = ""):
+        self._validate(site_id, settlement_id, [Line("-", "-")])
+        if any(i < 0 for i in line_indexes):
+            raise InvalidRequest([("line_indexes", "indexes are 0-based and non-negative")])
+        window_ms = int(self.config.return_window_days * 86_400_000)
+        return self.store.reverse(site=site_id, settlement_id=settlement_id, now_ms=now_ms(),
+                                  window_ms=window_ms, line_indexes=sorted(set(line_indexes)),
+                                  note=note[:200])
+
+    # ------------------------------------------------------------------ results
+
+    def _outcome(self, out: str, keys: list[str], replayed: bool) -> SettlementOutcome:
+        doc = json.loads(out)
+        results = []
+        for key, row in zip(keys, doc["l"]):
+            (verdict, accepted, used, pack_units, status, issued, expiry,
+             fsite, fsid, fat, attempts, reason) = row
+            o = LineOutcome(verdict, key, reason, int(accepted), int(used), int(pack_units), status,
+                            issued, fsite, fsid, int(fat), int(attempts))
+            if verdict != "MALFORMED":
+                o.reason = _REASONS[verdict](self, o, int(expiry))
+            results.append(o)
+        recorded = bool(doc["rec"])
+        if not recorded:
+            for o in results:
+                if o.verdict == "OK":
+                    o.reason = "not recorded: another line of the settlement was flagged (ALL_OR_NOTHING)"
+        return SettlementOutcome(results, recorded, replayed)
+
+
+def _dup_reason(v: Verifier, o: LineOutcome, _e: int) -> str:
+    return (f"already dispensed at site {o.first_site_id} in settlement {o.first_settlement_id} "
+            f"at {_fmt_ms(o.first_settled_at_ms, v.tz)}; {o.attempts} flagged attempt(s) since")
+
+
+# One reason template per verdict (data, not a chain of ifs).
+_REASONS = {
+    "OK": lambda v, o, e: "",
+    "UNKNOWN": lambda v, o, e: "no issuance record for this code",
+    "BLOCKED": lambda v, o, e: f"code status is {o.status}",
+    "DUPLICATE": _dup_reason,
+    "PRODUCT_MISMATCH": lambda v, o, e: f"code was issued for product {o.issued_product_id}, not the billed one",
+    "EXPIRED": lambda v, o, e: f"expired on {_fmt_day(e)}",
+    "DUPLICATE_IN_REQUEST": lambda v, o, e: "the same pack appears on an earlier line of this settlement",
+    "QUANTITY_EXCEEDED": lambda v, o, e: (f"asked more units than remain: {o.units_remaining} of "
+                                          f"{o.pack_units} left"),
+}

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real redis-server per test session on a free port, a real gRPC server on
+loopback per test (each test in its own key prefix, so nothing is flushed), real clients."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from tracecode.server.app import Server, make_store
+from tracecode.server.config import Config
+from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.clients.admin import AdminClient
+from tracecode.clients.pos import PosClient
+
+_prefixes = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    proc = RedisProcess(port=free_port(), appendonly=False).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def config():
+    return Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=f"t{os.getpid()}x{next(_prefixes)}",
+                  threads=8, grace_s=1.0)
+
+
+@pytest.fixture
+def store(redis_server, config):
+    s = make_store(config, redis_server.url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def server(store, config):
+    srv = Server(config, store).start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def target(server):
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def pos(target):
+    with PosClient(target, deadline_s=5) as client:
+        yield client
+
+
+@pytest.fixture
+def admin(target):
+    client = AdminClient(target)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_server(redis_server, config):
+    """Start another server over the same Redis and prefix with config overrides."""
+    started = []
+
+    def make(**overrides):
+        cfg = config.replace(**overrides)
+        st = make_store(cfg, redis_server.url)
+        srv = Server(cfg, st).start()
+        started.append((srv, st))
+        return f"127.0.0.1:{srv.port}"
+
+    yield make
+    for srv, st in started:
+        srv.stop(0)
+        st.close()
