@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import logging
 import sys
 import time
@@ -96,6 +98,22 @@ def cmd_recall(args) -> int:
     return 0
 
 
+def cmd_reverify(args) -> int:
+    from .reverify import run_job
+    if args.drop:
+        from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
+        stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(args.server))
+        print(f"deleted {stub.DropJob(bulk_pb2.DropJobRequest(job_id=args.job_id)).keys_deleted} keys")
+        return 0
+    summary = run_job(args.server, args.files, args.out, job_id=args.job_id, mode=args.mode,
+                      fmt=args.format, resume=args.resume, keep_namespace=args.keep_namespace,
+                      chunk_size=args.chunk_size, progress=not args.quiet, max_rate=args.max_rate)
+    flagged = sum(n for v, n in summary["verdicts"].items() if v != "OK")
+    print(f"{summary['records']} records, {flagged} flagged, {summary['bad_records']} bad; "
+          f"rings: {summary['rings']}; report in {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run
     return run()
@@ -153,13 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", default="")
     c.set_defaults(func=cmd_recall)
 
+    c = client_parser("reverify", "stream settlement exports (CSV/JSONL/.gz/Parquet) through the checks")
+    c.add_argument("files", nargs="*")
+    c.add_argument("--out", default="reverify-report", help="report directory (default reverify-report)")
+    c.add_argument("--job-id", default=None, help="names the REPLAY namespace; reuse it with --resume")
+    c.add_argument("--mode", choices=["replay", "check"], default="replay",
+                   help="replay: rebuild state from the files alone (default); check: against live state")
+    c.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="flagged rows file format")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted job from its checkpoint")
+    c.add_argument("--keep-namespace", action="store_true", help="keep the REPLAY state after the job")
+    c.add_argument("--chunk-size", type=int, default=500, help="settlements per chunk")
+    c.add_argument("--max-rate", type=float, default=0, help="cap on settlements/s (0: none)")
+    c.add_argument("--quiet", action="store_true", help="no progress line")
+    c.add_argument("--drop", action="store_true", help="only drop the namespace of --job-id")
+    c.set_defaults(func=cmd_reverify)
+
     d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "reverify":
+        ckpt = os.path.join(args.out, "checkpoint.json")
+        if not args.job_id and args.resume and os.path.exists(ckpt):
+            with open(ckpt, encoding="utf-8") as fh:
+                args.job_id = json.load(fh)["job_id"]
+        if not args.job_id:
+            if args.resume or args.drop:
+                parser.error("--resume and --drop need the --job-id of the job")
+            import uuid
+            args.job_id = "job-" + uuid.uuid4().hex[:12]
+        if not args.drop and not args.files:
+            parser.error("reverify: at least one FILE")
     if args.command != "serve":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -40,10 +40,61 @@ class RowError:
         return f"{self.source}:{self.line}: {self.field}: {self.reason}"
 
 
-def _open_text(path: str) -> io.TextIOBase:
+class ByteCounter:
+    """Bytes read so far from the files on disk (compressed bytes for .gz): progress and ETA."""
+
+    def __init__(self):
+        self.read = 0
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, raw, counter: ByteCounter):
+        self.raw, self.counter = raw, counter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.raw.readinto(b)
+        self.counter.read += n or 0
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_text(path: str, counter: ByteCounter | None = None) -> io.TextIOBase:
+    raw = open(path, "rb", buffering=0)
+    binary = io.BufferedReader(_Counting(raw, counter) if counter else raw, 1 << 16)
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+        binary = gzip.GzipFile(fileobj=binary, mode="rb")
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
+
+
+def _parquet_rows(path: str, schema: dict[str, bool], counter: ByteCounter | None):
+    """Parquet (optional: pip install 'tracecode[parquet]'); row numbers are 1-based data rows."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError(f"{path}: reading Parquet needs pyarrow: pip install 'tracecode[parquet]'") from None
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    unknown = names - set(schema)
+    if unknown:
+        log.warning("%s: ignoring unknown field(s) %s", path, ", ".join(sorted(unknown)))
+    cols = [c for c in schema if c in names]
+    line = 0
+    for group in range(pf.num_row_groups):
+        table = pf.read_row_group(group, columns=cols)
+        if counter:
+            counter.read += pf.metadata.row_group(group).total_byte_size
+        for raw in table.to_pylist():
+            line += 1
+            fields = {k: ("" if v is None else str(v)).strip() for k, v in raw.items()}
+            missing = next((n for n, req in schema.items() if req and not fields.get(n)), None)
+            yield RowError(path, line, missing, "required field is missing or empty") if missing \
+                else Row(path, line, fields)
 
 
 def _is_jsonl(path: str) -> bool:
@@ -51,7 +102,11 @@ def _is_jsonl(path: str) -> bool:
     return base.endswith((".jsonl", ".ndjson", ".json"))
 
 
-def read_rows(path: str, schema: dict[str, bool]) -> Iterator[Row | RowError]:
+def read_rows(path: str, schema: dict[str, bool],
+              counter: ByteCounter | None = None) -> Iterator[Row | RowError]:
+    if path.endswith(".parquet"):
+        yield from _parquet_rows(path, schema, counter)
+        return
     warned: set[str] = set()
 
     def check(line: int, raw: dict) -> Row | RowError:
@@ -65,7 +120,7 @@ def read_rows(path: str, schema: dict[str, bool]) -> Iterator[Row | RowError]:
                 return RowError(path, line, name, "required field is missing or empty")
         return Row(path, line, fields)
 
-    with _open_text(path) as fh:
+    with _open_text(path, counter) as fh:
         if _is_jsonl(path):
             for n, text in enumerate(fh, 1):
                 if not text.strip():

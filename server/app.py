@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from tracecode import codec
-from tracecode.v1 import admin_pb2, admin_pb2_grpc, verification_pb2, verification_pb2_grpc
+from tracecode.v1 import (admin_pb2, admin_pb2_grpc, bulk_pb2, bulk_pb2_grpc, verification_pb2,
+                          verification_pb2_grpc)
 
+from .bulk import BulkServicer
 from .config import Config
 from .embedded_redis import RedisProcess
 from .errors import StoreUnavailable
@@ -32,6 +34,7 @@ log = logging.getLogger("tracecode.server")
 SERVICE_NAMES = (
     verification_pb2.DESCRIPTOR.services_by_name["Verification"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    bulk_pb2.DESCRIPTOR.services_by_name["BulkVerification"].full_name,
 )
 
 
@@ -107,6 +110,8 @@ class Server:
             VerificationServicer(self.verifier, identity), self.grpc)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(IssuanceService(store, self.verifier.profile), authorize), self.grpc)
+        bulk_pb2_grpc.add_BulkVerificationServicer_to_server(
+            BulkServicer(self.verifier, authorize=authorize), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

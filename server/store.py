@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import redis
 
 from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
-                     SettlementNotFound, StoreUnavailable)
+                     SettlementNotFound, StoreError, StoreUnavailable)
 from .keys import KeySpace
 from .verdicts import lua_precedence
 
@@ -93,29 +93,78 @@ class Store:
 
     # ------------------------------------------------------------------ settlements
 
+    def _verify_call(self, *, dispense: bool, site: str, settlement_id: str, settled_at_ms: int,
+                     settle_day: int, digest: str, all_or_nothing: bool,
+                     lines: Sequence[tuple[int, str, int, str]], codes: Sequence[str],
+                     state: KeySpace | None = None, state_ttl_s: int = 0) -> tuple[list, list]:
+        """KEYS and ARGV of one verify.lua call (layout documented in the script).
+
+        `state`, when given, holds the dispense state, history, settlement records and audit of a
+        separate namespace (a bulk REPLAY job); issuance is always read from the live keys. Both
+        share hash tags, so they stay in one slot. A separate namespace logs no events."""
+        sk = state or self.keys
+        skey = sk.settlement(site, settlement_id)
+        keys = [skey, sk.audit_for(skey)]
+        for code in codes:
+            _, dkey, hkey = sk.code_keys(code)
+            keys += [self.keys.issuance(code), dkey, hkey]
+        lim = self.limits
+        args = ["D" if dispense else "C", site, settlement_id, settled_at_ms, settle_day, digest,
+                "A" if all_or_nothing else "R", 0 if state else lim.audit_max, lim.history_max,
+                state_ttl_s or lim.settlement_ttl_s, len(lines), state_ttl_s]
+        for line in lines:
+            args.extend(line)
+        args.extend(codes)
+        return keys, args
+
     @_wrap_errors
-    def verify(self, *, dispense: bool, site: str, settlement_id: str, settled_at_ms: int,
-               settle_day: int, digest: str, all_or_nothing: bool,
-               lines: Sequence[tuple[int, str, int, str]], codes: Sequence[str]) -> tuple[bool, str]:
+    def verify(self, **call) -> tuple[bool, str]:
         """Judge (and when `dispense`, mark) one settlement in one round trip.
 
         lines: per line (code index 1..len(codes), or 0 for a malformed scan; billed product;
         units, 0 = whole pack; malformed reason). codes: the distinct canonical codes.
         Returns (replayed, results-json) as documented in lua/verify.lua.
         """
-        skey = self.keys.settlement(site, settlement_id)
-        keys = [skey, self.keys.audit_for(skey)]
-        for code in codes:
-            keys.extend(self.keys.code_keys(code))
-        lim = self.limits
-        args = ["D" if dispense else "C", site, settlement_id, settled_at_ms, settle_day, digest,
-                "A" if all_or_nothing else "R", lim.audit_max, lim.history_max, lim.settlement_ttl_s,
-                len(lines)]
-        for line in lines:
-            args.extend(line)
-        args.extend(codes)
+        keys, args = self._verify_call(**call)
         replayed, out = self._verify(keys=keys, args=args)
         return bool(replayed), out
+
+    @_wrap_errors
+    def verify_batch(self, calls: Sequence[dict]) -> list[tuple[bool, str] | StoreError]:
+        """Many settlements in one pipelined round trip, executed in order (bulk jobs). A
+        settlement's own failure (a reused id with another body) comes back in its slot."""
+        pipe = self.r.pipeline(transaction=False)
+        for call in calls:
+            keys, args = self._verify_call(**call)
+            self._verify(keys=keys, args=args, client=pipe)
+        out: list = []
+        for res in pipe.execute(raise_on_error=False):
+            if isinstance(res, redis.ResponseError):
+                msg = str(res)
+                if not msg.startswith("TCCONFLICT"):
+                    raise res
+                out.append(SettlementConflict(msg.partition(" ")[2]))
+            elif isinstance(res, Exception):
+                raise res
+            else:
+                out.append((bool(res[0]), res[1]))
+        return out
+
+    @_wrap_errors
+    def drop_namespace(self, keys: KeySpace) -> int:
+        """Delete every key of a (bulk job) namespace; returns how many."""
+        if keys.prefix == self.keys.prefix:
+            raise ValueError("refusing to drop the live namespace")
+        deleted = 0
+        batch: list[str] = []
+        for key in self.r.scan_iter(match=f"{keys.prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += self.r.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += self.r.unlink(*batch)
+        return deleted
 
     @_wrap_errors
     def stored_settlement(self, site: str, settlement_id: str) -> tuple[str, str] | None:

@@ -85,8 +85,9 @@ class Verifier:
             raise InvalidRequest([("raw_code", reason)])
         return key
 
-    def _plan(self, lines: Sequence[Line]):
-        parsed = codec.parse_many([ln.raw_code for ln in lines], self.profile)
+    def _plan(self, lines: Sequence[Line], parsed=None):
+        if parsed is None:
+            parsed = codec.parse_many([ln.raw_code for ln in lines], self.profile)
         index: dict[str, int] = {}
         plan, keys = [], []
         for ln, (kind, key, _product, _serial, _batch, _expiry, reason) in zip(lines, parsed):
@@ -182,6 +183,40 @@ class Verifier:
         return self.store.reverse(site=site_id, settlement_id=settlement_id, now_ms=now_ms(),
                                   window_ms=window_ms, line_indexes=sorted(set(line_indexes)),
                                   note=note[:200])
+
+    def bulk(self, settlements: Sequence[tuple[str, str, int, Sequence[Line]]], *, replay: bool,
+             state=None, state_ttl_s: int = 0) -> list[SettlementOutcome | str]:
+        """Judge a chunk of historical settlements (site, id, settled_at ms, lines) in one
+        pipelined round trip, each at its own settled_at (no clock-skew check). REPLAY marks them
+        in the `state` namespace; CHECK marks nothing. A settlement that cannot be judged as a
+        whole comes back as its error text, in its place."""
+        out: list[SettlementOutcome | str | None] = [None] * len(settlements)
+        raws = [ln.raw_code for _, _, _, lines in settlements for ln in lines]
+        parsed = codec.parse_many(raws, self.profile)
+        calls, where, keys_of = [], [], []
+        pos = 0
+        for n, (site, sid, at_ms, lines) in enumerate(settlements):
+            chunk = parsed[pos:pos + len(lines)]
+            pos += len(lines)
+            try:
+                self._validate(site, sid, lines)
+            except InvalidRequest as exc:
+                out[n] = str(exc)
+                continue
+            plan, codes, keys = self._plan(lines, chunk)
+            calls.append(dict(dispense=replay, site=site, settlement_id=sid, settled_at_ms=at_ms,
+                              settle_day=self.settle_day(at_ms), all_or_nothing=False, lines=plan,
+                              codes=codes, state=state, state_ttl_s=state_ttl_s,
+                              digest=self.digest(site, sid, at_ms, False, lines) if replay else ""))
+            where.append(n)
+            keys_of.append(keys)
+        if calls:
+            for n, keys, res in zip(where, keys_of, self.store.verify_batch(calls)):
+                if isinstance(res, SettlementConflict):
+                    out[n] = "settlement id already used in this job with different lines"
+                else:
+                    out[n] = self._outcome(res[1], keys, res[0])
+        return out
 
     # ------------------------------------------------------------------ results
 

@@ -9,6 +9,8 @@
 -- ARGV[6]  body digest (idempotency)             ARGV[7]  policy: 'R' record accepted, 'A' all or nothing
 -- ARGV[8]  audit stream max length (approximate trim)   ARGV[9] history max events per code
 -- ARGV[10] settlement record ttl, seconds        ARGV[11] number of lines n
+-- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never)
+--   An audit max of 0 writes no events (bulk REPLAY namespaces keep state, not history).
 -- then four per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
 --   malformed reason
 -- then the U canonical codes, in key order.
@@ -25,8 +27,9 @@ local mode, site, sid = ARGV[1], ARGV[2], ARGV[3]
 local at, day = tonumber(ARGV[4]), tonumber(ARGV[5])
 local digest, policy = ARGV[6], ARGV[7]
 local audit_max, hist_max, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n = tonumber(ARGV[11])
-local LINE0 = 12
+local n, state_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local log_events = audit_max > 0
+local LINE0 = 13
 local CODE0 = LINE0 + 4 * n
 
 if mode == 'D' then
@@ -34,6 +37,18 @@ if mode == 'D' then
   if prev[1] then
     if prev[1] == digest then return {1, prev[2]} end
     return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
+  end
+end
+
+-- Check mode over a settlement recorded live (bulk CHECK of historical data): the packs it took
+-- are its own, not duplicates of itself.
+local own = {}
+if mode == 'C' then
+  local ledger = redis.call('HGET', KEYS[1], 'l')
+  if ledger then
+    for _, e in ipairs(cjson.decode(ledger)) do
+      if e[2] > 0 then own[e[1]] = true end
+    end
   end
 end
 
@@ -79,11 +94,12 @@ for i = 1, n do
       f.UNKNOWN = true
     else
       if r.s ~= 'ACTIVE' then f.BLOCKED = true end
+      local mine = own[ARGV[CODE0 + u - 1]]
       -- A used pack is a duplicate at any other site, and at its own site once fully used.
-      if s.u > 0 and (s.fs ~= site or s.u >= r.n) then f.DUPLICATE = true end
+      if s.u > 0 and not mine and (s.fs ~= site or s.u >= r.n) then f.DUPLICATE = true end
       if product ~= r.p then f.PRODUCT_MISMATCH = true end
       if r.e > 0 and r.e < day then f.EXPIRED = true end
-      if want > r.n - s.u then f.QUANTITY_EXCEEDED = true end
+      if want > r.n - s.u and not mine then f.QUANTITY_EXCEEDED = true end
     end
     seen[u] = true
     split_only[u] = (split_only[u] ~= false) and units > 0
@@ -115,6 +131,7 @@ local recorded = #ok_lines > 0 and not (policy == 'A' and any_flagged)
 
 if mode == 'D' then
   local function event(u, i, etype, units, detail)
+    if not log_events then return end
     local k = 2 + 3 * (u - 1)
     local code = ARGV[CODE0 + u - 1]
     if rec[u] then
@@ -135,7 +152,9 @@ if mode == 'D' then
       if not written[u] then
         written[u] = true
         local s = st[u]
-        redis.call('HSET', KEYS[2 + 3 * (u - 1) + 2], 'u', s.u, 'fs', s.fs, 'fi', s.fi, 'fa', s.fa)
+        local dkey = KEYS[2 + 3 * (u - 1) + 2]
+        redis.call('HSET', dkey, 'u', s.u, 'fs', s.fs, 'fi', s.fi, 'fa', s.fa)
+        if state_ttl > 0 then redis.call('EXPIRE', dkey, state_ttl) end
       end
       event(u, i, 'DISPENSED', res[2], '')
     end
@@ -154,7 +173,9 @@ if mode == 'D' then
     local res = results[i]
     local u = res[13]
     if res[1] == 'DUPLICATE' then
-      redis.call('HSET', KEYS[2 + 3 * (u - 1) + 2], 'at', st[u].at)
+      local dkey = KEYS[2 + 3 * (u - 1) + 2]
+      redis.call('HSET', dkey, 'at', st[u].at)
+      if state_ttl > 0 then redis.call('EXPIRE', dkey, state_ttl) end
     end
     event(u, i, 'ATTEMPT', res[14], res[1])
   end
