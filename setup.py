@@ -90,11 +90,13 @@ setup(
         "grpcio-status>=1.60",
         "protobuf>=5",
         "redis>=5",
+        "hiredis>=2",  # C reply parser for redis-py: the store's round trips are the hot path
         "prometheus-client>=0.20",
         "tzdata; platform_system == 'Windows'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14"],
+        "parquet": ["pyarrow>=14"],
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["tracecode = tracecode.clients.cli:main"]},

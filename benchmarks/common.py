@@ -1,0 +1,142 @@
+"""Shared pieces of the benchmarks: machine facts, a throw-away Redis, generated data, and the
+Redis ceiling (the same scripts pipelined straight at Redis, no gRPC, no per-request Python)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import redis
+
+from tracecode import codec
+from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.keys import KeySpace
+from tracecode.server.store import Store
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+    except OSError:
+        pass
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "redis": redis_version, "codec": codec.IMPLEMENTATION, "platform": platform.platform(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, doc: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    return path
+
+
+def start_redis(appendonly: bool = True) -> RedisProcess:
+    """Production-like: AOF on with fsync every second (the embedded default)."""
+    return RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec").start()
+
+
+def cn20_codes(n: int, seed: int = 1, product: str = "8123456") -> list[str]:
+    rnd = random.Random(seed)
+    seen = set()
+    while len(seen) < n:
+        seen.add(f"{product}{rnd.randrange(10**9):09d}{rnd.randrange(10**4):04d}")
+    return sorted(seen)
+
+
+def load_issuance(store: Store, codes: list[str], product: str = "8123456", pack_units: int = 1,
+                  chunk: int = 2000) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(codes), chunk):
+        store.upsert_issuance([(c, product, "", "B1", 20301231, pack_units, "bench", "")
+                               for c in codes[i:i + chunk]], replace=False)
+    return time.perf_counter() - start
+
+
+class RawPipeline:
+    """Pre-encoded commands sent over one socket in pipelined batches, replies parsed by hiredis:
+    the least client work per command Python can do, so the measurement is Redis's."""
+
+    def __init__(self, port: int):
+        import hiredis
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = hiredis.Reader()
+        self.error_type = hiredis.ReplyError
+
+    def run(self, payloads: list[bytes], depth: int) -> list:
+        replies = []
+        for i in range(0, len(payloads), depth):
+            batch = payloads[i:i + depth]
+            self.sock.sendall(b"".join(batch))
+            want = len(batch)
+            while want:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    raise ConnectionError("redis closed the connection")
+                self.reader.feed(data)
+                while want:
+                    r = self.reader.gets()
+                    if r is False:
+                        break
+                    if isinstance(r, self.error_type):
+                        raise RuntimeError(str(r))
+                    replies.append(r)
+                    want -= 1
+        return replies
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def encode(*args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> float:
+    """Seconds Redis needs for these verify.lua calls when they are pipelined straight at it."""
+    sha = store._verify.sha
+    r = redis.Redis(port=port)
+    r.script_load(store._verify.script)
+    payloads = []
+    for call in calls:
+        keys, args = store._verify_call(**call)
+        payloads.append(encode("EVALSHA", sha, len(keys), *keys, *args))
+    pipe = RawPipeline(port)
+    start = time.perf_counter()
+    pipe.run(payloads, depth)
+    elapsed = time.perf_counter() - start
+    pipe.close()
+    return elapsed
+
+
+def peak_rss_mb_of(pid_status: tuple) -> float:
+    """ru_maxrss of os.wait4's rusage (KiB on Linux) in MB."""
+    return pid_status[2].ru_maxrss / 1024
+
+
+def env_for_subprocess() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def python() -> str:
+    return sys.executable
