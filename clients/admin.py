@@ -12,6 +12,30 @@ from tracecode.v1 import verification_pb2 as pb
 from .files import Row, RowError
 
 
+class _FieldError(ValueError):
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def _record(f: dict[str, str]) -> apb.IssuanceInput:
+    """One file row -> IssuanceInput; a value the message cannot carry is a _FieldError naming its
+    field (the server validates everything else)."""
+    status = 0
+    if f.get("status"):
+        names = [n for n in pb.CodeStatus.keys() if n != "CODE_STATUS_UNSPECIFIED"]
+        if f["status"].upper() not in names:
+            raise _FieldError("status", f"{f['status']!r} is not one of {', '.join(names)}")
+        status = pb.CodeStatus.Value(f["status"].upper())
+    units = f.get("pack_units") or "1"
+    if not (units.isdigit() and 1 <= int(units) <= 0xFFFFFFFF):
+        raise _FieldError("pack_units", f"{units!r} is not a positive whole number")
+    return apb.IssuanceInput(
+        code=f["code"], product_id=f["product_id"], gtin=f.get("gtin", ""), batch=f.get("batch", ""),
+        expiry=f.get("expiry", ""), pack_units=int(units), manufacturer=f.get("manufacturer", ""),
+        status=status)
+
+
 class AdminClient:
     def __init__(self, target: str | grpc.Channel, *, credentials: grpc.ChannelCredentials | None = None,
                  metadata=(), timeout_s: float = 30.0):
@@ -35,19 +59,24 @@ class AdminClient:
             buf: list[apb.IssuanceInput] = []
             first, sent = 0, 0
             for row in rows:
+                if not isinstance(row, RowError):
+                    try:
+                        record = _record(row.fields)
+                    except _FieldError as exc:
+                        row = RowError(row.source, row.line, exc.field, exc.reason)
                 if isinstance(row, RowError):
                     if on_error:
                         on_error(row)
                     continue
+                # The server numbers a request's records first_line, first_line + 1, ...: a row
+                # skipped above (or a blank line) breaks the run, so the next row opens a request.
+                if buf and row.line and row.line != first + len(buf):
+                    yield apb.UpsertIssuanceRequest(records=buf, replace=replace, source=source, first_line=first)
+                    sent += len(buf)
+                    buf = []
                 if not buf:
                     first = row.line
-                f = row.fields
-                status = pb.CodeStatus.Value(f["status"].upper()) if f.get("status") else 0
-                buf.append(apb.IssuanceInput(
-                    code=f["code"], product_id=f["product_id"], gtin=f.get("gtin", ""),
-                    batch=f.get("batch", ""), expiry=f.get("expiry", ""),
-                    pack_units=int(f.get("pack_units") or 1), manufacturer=f.get("manufacturer", ""),
-                    status=status))
+                buf.append(record)
                 if len(buf) >= chunk:
                     yield apb.UpsertIssuanceRequest(records=buf, replace=replace, source=source, first_line=first)
                     sent += len(buf)

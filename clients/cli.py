@@ -31,9 +31,23 @@ def cmd_serve(args) -> int:
     return serve(cfg.from_args(args))
 
 
+def _readable_rows(path: str):
+    """read_rows(path), ending with one RowError naming the file when it cannot be read (missing,
+    unreadable, corrupt .gz, not UTF-8): raised inside the upload stream it would only surface as
+    gRPC's anonymous "Exception iterating requests!"."""
+    import csv
+    from .files import ISSUANCE_FIELDS, RowError, read_rows
+    line = 0
+    try:
+        for row in read_rows(path, ISSUANCE_FIELDS):
+            line = row.line
+            yield row
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        yield RowError(path, line + 1 if line else 0, "-", f"cannot read the file: {exc}")
+
+
 def cmd_load(args) -> int:
     from .admin import AdminClient
-    from .files import ISSUANCE_FIELDS, read_rows
     client = AdminClient(args.server)
     total = {"received": 0, "created": 0, "updated": 0, "unchanged": 0, "conflicts": 0, "rejected": 0}
     file_errors = []
@@ -42,7 +56,7 @@ def cmd_load(args) -> int:
         def progress(n, path=path):
             rate = n / max(time.monotonic() - started, 1e-9)
             print(f"\r{path}: {n} records sent ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
-        resp = client.upsert(read_rows(path, ISSUANCE_FIELDS), replace=args.replace, source=path,
+        resp = client.upsert(_readable_rows(path), replace=args.replace, source=path,
                              progress=progress, on_error=file_errors.append)
         print(file=sys.stderr)
         for k in total:

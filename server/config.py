@@ -25,6 +25,7 @@ class Config:
     data_dir: str = _opt("./tracecode-data", "directory of the embedded redis-server's AOF files")
     redis_appendfsync: str = _opt("everysec", "embedded Redis AOF fsync: always (safest), everysec, no")
     redis_timeout_s: float = _opt(2.0, "socket timeout of each Redis call, seconds")
+    redis_cluster: bool = _opt(False, "--redis-url names a node of a Redis Cluster (keys are hash-tagged per code)")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
     workers: int = _opt(1, "server processes sharing the port (SO_REUSEPORT)")

@@ -21,12 +21,15 @@ MAX_REPORTED_ERRORS = 100
 
 
 def parse_expiry(text: str) -> int:
-    """'YYYY-MM-DD' -> YYYYMMDD (ValueError with the reason when it is no calendar date)."""
+    """'YYYY-MM-DD' -> YYYYMMDD (ValueError "expiry: ..." when it is no calendar date)."""
     m = _DATE.match(text)
     if not m:
-        raise ValueError(f"expiry {text!r}: expected YYYY-MM-DD")
+        raise ValueError(f"expiry: {text!r} is not YYYY-MM-DD")
     y, mo, d = map(int, m.groups())
-    date(y, mo, d)  # raises on 2025-02-30
+    try:
+        date(y, mo, d)  # rejects 2025-02-30
+    except ValueError:
+        raise ValueError(f"expiry: {text!r} is not a calendar date") from None
     return y * 10000 + mo * 100 + d
 
 
@@ -59,6 +62,8 @@ class IssuanceService:
         exp = parse_expiry(rec.expiry) if rec.expiry else expiry
         if rec.expiry and expiry and exp != expiry:
             raise ValueError(f"expiry: {rec.expiry} differs from the expiry inside the code")
+        if rec.batch and batch and rec.batch != batch:
+            raise ValueError(f"batch: {rec.batch} differs from the batch {batch} inside the code")
         units = rec.pack_units or 1
         if units > 100000:
             raise ValueError(f"pack_units: {units} is more than 100000")
@@ -111,9 +116,15 @@ class IssuanceService:
         return code, previous
 
     def recall_batch(self, product: str, batch: str, status: str, reason: str, actor: str) -> tuple[int, int]:
+        bad = [(f, "required") for f, v in (("product_id", product), ("batch", batch)) if not v]
+        if bad:
+            raise InvalidRequest(bad)
         changed = unchanged = 0
         for codes in self.store.batch_codes(product, batch):
-            for prev in self.store.set_status(codes, status, now_ms=now_ms(), reason=reason, actor=actor):
+            # The batch index may list codes whose record has since moved to another product or
+            # batch (replace, correction, refused conflict): the script skips those ('' back).
+            for prev in self.store.set_status(codes, status, now_ms=now_ms(), reason=reason, actor=actor,
+                                              only=(product, batch)):
                 if prev == status:
                     unchanged += 1
                 elif prev:

@@ -11,20 +11,34 @@ and the number of audit streams stays bounded (BUCKETS of them) for readers that
     {p}:{bbbb}:h:{code}          list    the code's events, JSON, newest last, capped
     {p}:{bbbb}:audit             stream  every state change and flagged attempt of the bucket's calls
     {p}:{bbbb}:s:{n}:{site}:{sid} hash    a settlement: body digest, stored results, line ledger
+    {p}:{bbbb}:sp:{n}:{site}:{sid} hash  cluster only: the lines of a settlement in this slot
     {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls)
 
 BUCKETS is fixed for the life of a data set: changing it moves every key.
 """
 from zlib import crc32
 
+from redis.crc import key_slot
+
 BUCKETS = 1024
 
 _TAGS = tuple("{%04d}" % b for b in range(BUCKETS))
+# The Redis Cluster slot of each bucket (CRC16 of the tag's inside, as Redis computes it).
+_SLOTS = tuple(key_slot(t.encode()) for t in _TAGS)
+
+
+def _bucket(text: str) -> int:
+    return crc32(text.encode()) & (BUCKETS - 1)
 
 
 def tag_of(text: str) -> str:
     """The hash tag of the bucket that owns `text` (a canonical code or a settlement name)."""
-    return _TAGS[crc32(text.encode()) & (BUCKETS - 1)]
+    return _TAGS[_bucket(text)]
+
+
+def slot_of(text: str) -> int:
+    """The cluster slot every key of `text` (a canonical code) lives in."""
+    return _SLOTS[_bucket(text)]
 
 
 class KeySpace:
@@ -51,6 +65,10 @@ class KeySpace:
         # The site's length keeps "a:b"+"c" and "a"+"b:c" apart.
         name = f"{len(site)}:{site}:{settlement_id}"
         return f"{self.prefix}:{tag_of(name)}:s:{name}"
+
+    def settlement_part(self, site: str, settlement_id: str, code: str) -> str:
+        """On a cluster, the record of the lines of a settlement whose codes share `code`'s slot."""
+        return f"{self.prefix}:{tag_of(code)}:sp:{len(site)}:{site}:{settlement_id}"
 
     def audit_for(self, key: str) -> str:
         """The audit stream in the same slot as `key` (any key built by this class)."""

@@ -17,7 +17,7 @@ import redis
 
 from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
                      SettlementNotFound, StoreError, StoreUnavailable)
-from .keys import KeySpace
+from .keys import KeySpace, slot_of
 from .verdicts import lua_precedence
 
 log = logging.getLogger("tracecode.store")
@@ -33,6 +33,7 @@ class StoreLimits:
     audit_max: int = 1_000_000  # per audit stream (there are keys.BUCKETS of them); approximate trim
     history_max: int = 256  # events kept per code; the total is counted past it
     settlement_ttl_s: int = 400 * 86400  # idempotency record and return ledger lifetime
+    reservation_ms: int = 30_000  # cluster ALL_OR_NOTHING: how long prepared units stay reserved
 
 
 # Issuance hash field -> public name.
@@ -66,88 +67,238 @@ def _wrap_errors(fn):
 
 
 class Store:
-    def __init__(self, client: redis.Redis, keys: KeySpace | None = None,
-                 limits: StoreLimits | None = None):
+    def __init__(self, client, keys: KeySpace | None = None, limits: StoreLimits | None = None,
+                 cluster: bool = False):
         self.r = client
+        self.cluster = cluster
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
-        self._verify = client.register_script(_script_text("verify.lua"))
-        self._reverse = client.register_script(_script_text("reverse.lua"))
-        self._issue = client.register_script(_script_text("issue.lua"))
-        self._status = client.register_script(_script_text("status.lua"))
+        self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
+                         for name in ("verify", "reverse", "issue", "status", "commit", "claim")}
+        self._verify = self._scripts["verify"]
+        self._reverse = self._scripts["reverse"]
+        self._issue = self._scripts["issue"]
+        self._status = self._scripts["status"]
+        self._commit = self._scripts["commit"]
+        self._claim = self._scripts["claim"]
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 2.0, max_connections: int = 64, **kw) -> "Store":
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            health_check_interval=30, max_connections=max_connections,
-        )
-        return cls(client, **kw)
+    def from_url(cls, url: str, *, timeout_s: float = 2.0, max_connections: int = 64,
+                 cluster: bool = False, **kw) -> "Store":
+        common = dict(decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                      max_connections=max_connections)
+        if cluster:
+            from redis.cluster import RedisCluster
+            client = RedisCluster.from_url(url, **common)
+        else:
+            client = redis.Redis.from_url(url, health_check_interval=30, **common)
+        return cls(client, cluster=cluster, **kw)
 
     def close(self) -> None:
         self.r.close()
 
     @_wrap_errors
     def ping(self) -> bool:
+        if self.cluster:
+            # Every slot must be served: a cluster that lost a master without failover is down.
+            info = self.r.cluster_info()
+            return info.get("cluster_state") == "ok"
         return bool(self.r.ping())
+
+    # ------------------------------------------------------------------ script calls
+
+    def _load_scripts(self) -> None:
+        """(Re)load every script; on a cluster on every master. Redis 7 keeps no script cache
+        across restarts or failovers, so a NOSCRIPT answer leads here once."""
+        for script in self._scripts.values():
+            self.r.script_load(script.script)
+
+    def _call(self, script, keys: Sequence[str], args: Sequence) -> object:
+        """One script call, one round trip."""
+        try:
+            return self.r.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self._load_scripts()
+            return self.r.evalsha(script.sha, len(keys), *keys, *args)
+
+    def _run(self, calls: Sequence[tuple]) -> list:
+        """Many script calls (script, keys, args) pipelined: one round trip (one per node on a
+        cluster), executed in order per node. Errors come back in their place. Every script is
+        idempotent, so the whole pipeline may be sent again after a NOSCRIPT."""
+        for attempt in (0, 1):
+            pipe = self.r.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            res = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in res):
+                self._load_scripts()
+                continue
+            for r in res:
+                if isinstance(r, (redis.ConnectionError, redis.TimeoutError)):
+                    raise r
+            return res
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ settlements
 
-    def _verify_call(self, *, dispense: bool, site: str, settlement_id: str, settled_at_ms: int,
-                     settle_day: int, digest: str, all_or_nothing: bool,
-                     lines: Sequence[tuple[int, str, int, str]], codes: Sequence[str],
-                     state: KeySpace | None = None, state_ttl_s: int = 0) -> tuple[list, list]:
+    def _parts(self, call: dict) -> list[tuple[str, list, list[int], list[str]]]:
+        """Split a settlement into parts that one script call can judge atomically:
+        [(record key, lines, line indexes, codes)]. On one node a single part, recorded under
+        the settlement's key. On a cluster one part per hash slot, recorded in that slot;
+        malformed lines (which touch no key) ride with the first part."""
+        sk = call.get("state") or self.keys
+        site, sid, lines, codes = call["site"], call["settlement_id"], call["lines"], call["codes"]
+        if not self.cluster:
+            return [(sk.settlement(site, sid), list(lines), list(range(len(lines))), list(codes))]
+        by_slot: dict[int, list[int]] = {}
+        for u, code in enumerate(codes, 1):
+            by_slot.setdefault(slot_of(code), []).append(u)
+        groups = list(by_slot.values()) or [[]]
+        local = {}
+        for g in groups:
+            for j, u in enumerate(g, 1):
+                local[u] = (g, j)
+        parts = []
+        for g in groups:
+            part_lines, idx = [], []
+            for i, (u, product, units, reason) in enumerate(lines):
+                if (u and local[u][0] is g) or (not u and g is groups[0]):
+                    part_lines.append((local[u][1] if u else 0, product, units, reason))
+                    idx.append(i)
+            first = codes[g[0] - 1] if g else f"{site}:{sid}"
+            parts.append((sk.settlement_part(site, sid, first), part_lines, idx, [codes[u - 1] for u in g]))
+        return parts
+
+    def _verify_keys_args(self, call: dict, mode: str, record: str, lines, idx, codes) -> tuple[list, list]:
         """KEYS and ARGV of one verify.lua call (layout documented in the script).
 
         `state`, when given, holds the dispense state, history, settlement records and audit of a
         separate namespace (a bulk REPLAY job); issuance is always read from the live keys. Both
         share hash tags, so they stay in one slot. A separate namespace logs no events."""
+        state = call.get("state")
         sk = state or self.keys
-        skey = sk.settlement(site, settlement_id)
-        keys = [skey, sk.audit_for(skey)]
+        keys = [record, sk.audit_for(record)]
         for code in codes:
             _, dkey, hkey = sk.code_keys(code)
             keys += [self.keys.issuance(code), dkey, hkey]
         lim = self.limits
-        args = ["D" if dispense else "C", site, settlement_id, settled_at_ms, settle_day, digest,
-                "A" if all_or_nothing else "R", 0 if state else lim.audit_max, lim.history_max,
-                state_ttl_s or lim.settlement_ttl_s, len(lines), state_ttl_s]
-        for line in lines:
+        state_ttl = call.get("state_ttl_s", 0)
+        if mode == "P":
+            state_ttl = lim.reservation_ms
+        args = [mode, call["site"], call["settlement_id"], call["settled_at_ms"], call["settle_day"],
+                call["digest"], "A" if call["all_or_nothing"] else "R", 0 if state else lim.audit_max,
+                lim.history_max, call.get("state_ttl_s") or lim.settlement_ttl_s, len(lines), state_ttl,
+                now_ms()]
+        for line, i in zip(lines, idx):
             args.extend(line)
+            args.append(i)
         args.extend(codes)
         return keys, args
 
+    def _verify_call(self, *, dispense: bool, **call) -> tuple[list, list]:
+        """KEYS and ARGV of a single-part settlement (one node); the benchmarks use it too."""
+        call["dispense"] = dispense
+        ((record, lines, idx, codes),) = self._parts(call)
+        return self._verify_keys_args(call, "D" if dispense else "C", record, lines, idx, codes)
+
     @_wrap_errors
     def verify(self, **call) -> tuple[bool, str]:
-        """Judge (and when `dispense`, mark) one settlement in one round trip.
+        """Judge (and when `dispense`, mark) one settlement: one round trip on one node.
 
         lines: per line (code index 1..len(codes), or 0 for a malformed scan; billed product;
         units, 0 = whole pack; malformed reason). codes: the distinct canonical codes.
         Returns (replayed, results-json) as documented in lua/verify.lua.
         """
+        if self.cluster:
+            out = self._verify_sharded([call])[0]
+            if isinstance(out, Exception):
+                raise out
+            return out
         keys, args = self._verify_call(**call)
-        replayed, out = self._verify(keys=keys, args=args)
+        replayed, out, _ = self._call(self._verify, keys, args)
         return bool(replayed), out
 
     @_wrap_errors
     def verify_batch(self, calls: Sequence[dict]) -> list[tuple[bool, str] | StoreError]:
         """Many settlements in one pipelined round trip, executed in order (bulk jobs). A
-        settlement's own failure (a reused id with another body) comes back in its slot."""
-        pipe = self.r.pipeline(transaction=False)
+        settlement's own failure (a reused id with another body) comes back in its place."""
+        if self.cluster:
+            return self._verify_sharded(calls)
+        batch = []
         for call in calls:
             keys, args = self._verify_call(**call)
-            self._verify(keys=keys, args=args, client=pipe)
-        out: list = []
-        for res in pipe.execute(raise_on_error=False):
-            if isinstance(res, redis.ResponseError):
-                msg = str(res)
-                if not msg.startswith("TCCONFLICT"):
+            batch.append((self._verify, keys, args))
+        return [_conflict_or(res, lambda r: (bool(r[0]), r[1])) for res in self._run(batch)]
+
+    def _verify_sharded(self, calls: Sequence[dict]) -> list:
+        """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
+        every part in its slot, pipelined; ALL_OR_NOTHING settlements over several slots prepare
+        (reserve) their parts and then commit or release them all."""
+        out: list = [None] * len(calls)
+        plans = [self._parts(c) for c in calls]
+        writes = [c["dispense"] for c in calls]
+        claims = []
+        for n, (c, parts, w) in enumerate(zip(calls, plans, writes)):
+            if w:
+                sk = c.get("state") or self.keys
+                skey = sk.settlement(c["site"], c["settlement_id"])
+                args = [c["digest"], json.dumps([p[0] for p in parts]), c["site"], c["settlement_id"],
+                        c["settled_at_ms"], c.get("state_ttl_s") or self.limits.settlement_ttl_s]
+                claims.append((n, (self._claim, [skey], args)))
+        if claims:
+            for (n, _), res in zip(claims, self._run([call for _, call in claims])):
+                if isinstance(res, Exception):
                     raise res
-                out.append(SettlementConflict(msg.partition(" ")[2]))
-            elif isinstance(res, Exception):
-                raise res
-            else:
-                out.append((bool(res[0]), res[1]))
+                if not res:
+                    out[n] = SettlementConflict("settlement id already used with a different request body")
+        # Phase 1: every part of every settlement still to judge, pipelined.
+        batch, where = [], []
+        for n, (c, parts) in enumerate(zip(calls, plans)):
+            if out[n] is not None:
+                continue
+            two_phase = c["dispense"] and c["all_or_nothing"] and len(parts) > 1
+            mode = "P" if two_phase else ("D" if c["dispense"] else "C")
+            for record, lines, idx, codes in parts:
+                keys, args = self._verify_keys_args(c, mode, record, lines, idx, codes)
+                batch.append((self._verify, keys, args))
+                where.append((n, record, idx, codes))
+        results: dict[int, list] = {}
+        for (n, record, idx, codes), res in zip(where, self._run(batch)):
+            if isinstance(res, Exception):
+                out[n] = _conflict_or(res, None)
+                continue
+            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), json.loads(res[1]), res[2]])
+        # Phase 2: commit or release prepared parts (all parts OK -> commit).
+        commits = []
+        for n, parts in results.items():
+            if out[n] is not None or not any(p[5] == "P" for p in parts):
+                continue
+            ok = all(p[5] == "P" for p in parts)
+            for p in parts:
+                if p[5] == "P":
+                    commits.append((n, p, "K" if ok else "X"))
+        if commits:
+            batch = []
+            for n, (record, idx, codes, *_), decision in commits:
+                sk = calls[n].get("state") or self.keys
+                keys = [record, sk.audit_for(record)]
+                for code in codes:
+                    keys += sk.code_keys(code)
+                batch.append((self._commit, keys, [decision, self.limits.history_max, self.limits.audit_max, *codes]))
+            for (n, p, _), res in zip(commits, self._run(batch)):
+                if isinstance(res, Exception):
+                    raise res
+                p[4], p[5] = json.loads(res[0]), res[1]
+        # Merge the parts back into request order.
+        for n, parts in results.items():
+            if out[n] is not None:
+                continue
+            merged: list = [None] * len(calls[n]["lines"])
+            for record, idx, codes, replayed, doc, _ in parts:
+                for i, row in zip(idx, doc["l"]):
+                    merged[i] = row
+            out[n] = (all(p[3] for p in parts),
+                      json.dumps({"rec": int(any(p[4]["rec"] for p in parts)), "l": merged}))
         return out
 
     @_wrap_errors
@@ -160,37 +311,87 @@ class Store:
         for key in self.r.scan_iter(match=f"{keys.prefix}:*", count=1000):
             batch.append(key)
             if len(batch) >= 1000:
-                deleted += self.r.unlink(*batch)
+                deleted += self._unlink(batch)
                 batch = []
         if batch:
-            deleted += self.r.unlink(*batch)
+            deleted += self._unlink(batch)
         return deleted
+
+    def _unlink(self, keys: list[str]) -> int:
+        if not self.cluster:
+            return self.r.unlink(*keys)
+        pipe = self.r.pipeline(transaction=False)
+        for k in keys:
+            pipe.unlink(k)
+        return sum(pipe.execute())
+
+    def _part_records(self, site: str, settlement_id: str) -> tuple[str | None, list[str]]:
+        """(digest, part record keys) of a recorded settlement; (None, []) when unknown."""
+        skey = self.keys.settlement(site, settlement_id)
+        d, parts = self.r.hmget(skey, "d", "parts")
+        if d is None:
+            return None, []
+        return d, json.loads(parts) if parts else [skey]
 
     @_wrap_errors
     def stored_settlement(self, site: str, settlement_id: str) -> tuple[str, str] | None:
         """(digest, results-json) of a recorded settlement, or None."""
-        d, r = self.r.hmget(self.keys.settlement(site, settlement_id), "d", "r")
-        return (d, r) if d else None
+        digest, records = self._part_records(site, settlement_id)
+        if digest is None:
+            return None
+        if records == [self.keys.settlement(site, settlement_id)]:
+            r = self.r.hget(records[0], "r")
+            return (digest, r) if r else None
+        pipe = self.r.pipeline(transaction=False)
+        for rk in records:
+            pipe.hmget(rk, "r", "l", "ps")
+        rows: dict[int, list] = {}
+        rec = 0
+        for r, l, ps in pipe.execute():
+            if r is None or ps != "F":
+                return None  # an interrupted settlement: only a retry can finish it
+            doc = json.loads(r)
+            rec |= doc["rec"]
+            for entry, row in zip(json.loads(l), doc["l"]):
+                rows[entry[3]] = row
+        return digest, json.dumps({"rec": rec, "l": [rows[i] for i in sorted(rows)]})
 
     @_wrap_errors
     def reverse(self, *, site: str, settlement_id: str, now_ms: int, window_ms: int,
                 line_indexes: Sequence[int], note: str) -> list[tuple[int, str, int, int, bool]]:
-        """Return lines of a settlement. Two round trips: read the ledger for the code keys, then
-        one atomic script that re-checks everything against the ledger it reads itself."""
-        skey = self.keys.settlement(site, settlement_id)
-        ledger = self.r.hget(skey, "l")
-        if ledger is None:
+        """Return lines of a settlement. Two round trips: read the ledgers for the code keys, then
+        one atomic script per part (one part on a single node) that re-checks everything against
+        the ledger it reads itself."""
+        _, records = self._part_records(site, settlement_id)
+        if not records:
             raise SettlementNotFound("settlement not found")
-        codes = sorted({line[0] for line in json.loads(ledger) if line[0]})
-        keys = [skey, self.keys.audit_for(skey)]
-        for code in codes:
-            _, dkey, hkey = self.keys.code_keys(code)
-            keys += [dkey, hkey]
+        pipe = self.r.pipeline(transaction=False)
+        for rk in records:
+            pipe.hget(rk, "l")
+        ledgers = [json.loads(l) if l else [] for l in pipe.execute()]
+        owner = {entry[3]: n for n, ledger in enumerate(ledgers) for entry in ledger}
+        for i in line_indexes:
+            if i not in owner:
+                raise BadLineIndex(i)
+        batch = []
         lim = self.limits
-        args = [site, now_ms, window_ms, lim.history_max, lim.audit_max, note, len(codes), *codes,
-                *line_indexes]
-        out = json.loads(self._reverse(keys=keys, args=args))
-        return [(i, code, returned, used, bool(already)) for i, code, returned, used, already in out]
+        for n, (rk, ledger) in enumerate(zip(records, ledgers)):
+            wanted = [i for i in line_indexes if owner[i] == n]
+            if line_indexes and not wanted:
+                continue
+            codes = sorted({e[0] for e in ledger if e[0]})
+            keys = [rk, self.keys.audit_for(rk)]
+            for code in codes:
+                _, dkey, hkey = self.keys.code_keys(code)
+                keys += [dkey, hkey]
+            args = [site, now_ms, window_ms, lim.history_max, lim.audit_max, note, len(codes), *codes, *wanted]
+            batch.append((self._reverse, keys, args))
+        lines = []
+        for res in self._run(batch):
+            if isinstance(res, Exception):
+                raise res
+            lines += [(i, code, returned, used, bool(already)) for i, code, returned, used, already in json.loads(res)]
+        return sorted(lines)
 
     # ------------------------------------------------------------------ issuance
 
@@ -201,16 +402,37 @@ class Store:
         chunk; the batch index (for recalls) is written in the same round trip."""
         if not records:
             return []
-        keys, args = [], ["1" if replace else "0"]
-        for code, product, gtin, batch, expiry, units, mfr, status in records:
-            keys.append(self.keys.issuance(code))
-            args += [product, gtin, batch, expiry, units, mfr, status]
+        batch = []
+        groups = self._by_slot([r[0] for r in records])
+        for positions in groups:
+            keys, args = [], ["1" if replace else "0"]
+            for p in positions:
+                code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
+                keys.append(self.keys.issuance(code))
+                args += [product, gtin, batch_id, expiry, units, mfr, status]
+            batch.append((self._issue, keys, args))
+        out = [0] * len(records)
+        for positions, res in zip(groups, self._run(batch)):
+            if isinstance(res, Exception):
+                raise res
+            for p, outcome in zip(positions, res):
+                out[p] = int(outcome)
         pipe = self.r.pipeline(transaction=False)
-        self._issue(keys=keys, args=args, client=pipe)
-        for code, product, _, batch, *_ in records:
-            if batch:
-                pipe.sadd(self.keys.batch(product, batch), code)
-        return [int(x) for x in pipe.execute()[0]]
+        for code, product, _, batch_id, *_ in records:
+            if batch_id:
+                pipe.sadd(self.keys.batch(product, batch_id), code)
+        pipe.execute()
+        return out
+
+    def _by_slot(self, codes: Sequence[str]) -> list[list[int]]:
+        """Positions of codes grouped so each group is one script call: all of them on one node,
+        one group per hash slot on a cluster."""
+        if not self.cluster:
+            return [list(range(len(codes)))]
+        groups: dict[int, list[int]] = {}
+        for p, code in enumerate(codes):
+            groups.setdefault(slot_of(code), []).append(p)
+        return list(groups.values())
 
     @_wrap_errors
     def get_issuance(self, code: str) -> dict | None:
@@ -221,18 +443,30 @@ class Store:
 
     @_wrap_errors
     def set_status(self, codes: Sequence[str], status: str, *, now_ms: int, reason: str,
-                   actor: str) -> list[str]:
+                   actor: str, only: tuple[str, str] | None = None) -> list[str]:
         """Set the status of codes (one atomic call per chunk); returns each previous status,
-        '' for a code that was never issued (left untouched)."""
+        '' for a code that was never issued (left untouched). `only` = (product, batch): codes
+        whose stored record is of another product or batch are left untouched too ('')."""
         if not codes:
             return []
-        first = self.keys.issuance(codes[0])
-        keys = [self.keys.audit_for(first)]
-        for code in codes:
-            keys.extend(self.keys.code_keys(code))
         lim = self.limits
-        args = [status, now_ms, reason, actor, lim.history_max, lim.audit_max, *codes]
-        return list(self._status(keys=keys, args=args))
+        product, batch = only or ("", "")
+        groups = self._by_slot(codes)
+        calls = []
+        for positions in groups:
+            group = [codes[p] for p in positions]
+            keys = [self.keys.audit_for(self.keys.issuance(group[0]))]
+            for code in group:
+                keys.extend(self.keys.code_keys(code))
+            calls.append((self._status, keys, [status, now_ms, reason, actor, lim.history_max, lim.audit_max,
+                                               product, batch, *group]))
+        out = [""] * len(codes)
+        for positions, res in zip(groups, self._run(calls)):
+            if isinstance(res, Exception):
+                raise res
+            for p, prev in zip(positions, res):
+                out[p] = prev
+        return out
 
     @_wrap_errors
     def batch_codes(self, product: str, batch: str, chunk: int = 500) -> Iterator[list[str]]:
@@ -250,7 +484,7 @@ class Store:
     def code_history(self, code: str) -> tuple[dict | None, dict, list[dict]]:
         """(issuance record or None, dispense state, events oldest first) in one round trip."""
         ikey, dkey, hkey = self.keys.code_keys(code)
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.r.pipeline(transaction=not self.cluster)
         pipe.hmget(ikey, *(f for f, _ in _ISSUANCE_FIELDS))
         pipe.hgetall(dkey)
         pipe.lrange(hkey, 0, -1)
@@ -271,6 +505,18 @@ class Store:
             pipe.xrange(s, count=count_per_stream)
         for entries in pipe.execute():
             yield from entries
+
+
+def _conflict_or(res, convert):
+    """A script's answer in a pipeline: its TCCONFLICT error as a value, other errors raised."""
+    if isinstance(res, redis.ResponseError):
+        msg = str(res)
+        if msg.startswith("TCCONFLICT"):
+            return SettlementConflict(msg.partition(" ")[2])
+        raise res
+    if isinstance(res, Exception):
+        raise res
+    return convert(res) if convert else res
 
 
 def now_ms() -> int:

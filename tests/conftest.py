@@ -9,24 +9,35 @@ import pytest
 
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.embedded_redis import RedisClusterProcesses, RedisProcess, free_port
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient
 
 _prefixes = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def redis_server():
-    proc = RedisProcess(port=free_port(), appendonly=False).start()
+# The whole verification suite runs against both a single redis-server and a real Redis Cluster
+# (3 masters, 1 replica each): every guarantee must hold on both. TRACECODE_TEST_BACKENDS narrows
+# the run (e.g. "standalone") while developing.
+BACKENDS = os.environ.get("TRACECODE_TEST_BACKENDS", "standalone,cluster").split(",")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def redis_server(request):
+    if request.param == "cluster":
+        proc = RedisClusterProcesses(masters=3, replicas=1).start()
+        proc.cluster = True
+    else:
+        proc = RedisProcess(port=free_port(), appendonly=False).start()
+        proc.cluster = False
     yield proc
     proc.stop()
 
 
 @pytest.fixture
-def config():
+def config(redis_server):
     return Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=f"t{os.getpid()}x{next(_prefixes)}",
-                  threads=8, grace_s=1.0)
+                  threads=8, grace_s=1.0, redis_cluster=redis_server.cluster)
 
 
 @pytest.fixture

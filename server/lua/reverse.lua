@@ -7,7 +7,7 @@
 --   to reverse (none: every recorded line)
 -- Returns the json list of [line_index, code, units_returned, units_used_after, already_reversed].
 -- Errors: TCNOTFOUND, TCWINDOW <age ms>, TCBADLINE <index>.
--- The ledger keeps, per line, [code, units accepted, units returned]; a returned line stays returned,
+-- The ledger keeps, per line, [code, units accepted, units returned, line index]; a returned line stays returned,
 -- so a second call changes nothing and reports the same units.
 
 local site, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -25,33 +25,39 @@ local sid = s[4] or ''
 local slot = {}
 for c = 1, C do slot[ARGV[7 + c]] = c end
 
+-- Ledger entries carry their line's index in the whole settlement (a cluster part holds some lines).
+local by_index = {}
+for _, e in ipairs(ledger) do by_index[e[4]] = e end
 local wanted = {}
 if #ARGV > 7 + C then
   for j = 8 + C, #ARGV do
     local idx = tonumber(ARGV[j])
-    if not ledger[idx + 1] then return redis.error_reply('TCBADLINE ' .. ARGV[j]) end
+    if not by_index[idx] then return redis.error_reply('TCBADLINE ' .. ARGV[j]) end
     wanted[#wanted + 1] = idx
   end
 else
-  for i = 1, #ledger do
-    if ledger[i][2] > 0 then wanted[#wanted + 1] = i - 1 end
+  for _, e in ipairs(ledger) do
+    if e[2] > 0 then wanted[#wanted + 1] = e[4] end
   end
 end
 
 local out, changed = {}, false
 for _, idx in ipairs(wanted) do
-  local line = ledger[idx + 1]
+  local line = by_index[idx]
   local code, accepted, returned = line[1], line[2], line[3]
   local c = slot[code]
   local dkey, hkey
   if c then dkey, hkey = KEYS[2 * c + 1], KEYS[2 * c + 2] end
-  local already = returned > 0 or accepted == 0 or not c
-  if not already then
+  -- A line that took nothing (flagged, malformed, or not recorded under ALL_OR_NOTHING) has
+  -- nothing to give back: it reports 0 units, not "already reversed", and changes nothing.
+  local already = returned > 0
+  if not already and accepted > 0 and c then
     local used = tonumber(redis.call('HGET', dkey, 'u')) or 0
     used = math.max(used - accepted, 0)
     if used == 0 then
-      -- Back at zero the pack is sellable again anywhere: a new first dispense will be recorded.
-      redis.call('HSET', dkey, 'u', 0, 'fs', '', 'fi', '', 'fa', 0)
+      -- Back at zero the pack is sellable again anywhere: a new first dispense will be recorded,
+      -- and the attempts counted against the old one no longer apply.
+      redis.call('HSET', dkey, 'u', 0, 'fs', '', 'fi', '', 'fa', 0, 'at', 0)
     else
       redis.call('HSET', dkey, 'u', used)
     end

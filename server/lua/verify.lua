@@ -1,23 +1,37 @@
 -- verify.lua: judge, and in dispense mode mark, the lines of one settlement in ONE atomic call.
 --
--- KEYS[1]  settlement record (hash)         KEYS[2]  audit stream of the settlement's slot
+-- The call covers one *part* of a settlement: on a single Redis node the whole settlement; on a
+-- cluster the lines whose codes share one hash slot (store.py splits and merges).
+--
+-- KEYS[1]  part record (hash)               KEYS[2]  audit stream of the part's slot
 -- then three keys per distinct code u = 1..U: issuance (hash), dispense state (hash), history (list)
 --
--- ARGV[1]  mode: 'D' dispense (check, mark, audit, store results) or 'C' check only (no writes)
+-- ARGV[1]  mode: 'D' dispense (check, mark, audit, store results), 'C' check only (no writes), or
+--          'P' prepare (one part of an ALL_OR_NOTHING settlement spanning slots: judge; when every
+--          line is OK reserve the units until ARGV[12] ms from now instead of marking them;
+--          commit.lua then confirms or releases the reservation)
 -- ARGV[2]  site id               ARGV[3]  settlement id
 -- ARGV[4]  settled_at, ms since the epoch        ARGV[5]  settlement date as YYYYMMDD (issuer's zone)
 -- ARGV[6]  body digest (idempotency)             ARGV[7]  policy: 'R' record accepted, 'A' all or nothing
 -- ARGV[8]  audit stream max length (approximate trim)   ARGV[9] history max events per code
 -- ARGV[10] settlement record ttl, seconds        ARGV[11] number of lines n
--- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never)
+-- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never);
+--          in mode 'P' the reservation's lifetime, ms
 --   An audit max of 0 writes no events (bulk REPLAY namespaces keep state, not history).
--- then four per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
---   malformed reason
+-- ARGV[13] now, ms (reservation expiry clock)
+-- then five per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
+--   malformed reason, the line's 0-based index in the whole settlement
 -- then the U canonical codes, in key order.
 --
--- Returns {replayed 0|1, results-json}. results-json is what is stored for replays:
+-- Reservations live in the dispense hash, field 'rv': json {"<site>\31<settlement>": [units, expires_ms,
+-- settled_at_ms]}. Unexpired reservations of other settlements count as used units (and as the
+-- first dispense of an unused pack) when judging; expired ones are ignored and pruned.
+--
+-- Returns {replayed 0|1, results-json, part state}. results-json is what is stored for replays:
 --   {"rec": 0|1, "l": [[verdict, accepted, used_after, pack_units, status, issued_product, expiry,
 --                       first_site, first_settlement, first_at_ms, attempts, reason], ...]}
+--   used_after, first_* and attempts describe the pack after the whole settlement, on every line.
+-- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua).
 -- Errors: "TCCONFLICT ..." when the settlement id was used with another body.
 
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
@@ -27,15 +41,19 @@ local mode, site, sid = ARGV[1], ARGV[2], ARGV[3]
 local at, day = tonumber(ARGV[4]), tonumber(ARGV[5])
 local digest, policy = ARGV[6], ARGV[7]
 local audit_max, hist_max, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n, state_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local n, state_ttl, now = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local log_events = audit_max > 0
-local LINE0 = 13
-local CODE0 = LINE0 + 4 * n
+local writes = mode ~= 'C'
+local LINE0 = 14
+local STRIDE = 5
+local CODE0 = LINE0 + STRIDE * n
+local me = site .. '\31' .. sid
+if mode == 'P' then policy = 'A' end
 
-if mode == 'D' then
-  local prev = redis.call('HMGET', KEYS[1], 'd', 'r')
+if writes then
+  local prev = redis.call('HMGET', KEYS[1], 'd', 'r', 'ps')
   if prev[1] then
-    if prev[1] == digest then return {1, prev[2]} end
+    if prev[1] == digest then return {1, prev[2], prev[3] or 'F'} end
     return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
   end
 end
@@ -60,22 +78,38 @@ local function load(u)
   local r = redis.call('HMGET', KEYS[k + 1], 'p', 'n', 'e', 's')
   if not r[1] then
     rec[u] = false
-    st[u] = {u = 0, fs = '', fi = '', fa = 0, at = 0}
+    st[u] = {u = 0, fs = '', fi = '', fa = 0, at = 0, rv = nil}
   else
     rec[u] = {p = r[1], n = tonumber(r[2]) or 1, e = tonumber(r[3]) or 0, s = r[4] or 'ACTIVE'}
-    local d = redis.call('HMGET', KEYS[k + 2], 'u', 'fs', 'fi', 'fa', 'at')
+    local d = redis.call('HMGET', KEYS[k + 2], 'u', 'fs', 'fi', 'fa', 'at', 'rv')
     st[u] = {u = tonumber(d[1]) or 0, fs = d[2] or '', fi = d[3] or '', fa = tonumber(d[4]) or 0,
-             at = tonumber(d[5]) or 0}
+             at = tonumber(d[5]) or 0, rv = d[6] and cjson.decode(d[6]) or nil}
+    -- Units other settlements hold in reservation count as used while unexpired; on an unused
+    -- pack the earliest of them stands as its first dispense.
+    local s = st[u]
+    if s.rv then
+      for key, v in pairs(s.rv) do
+        if v[2] > now and key ~= me then
+          if s.u == 0 and (s.fa == 0 or v[3] < s.fa) then
+            local sep = string.find(key, '\31', 1, true)
+            s.fs, s.fi, s.fa = string.sub(key, 1, sep - 1), string.sub(key, sep + 1), v[3]
+          end
+          s.u = s.u + v[1]
+          s.held = (s.held or 0) + v[1]
+        end
+      end
+    end
   end
   orig_used[u] = st[u].u
 end
 
-local results, ok_lines, flagged_lines = {}, {}, {}
+local results = {}
 local seen, split_only, asked = {}, {}, {}
-local any_flagged = false
+local any_ok, any_flagged = false, false
+local opened, duplicated = {}, {}  -- per code: took units here / got a DUPLICATE verdict here
 
 for i = 1, n do
-  local a = LINE0 + 4 * (i - 1)
+  local a = LINE0 + STRIDE * (i - 1)
   local u, product, units = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
   if u == 0 then
     results[i] = {'MALFORMED', 0, 0, 0, '', '', 0, '', '', 0, 0, ARGV[a + 3]}
@@ -95,8 +129,10 @@ for i = 1, n do
     else
       if r.s ~= 'ACTIVE' then f.BLOCKED = true end
       local mine = own[ARGV[CODE0 + u - 1]]
-      -- A used pack is a duplicate at any other site, and at its own site once fully used.
-      if s.u > 0 and not mine and (s.fs ~= site or s.u >= r.n) then f.DUPLICATE = true end
+      -- A used pack is a duplicate at any other site; at its own site a whole-pack line on a used-up
+      -- pack is a resale too, while a split line there asks more than remains (QUANTITY_EXCEEDED).
+      local whole = units == 0 or units == r.n
+      if s.u > 0 and not mine and (s.fs ~= site or (whole and s.u >= r.n)) then f.DUPLICATE = true end
       if product ~= r.p then f.PRODUCT_MISMATCH = true end
       if r.e > 0 and r.e < day then f.EXPIRED = true end
       if want > r.n - s.u and not mine then f.QUANTITY_EXCEEDED = true end
@@ -111,87 +147,117 @@ for i = 1, n do
     end
     local accepted = 0
     if verdict == 'OK' then
-      if s.u == 0 then s.fs, s.fi, s.fa = site, sid, at end
+      -- A pack at zero units used starts a new use cycle: new first dispense, attempts from 0.
+      if s.u == 0 then s.fs, s.fi, s.fa, s.at = site, sid, at, 0 end
       s.u = s.u + want
       accepted = want
-      ok_lines[#ok_lines + 1] = i
+      any_ok = true
+      opened[u] = true
     else
       any_flagged = true
-      if r then
-        if verdict == 'DUPLICATE' then s.at = s.at + 1 end
+      -- Only a real dispense attempt counts; a read-only check reports the stored count.
+      if verdict == 'DUPLICATE' and writes then
+        s.at = s.at + 1
+        duplicated[u] = true
       end
-      flagged_lines[#flagged_lines + 1] = i
     end
-    results[i] = {verdict, accepted, s.u, r and r.n or 0, r and r.s or '', r and r.p or '',
-                  r and r.e or 0, s.fs, s.fi, s.fa, s.at, '', u, want}
+    results[i] = {verdict, accepted, 0, r and r.n or 0, r and r.s or '', r and r.p or '',
+                  r and r.e or 0, '', '', 0, 0, '', u, want}
   end
 end
 
-local recorded = #ok_lines > 0 and not (policy == 'A' and any_flagged)
+local recorded = any_ok and not (policy == 'A' and any_flagged)
 
-if mode == 'D' then
+-- Every line reports its pack as it stands after this settlement (units used, first dispense,
+-- attempts): the in-memory state when recorded, the stored state (plus logged attempts) when not.
+for i = 1, n do
+  local res = results[i]
+  local u = res[13]
+  if u then
+    local s = st[u]
+    if recorded then
+      res[3], res[8], res[9], res[10] = s.u, s.fs, s.fi, s.fa
+    else
+      res[2], res[3] = 0, orig_used[u]
+      if res[3] > 0 then res[8], res[9], res[10] = s.fs, s.fi, s.fa end
+    end
+    res[11] = s.at
+  end
+end
+
+-- A prepared part reserves what its lines would take; commit.lua makes it a dispense.
+local prepared = mode == 'P' and recorded
+local part_state = prepared and 'P' or 'F'
+
+if writes then
+  for u = 1, #ARGV - CODE0 + 1 do
+    local dkey = KEYS[2 + 3 * (u - 1) + 2]
+    local s = st[u]
+    local wrote = true
+    if prepared and opened[u] then
+      local rv = {}
+      for key, v in pairs(s.rv or {}) do
+        if v[2] > now then rv[key] = v end
+      end
+      rv[me] = {s.u - orig_used[u], now + state_ttl, at}
+      redis.call('HSET', dkey, 'rv', cjson.encode(rv))
+      if s.at ~= 0 or duplicated[u] then redis.call('HSET', dkey, 'at', s.at) end
+    elseif recorded and opened[u] then
+      -- Reserved units of others were only counted for judging: store this settlement's own,
+      -- and on a pack nobody has dispensed yet it is the first dispense, not the reservation.
+      local held = s.held or 0
+      local fs, fi, fa = s.fs, s.fi, s.fa
+      if orig_used[u] - held == 0 then fs, fi, fa = site, sid, at end
+      redis.call('HSET', dkey, 'u', s.u - held, 'fs', fs, 'fi', fi, 'fa', fa, 'at', s.at)
+    elseif duplicated[u] then
+      redis.call('HSET', dkey, 'at', s.at)
+    else
+      wrote = false
+    end
+    if wrote and state_ttl > 0 and mode == 'D' then redis.call('EXPIRE', dkey, state_ttl) end
+  end
+
   local function event(u, i, etype, units, detail)
     if not log_events then return end
     local k = 2 + 3 * (u - 1)
     local code = ARGV[CODE0 + u - 1]
+    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
     if rec[u] then
-      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = i - 1,
+      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = li,
                                                      u = units, x = detail}))
       redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
       redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
-               'i', sid, 'l', i - 1, 'u', units, 'x', detail, 'a', at)
+               'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at)
   end
 
-  if recorded then
-    local written = {}
-    for _, i in ipairs(ok_lines) do
-      local res = results[i]
-      local u = res[13]
-      if not written[u] then
-        written[u] = true
-        local s = st[u]
-        local dkey = KEYS[2 + 3 * (u - 1) + 2]
-        redis.call('HSET', dkey, 'u', s.u, 'fs', s.fs, 'fi', s.fi, 'fa', s.fa)
-        if state_ttl > 0 then redis.call('EXPIRE', dkey, state_ttl) end
-      end
-      event(u, i, 'DISPENSED', res[2], '')
-    end
-  else
-    -- Nothing recorded: report the state as it stands, not as it would have been.
-    for i = 1, n do
-      local res = results[i]
-      if res[13] then
-        res[2] = 0
-        res[3] = orig_used[res[13]]
-        if res[3] == 0 then res[8], res[9], res[10] = '', '', 0 end
-      end
-    end
-  end
-  for _, i in ipairs(flagged_lines) do
+  -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).
+  for i = 1, n do
     local res = results[i]
     local u = res[13]
-    if res[1] == 'DUPLICATE' then
-      local dkey = KEYS[2 + 3 * (u - 1) + 2]
-      redis.call('HSET', dkey, 'at', st[u].at)
-      if state_ttl > 0 then redis.call('EXPIRE', dkey, state_ttl) end
+    if u then
+      if res[1] ~= 'OK' then
+        event(u, i, 'ATTEMPT', res[14], res[1])
+      elseif recorded and not prepared then
+        event(u, i, 'DISPENSED', res[2], '')
+      end
     end
-    event(u, i, 'ATTEMPT', res[14], res[1])
   end
 end
 
--- Ledger for returns: per line, the code and the units it took.
+-- Ledger for returns: per line, the code, the units it took, the units returned, its line index.
 local ledger = {}
 for i = 1, n do
   local res = results[i]
   local u = res[13]
-  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', recorded and res[2] or 0, 0}
+  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[2], 0, tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])}
   res[13], res[14] = nil, nil
 end
 local out = cjson.encode({rec = recorded and 1 or 0, l = results})
-if mode == 'D' then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid, 'at', at)
+if writes then
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
+             'at', at, 'ps', part_state)
   redis.call('EXPIRE', KEYS[1], ttl)
 end
-return {0, out}
+return {0, out, part_state}

@@ -1,0 +1,12 @@
+-- claim.lua: on a cluster, tie a settlement id to its request body before its parts are judged.
+--
+-- KEYS[1] the settlement's own record (its index on a cluster: digest, part record keys).
+-- ARGV[1] body digest   ARGV[2] part record keys (json)   ARGV[3] site   ARGV[4] settlement id
+-- ARGV[5] settled_at ms   ARGV[6] ttl seconds
+-- Returns 1 when the id is (now) this body's, 0 when it was used with another body (nothing
+-- written: the first body's record stays as it was).
+local d = redis.call('HGET', KEYS[1], 'd')
+if d then return d == ARGV[1] and 1 or 0 end
+redis.call('HSET', KEYS[1], 'd', ARGV[1], 'parts', ARGV[2], 'site', ARGV[3], 'i', ARGV[4], 'at', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
