@@ -92,11 +92,14 @@ setup(
         "redis>=5",
         "hiredis>=2",  # C reply parser for redis-py: the store's round trips are the hot path
         "prometheus-client>=0.20",
+        "pyjwt>=2.8",  # signed bearer tokens (auth = token)
         "tzdata; platform_system == 'Windows'",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14", "pyyaml>=6",
+                 "cryptography>=41"],
         "parquet": ["pyarrow>=14"],
+        "fuzz": ["atheris>=2.3"],  # fuzz/fuzz_codec.py, run outside CI
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["tracecode = tracecode.clients.cli:main"]},

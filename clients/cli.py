@@ -28,7 +28,14 @@ def _print_results(resp) -> None:
 def cmd_serve(args) -> int:
     from tracecode.server import config as cfg
     from tracecode.server.app import serve
-    return serve(cfg.from_args(args))
+    from tracecode.server.auth import from_config
+    try:
+        config = cfg.from_args(args)
+        from_config(config)  # the security settings, checked before anything starts
+    except (ValueError, OSError) as exc:  # a setting wrong, missing or unreadable: say which
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config)
 
 
 def _readable_rows(path: str):
@@ -48,7 +55,7 @@ def _readable_rows(path: str):
 
 def cmd_load(args) -> int:
     from .admin import AdminClient
-    client = AdminClient(args.server)
+    client = AdminClient(args.server, **_connection(args))
     total = {"received": 0, "created": 0, "updated": 0, "unchanged": 0, "conflicts": 0, "rejected": 0}
     file_errors = []
     started = time.monotonic()
@@ -73,7 +80,7 @@ def cmd_load(args) -> int:
 
 def cmd_verify(args) -> int:
     from .pos import PosClient, line
-    with PosClient(args.server) as pos:
+    with PosClient(args.server, **_connection(args)) as pos:
         resp = pos.verify(args.site, [line(c, args.product, args.units) for c in args.codes],
                           settlement_id=args.settlement_id, all_or_nothing=args.all_or_nothing)
     _print_results(resp)
@@ -82,7 +89,7 @@ def cmd_verify(args) -> int:
 
 def cmd_reverse(args) -> int:
     from .pos import PosClient
-    with PosClient(args.server) as pos:
+    with PosClient(args.server, **_connection(args)) as pos:
         resp = pos.reverse(args.site, args.settlement_id, args.lines, args.reason)
     for ln in resp.lines:
         print(f"line {ln.line_index + 1}: {ln.canonical_code} returned {ln.units_returned} unit(s)"
@@ -93,21 +100,21 @@ def cmd_reverse(args) -> int:
 def cmd_history(args) -> int:
     from google.protobuf import json_format
     from .pos import PosClient
-    with PosClient(args.server) as pos:
+    with PosClient(args.server, **_connection(args)) as pos:
         print(json_format.MessageToJson(pos.history(args.code), ensure_ascii=False))
     return 0
 
 
 def cmd_status(args) -> int:
     from .admin import AdminClient
-    resp = AdminClient(args.server).set_status(args.code, args.status, args.reason)
+    resp = AdminClient(args.server, **_connection(args)).set_status(args.code, args.status, args.reason)
     print(f"{resp.canonical_code}: {pb.CodeStatus.Name(resp.previous)} -> {pb.CodeStatus.Name(resp.status)}")
     return 0
 
 
 def cmd_recall(args) -> int:
     from .admin import AdminClient
-    resp = AdminClient(args.server).recall(args.product, args.batch, args.status, args.reason)
+    resp = AdminClient(args.server, **_connection(args)).recall(args.product, args.batch, args.status, args.reason)
     print(f"changed={resp.codes_changed} unchanged={resp.codes_unchanged}")
     return 0
 
@@ -116,15 +123,49 @@ def cmd_reverify(args) -> int:
     from .reverify import run_job
     if args.drop:
         from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
-        stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(args.server))
-        print(f"deleted {stub.DropJob(bulk_pb2.DropJobRequest(job_id=args.job_id)).keys_deleted} keys")
+        conn = _connection(args)
+        channel = (grpc.secure_channel(args.server, conn["credentials"]) if conn["credentials"]
+                   else grpc.insecure_channel(args.server))
+        stub = bulk_pb2_grpc.BulkVerificationStub(channel)
+        resp = stub.DropJob(bulk_pb2.DropJobRequest(job_id=args.job_id), metadata=conn["metadata"])
+        print(f"deleted {resp.keys_deleted} keys")
         return 0
     summary = run_job(args.server, args.files, args.out, job_id=args.job_id, mode=args.mode,
                       fmt=args.format, resume=args.resume, keep_namespace=args.keep_namespace,
-                      chunk_size=args.chunk_size, progress=not args.quiet, max_rate=args.max_rate)
+                      chunk_size=args.chunk_size, progress=not args.quiet, max_rate=args.max_rate,
+                      **_connection(args))
     flagged = sum(n for v, n in summary["verdicts"].items() if v != "OK")
     print(f"{summary['records']} records, {flagged} flagged, {summary['bad_records']} bad; "
           f"rings: {summary['rings']}; report in {args.out}")
+    return 0
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _connection(args) -> dict:
+    """PosClient/AdminClient keyword arguments from the client security flags: TLS (server CA,
+    client certificate for mtls) and a bearer token (auth = token), sent as metadata."""
+    creds = None
+    if args.tls_ca or args.tls_cert:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise SystemExit("error: --tls-cert and --tls-key go together")
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_file(args.tls_ca) if args.tls_ca else None,
+            private_key=_read_file(args.tls_key) if args.tls_key else None,
+            certificate_chain=_read_file(args.tls_cert) if args.tls_cert else None)
+    metadata = ()
+    if args.token_file:
+        token = _read_file(args.token_file).decode().strip()
+        metadata = (("authorization", f"Bearer {token}"),)
+    return {"credentials": creds, "metadata": metadata}
+
+
+def cmd_token(args) -> int:
+    from tracecode.server.auth import issue_token, read_secret
+    print(issue_token(read_secret(args.secret_file), args.role, args.name, args.ttl_days * 86400))
     return 0
 
 
@@ -145,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     def client_parser(name, help):
         c = sub.add_parser(name, help=help)
         c.add_argument("--server", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        env = os.environ.get
+        c.add_argument("--tls-ca", default=env("TRACECODE_CLIENT_TLS_CA"),
+                       help="CA certificate (PEM) to verify the server: connect with TLS")
+        c.add_argument("--tls-cert", default=env("TRACECODE_CLIENT_TLS_CERT"),
+                       help="client certificate (PEM) naming site:<id> or admin:<name> (auth = mtls)")
+        c.add_argument("--tls-key", default=env("TRACECODE_CLIENT_TLS_KEY"), help="private key of --tls-cert")
+        c.add_argument("--token-file", default=env("TRACECODE_TOKEN_FILE"),
+                       help="file holding a bearer token (auth = token; see `tracecode token`)")
         return c
 
     c = client_parser("load", "load issuance records from CSV/JSONL files (.gz too)")
@@ -199,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress line")
     c.add_argument("--drop", action="store_true", help="only drop the namespace of --job-id")
     c.set_defaults(func=cmd_reverify)
+
+    t = sub.add_parser("token", help="issue a bearer token for auth = token (run where the secret is)")
+    t.add_argument("--secret-file", required=True, help="the server's auth_token_secret_file")
+    t.add_argument("--role", choices=["site", "admin"], required=True)
+    t.add_argument("--name", required=True, help="site id, or the operator's name")
+    t.add_argument("--ttl-days", type=float, default=30.0, help="validity (default 30 days)")
+    t.set_defaults(func=cmd_token)
 
     d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
     d.set_defaults(func=cmd_demo)

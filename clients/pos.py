@@ -5,6 +5,7 @@ the stored results instead of marking anything twice.
 """
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from datetime import datetime, timezone
@@ -16,8 +17,10 @@ from tracecode.v1 import verification_pb2 as pb
 from tracecode.v1 import verification_pb2_grpc
 
 # Statuses after which the same request may succeed: the server or Redis was briefly away.
+# CANCELLED too: a server that is shutting down cancels calls it had not started, and a retry
+# with the same settlement id is safe (idempotent).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 
 def new_settlement_id() -> str:
@@ -37,7 +40,7 @@ def timestamp(when: datetime | None = None):
 
 class PosClient:
     def __init__(self, target: str | grpc.Channel, *, deadline_s: float = 2.0, retries: int = 3,
-                 backoff_s: float = 0.1, credentials: grpc.ChannelCredentials | None = None,
+                 backoff_s: float = 0.1, max_backoff_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
                  metadata: Sequence[tuple[str, str]] = ()):
         if isinstance(target, str):
             self.channel = (grpc.secure_channel(target, credentials) if credentials
@@ -47,6 +50,7 @@ class PosClient:
             self.channel, self._owns = target, False
         self.stub = verification_pb2_grpc.VerificationStub(self.channel)
         self.deadline_s, self.retries, self.backoff_s = deadline_s, retries, backoff_s
+        self.max_backoff_s = max_backoff_s
         self.metadata = tuple(metadata)
 
     def close(self) -> None:
@@ -68,7 +72,8 @@ class PosClient:
                 if exc.code() not in RETRYABLE or attempt >= self.retries:
                     raise
                 attempt += 1
-                time.sleep(self.backoff_s * (2 ** (attempt - 1)))
+                # Exponential backoff with jitter, capped: a POS must not sleep for minutes.
+                time.sleep(min(self.backoff_s * (2 ** (attempt - 1)), self.max_backoff_s) * (0.5 + random.random() / 2))
 
     def verify(self, site_id: str, lines: Iterable[pb.DispenseLine], *, settlement_id: str | None = None,
                settled_at: datetime | None = None, all_or_nothing: bool = False) -> pb.VerifyDispenseResponse:

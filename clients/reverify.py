@@ -15,6 +15,7 @@ settlements are idempotent on the server, so resent ones count once and the repo
 from __future__ import annotations
 
 import csv
+import functools
 import heapq
 import io
 import json
@@ -57,7 +58,9 @@ class Settlement:
         return (self.at_ms, self.file_index) < (other.at_ms, other.file_index)
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_time(text: str) -> int:
+    # Cached: every row of a settlement repeats its settled_at.
     t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if t.tzinfo is None:
         raise ValueError("settled_at needs an offset, e.g. 2024-05-06T10:15:00+08:00")
@@ -344,7 +347,7 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
             for _ in range(window):
                 slots.acquire()
             yield bpb.ReverifyRequest(finish=bpb.Finish(drop_namespace=not keep_namespace))
-        except BaseException as exc:  # a file error: stop the stream, report it after
+        except Exception as exc:  # a file error: stop the stream, report it after
             failure.append(exc)
 
     def checkpoint() -> None:

@@ -14,6 +14,7 @@ import grpc
 
 from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
+from tracecode.v1 import verification_pb2 as pb
 
 from . import metrics
 from .errors import InvalidRequest
@@ -55,27 +56,34 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
             return
         log.info("bulk job %s started (%s)", opts.job_id or "-", bpb.BulkMode.Name(opts.mode))
         done = 0
-        for req in request_iterator:
-            body = req.WhichOneof("body")
-            if body == "finish":
-                if replay and req.finish.drop_namespace:
-                    deleted = self.verifier.store.drop_namespace(state)
-                    log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
-                             opts.job_id, done, deleted)
-                return
-            if body != "chunk":
-                _guarded(_raise(InvalidRequest([("body", "expected a chunk or finish")])))(self, None, context)
-                return
-            try:
-                resp = self._chunk(req.chunk, replay, state)
-            except Exception as exc:  # noqa: BLE001
-                _guarded(_raise(exc))(self, None, context)
-                return
-            done += len(resp.results)
-            resp.settlements_done = done
-            yield resp
-        log.info("bulk job %s: stream ended after %d settlements without Finish (namespace kept)",
-                 opts.job_id or "-", done)
+        with metrics.bulk_job("replay" if replay else "check") as job:
+            for req in request_iterator:
+                body = req.WhichOneof("body")
+                if body == "finish":
+                    if replay and req.finish.drop_namespace:
+                        deleted = self.verifier.store.drop_namespace(state)
+                        log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
+                                 opts.job_id, done, deleted)
+                    return
+                if body != "chunk":
+                    job.outcome = "failed"
+                    _guarded(_raise(InvalidRequest([("body", "expected a chunk or finish")])))(self, None, context)
+                    return
+                try:
+                    resp = self._chunk(req.chunk, replay, state)
+                except Exception as exc:  # noqa: BLE001
+                    job.outcome = "failed"
+                    _guarded(_raise(exc))(self, None, context)
+                    return
+                done += len(resp.results)
+                resp.settlements_done = done
+                records = sum(len(r.results) for r in resp.results)
+                flagged = sum(1 for r in resp.results for line in r.results if line.verdict != 1)
+                job.progress(records, flagged)
+                yield resp
+            job.outcome = "abandoned"
+            log.info("bulk job %s: stream ended after %d settlements without Finish (namespace kept)",
+                     opts.job_id or "-", done)
 
     def _chunk(self, chunk: bpb.SettlementChunk, replay: bool, state) -> bpb.ReverifyResponse:
         if len(chunk.settlements) > MAX_CHUNK:
@@ -92,7 +100,10 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 resp.results.add(error=o)
                 continue
             metrics.observe_settlement("bulk", o, elapsed)
-            resp.results.add(results=[_result(i, r) for i, r in enumerate(o.results)], replayed=o.replayed)
+            # OK lines carry their verdict and code only: a job reports flagged lines in full.
+            resp.results.add(results=[_result(i, r) if r.verdict != "OK" else
+                                      pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
+                                      for i, r in enumerate(o.results)], replayed=o.replayed)
         return resp
 
     @_guarded

@@ -26,6 +26,9 @@ class Config:
     redis_appendfsync: str = _opt("everysec", "embedded Redis AOF fsync: always (safest), everysec, no")
     redis_timeout_s: float = _opt(2.0, "socket timeout of each Redis call, seconds")
     redis_cluster: bool = _opt(False, "--redis-url names a node of a Redis Cluster (keys are hash-tagged per code)")
+    min_replicas_acked: int = _opt(0, "acknowledge a dispense only once this many replicas have it (Redis WAIT); 0 = async")
+    replica_ack_timeout_ms: int = _opt(500, "how long to wait for those replicas before answering UNAVAILABLE")
+    reservation_s: float = _opt(30.0, "cluster ALL_OR_NOTHING over several slots: how long prepared units stay reserved")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
     workers: int = _opt(1, "server processes sharing the port (SO_REUSEPORT)")
@@ -44,6 +47,25 @@ class Config:
     grace_s: float = _opt(10.0, "on SIGTERM, time in-flight calls get to finish")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
     log_json: bool = _opt(False, "log one JSON object per line")
+    # Security (server/auth.py, docs/security.md).
+    auth: str = _opt("none", "client authentication: mtls (client certificates), token (HS256 bearer tokens), "
+                             "none (no identities: local development and the demo only)")
+    tls_cert: str = _opt("", "server certificate chain (PEM) for TLS on the gRPC port; re-read when it changes")
+    tls_key: str = _opt("", "private key (PEM) of tls_cert")
+    tls_client_ca: str = _opt("", "auth = mtls: CA certificate(s) (PEM) that sign client certificates")
+    auth_token_secret_file: str = _opt("", "auth = token: file holding the HMAC secret (at least 32 bytes)")
+    admin_identities: str = _opt("", "comma-separated admin names allowed to act as admin; empty = any "
+                                     "admin:<name> identity the CA or token secret vouches for")
+    max_message_bytes: int = _opt(4 * 1024 * 1024, "largest gRPC message received; larger is RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _opt(1000, "calls in progress at once per process; more are RESOURCE_EXHAUSTED (0 = no cap)")
+    rate_limit_rps: float = _opt(0.0, "calls per second per client identity (stream messages are slowed, "
+                                      "unary calls refused with RESOURCE_EXHAUSTED); 0 = off")
+    rate_limit_burst: int = _opt(100, "calls a client may make at once above rate_limit_rps")
+    redis_username: str = _opt("", "Redis ACL user (else the URL's, else default)")
+    redis_password_file: str = _opt("", "file holding the Redis password (kept off command lines and URLs)")
+    redis_tls_ca: str = _opt("", "CA (PEM) that signs the Redis server's certificate (rediss:// URLs)")
+    redis_tls_cert: str = _opt("", "client certificate (PEM) for Redis with tls-auth-clients")
+    redis_tls_key: str = _opt("", "private key (PEM) of redis_tls_cert")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

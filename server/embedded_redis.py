@@ -198,6 +198,10 @@ class RedisClusterProcesses:
                 return False
             if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
                 return False
+            # A replica that is still syncing cannot acknowledge writes (WAIT): not healthy yet.
+            repl = redis.Redis.from_url(n.url, socket_timeout=1, decode_responses=True).info("replication")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
         return True
 
     def wait_healthy(self, timeout: float = 30.0) -> None:

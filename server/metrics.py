@@ -1,27 +1,86 @@
-"""Prometheus metrics of the service. Labels have bounded values only: never a site id or a code."""
+"""Prometheus metrics of the service (the gRPC server metrics live in interceptors.py).
+
+Names follow the Prometheus conventions: base units (seconds), `_total` on counters, `_info` for
+constant build labels. Labels have bounded values only: a verdict, a channel, an outcome, a Redis
+operation or a bulk job kind; never a site id, a settlement id or a code (per-site suspicion is
+served by the API, not by label cardinality). Every child a dashboard or alert needs is created at
+import, so a series exists at 0 before its first event and `increase()` sees that first event.
+
+docs/operations.md lists every metric and the alerts built on them.
+"""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
+import redis
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from tracecode import __version__, codec
+
+from .errors import StoreUnavailable
 from .verdicts import VERDICT_ENUM
 
+# The `_created` companion series double the series count and Prometheus does not use them.
+disable_created_metrics()
+
 CHANNELS = ("pos", "bulk")
+SETTLEMENT_OUTCOMES = ("recorded", "not_recorded", "replayed")
+ISSUANCE_OUTCOMES = ("created", "updated", "unchanged", "conflicts", "rejected")
+BULK_KINDS = ("check", "replay", "other")
+BULK_OUTCOMES = ("finished", "failed", "abandoned")
+# The store operations measured (one label value each); generators (batch_codes, audit_events)
+# make several round trips per call and are left out rather than mis-measured.
+REDIS_OPS = ("ping", "verify", "verify_batch", "stored_settlement", "reverse", "upsert_issuance",
+             "get_issuance", "set_status", "code_history", "drop_namespace")
+
+BUILD_INFO = Gauge("tracecode_build_info", "Always 1; the labels say which build is running",
+                   ["version", "codec"])
 
 VERIFICATIONS = Counter("tracecode_verifications_total", "Lines judged, by verdict and channel",
                         ["verdict", "channel"])
 SETTLEMENTS = Counter("tracecode_settlements_total", "Settlements handled, by outcome and channel",
                       ["outcome", "channel"])
-# Buckets for a service that should answer in single-digit milliseconds.
+# Buckets for a service that should answer in single-digit milliseconds; 0.01 and 0.025 are the
+# edges the latency alert tests against, so its quantile is not interpolated across a wide bucket.
 VERIFY_SECONDS = Histogram(
     "tracecode_verify_duration_seconds", "Time to judge one settlement inside the server",
     ["channel"], buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-REDIS_ERRORS = Counter("tracecode_redis_errors_total", "Redis calls that failed (unreachable, timeout)")
 REVERSALS = Counter("tracecode_reversals_total", "ReverseDispense calls that succeeded")
+
+REDIS_SECONDS = Histogram(
+    "tracecode_redis_call_duration_seconds", "Duration of one store operation against Redis (one round "
+    "trip for verify), failures included", ["op"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+REDIS_CALL_ERRORS = Counter("tracecode_redis_errors_total",
+                            "Store operations that failed in Redis (unreachable, timeout, error reply)", ["op"])
+REDIS_UP = Gauge("tracecode_redis_up", "1 when the last health ping of Redis succeeded, else 0")
+
+ISSUANCE_RECORDS = Counter("tracecode_issuance_records_total",
+                           "Issuance records received by UpsertIssuance, by outcome", ["outcome"])
+
+BULK_RUNNING = Gauge("tracecode_bulk_jobs_running", "Bulk jobs in progress", ["kind"])
+BULK_RECORDS = Counter("tracecode_bulk_records_total", "Records (settlements) bulk jobs processed", ["kind"])
+BULK_FLAGGED = Counter("tracecode_bulk_flagged_total", "Records bulk jobs flagged (any line not OK)", ["kind"])
+BULK_PROGRESS_TS = Gauge("tracecode_bulk_last_progress_timestamp_seconds",
+                         "Unix time a bulk job of this kind last started or made progress", ["kind"])
+BULK_JOBS = Counter("tracecode_bulk_jobs_total", "Bulk jobs ended, by outcome", ["kind", "outcome"])
+
+BUILD_INFO.labels(__version__, codec.IMPLEMENTATION).set(1)
 
 # Pre-bound children: the hot path does a dict lookup, not a label resolution.
 _VERDICT = {(v, c): VERIFICATIONS.labels(v, c) for v in VERDICT_ENUM for c in CHANNELS}
-_OUTCOME = {(o, c): SETTLEMENTS.labels(o, c) for o in ("recorded", "not_recorded", "replayed") for c in CHANNELS}
+_OUTCOME = {(o, c): SETTLEMENTS.labels(o, c) for o in SETTLEMENT_OUTCOMES for c in CHANNELS}
 _LATENCY = {c: VERIFY_SECONDS.labels(c) for c in CHANNELS}
+_REDIS = {op: (REDIS_SECONDS.labels(op), REDIS_CALL_ERRORS.labels(op)) for op in REDIS_OPS}
+_ISSUANCE = {o: ISSUANCE_RECORDS.labels(o) for o in ISSUANCE_OUTCOMES}
+for _k in BULK_KINDS:
+    BULK_RUNNING.labels(_k)
+    BULK_RECORDS.labels(_k)
+    BULK_FLAGGED.labels(_k)
+    for _o in BULK_OUTCOMES:
+        BULK_JOBS.labels(_k, _o)
 
 
 def observe_settlement(channel: str, outcome, seconds: float) -> None:
@@ -33,3 +92,117 @@ def observe_settlement(channel: str, outcome, seconds: float) -> None:
     _OUTCOME["recorded" if outcome.recorded else "not_recorded", channel].inc()
     for line in outcome.results:
         _VERDICT[line.verdict, channel].inc()
+
+
+def issuance_loaded(resp) -> None:
+    """Count the outcomes of one UpsertIssuance call (an UpsertIssuanceResponse)."""
+    for o in ISSUANCE_OUTCOMES:
+        n = getattr(resp, o)
+        if n:
+            _ISSUANCE[o].inc(n)
+
+
+# ---------------------------------------------------------------------- Redis
+
+def _measured(op: str, fn):
+    seconds, errors = _REDIS[op]
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except (StoreUnavailable, redis.RedisError):
+            # Domain answers the store raises (conflict, not found, window closed) are not failures.
+            errors.inc()
+            raise
+        finally:
+            seconds.observe(time.perf_counter() - start)
+
+    call.__name__ = getattr(fn, "__name__", op)
+    call.__doc__ = getattr(fn, "__doc__", None)
+    return call
+
+
+def instrument_store(store):
+    """Measure each Redis operation of a store instance (latency and failures, by operation).
+
+    Wraps the instance's bound methods, so store.py stays free of metrics and every path through
+    make_store (server, tests, demo) is measured alike. Idempotent.
+    """
+    if getattr(store, "_tracecode_measured", False):
+        return store
+    for op in REDIS_OPS:
+        setattr(store, op, _measured(op, getattr(store, op)))
+    store._tracecode_measured = True
+    return store
+
+
+# ---------------------------------------------------------------------- bulk jobs
+
+def _kind(kind: str) -> str:
+    # A caller passing a job id here would create one series per job: map anything unknown.
+    return kind if kind in BULK_KINDS else "other"
+
+
+def bulk_progress(records: int, flagged: int = 0, kind: str = "other") -> None:
+    """A bulk job processed `records` more records, `flagged` of them not OK."""
+    k = _kind(kind)
+    BULK_RECORDS.labels(k).inc(records)
+    if flagged:
+        BULK_FLAGGED.labels(k).inc(flagged)
+    BULK_PROGRESS_TS.labels(k).set(time.time())
+
+
+class BulkJob:
+    """Handle of one running bulk job (see bulk_job)."""
+
+    def __init__(self, kind: str):
+        self.kind = _kind(kind)
+        self.outcome = "finished"
+
+    def progress(self, records: int, flagged: int = 0) -> None:
+        bulk_progress(records, flagged, self.kind)
+
+
+@contextmanager
+def bulk_job(kind: str) -> Iterator[BulkJob]:
+    """Mark a bulk job as running for the duration of the block:
+
+        with metrics.bulk_job("replay") as job:
+            ...
+            job.progress(len(chunk), flagged)
+            ...
+            job.outcome = "abandoned"   # e.g. the stream ended without Finish
+
+    An exception marks the job "failed"; a generator closed early (client went away) "abandoned".
+    The running gauge and the progress timestamp are what the TracecodeBulkJobStalled alert reads.
+    """
+    job = BulkJob(kind)
+    BULK_RUNNING.labels(job.kind).inc()
+    BULK_PROGRESS_TS.labels(job.kind).set(time.time())
+    try:
+        yield job
+    except GeneratorExit:
+        job.outcome = "abandoned"
+        raise
+    except BaseException:
+        job.outcome = "failed"
+        raise
+    finally:
+        BULK_RUNNING.labels(job.kind).dec()
+        BULK_JOBS.labels(job.kind, job.outcome if job.outcome in BULK_OUTCOMES else "finished").inc()
+
+
+# ---------------------------------------------------------------------- exposition
+
+class MetricsHTTP:
+    """The /metrics HTTP endpoint (prometheus-client's threaded server) on addr:port; port 0 picks one."""
+
+    def __init__(self, port: int, addr: str = "127.0.0.1"):
+        self._httpd, self._thread = start_http_server(port, addr=addr)
+        self.port = self._httpd.server_address[1]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

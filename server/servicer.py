@@ -56,7 +56,6 @@ def _guarded(method):
         except PermissionDenied as exc:
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except StoreUnavailable as exc:
-            metrics.REDIS_ERRORS.inc()
             log.warning("redis unavailable: %s", exc)
             _abort(context, grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry with the same settlement id")
     handler.__name__ = method.__name__

@@ -17,7 +17,9 @@ import redis
 
 from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
                      SettlementNotFound, StoreError, StoreUnavailable)
+from .failpoints import failpoint
 from .keys import KeySpace, slot_of
+from redis.crc import key_slot
 from .verdicts import lua_precedence
 
 log = logging.getLogger("tracecode.store")
@@ -34,6 +36,10 @@ class StoreLimits:
     history_max: int = 256  # events kept per code; the total is counted past it
     settlement_ttl_s: int = 400 * 86400  # idempotency record and return ledger lifetime
     reservation_ms: int = 30_000  # cluster ALL_OR_NOTHING: how long prepared units stay reserved
+    # Durability across failover: a write is acknowledged only once this many replicas have it
+    # (WAIT after the write; 0 = asynchronous replication, Redis's default).
+    min_replicas_acked: int = 0
+    replica_ack_timeout_ms: int = 500
 
 
 # Issuance hash field -> public name.
@@ -41,12 +47,19 @@ _ISSUANCE_FIELDS = (("p", "product_id"), ("g", "gtin"), ("b", "batch"), ("e", "e
                     ("n", "pack_units"), ("m", "manufacturer"), ("s", "status"))
 
 
+# Failures after which the same call may succeed: Redis down, restarting, or a cluster between
+# topologies (failover). Every store write is idempotent, so the caller may simply retry.
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
+                redis.exceptions.TryAgainError, redis.exceptions.RedisClusterException,
+                redis.exceptions.AskError)
+
+
 def _wrap_errors(fn):
     """Translate redis-py failures into store errors at the boundary, once."""
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
         except redis.ResponseError as exc:
             msg = str(exc)
@@ -110,34 +123,89 @@ class Store:
     def _load_scripts(self) -> None:
         """(Re)load every script; on a cluster on every master. Redis 7 keeps no script cache
         across restarts or failovers, so a NOSCRIPT answer leads here once."""
-        for script in self._scripts.values():
-            self.r.script_load(script.script)
+        clients = ([self.r.get_redis_connection(n) for n in self.r.get_primaries()] if self.cluster
+                   else [self.r])
+        for client in clients:
+            for script in self._scripts.values():
+                client.script_load(script.script)
 
-    def _call(self, script, keys: Sequence[str], args: Sequence) -> object:
+    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> object:
         """One script call, one round trip."""
+        if self.cluster or (durable and self.limits.min_replicas_acked):
+            res = self._run([(script, keys, args)], durable=durable)[0]
+            if isinstance(res, Exception):
+                raise res
+            return res
         try:
             return self.r.evalsha(script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             self._load_scripts()
             return self.r.evalsha(script.sha, len(keys), *keys, *args)
 
-    def _run(self, calls: Sequence[tuple]) -> list:
-        """Many script calls (script, keys, args) pipelined: one round trip (one per node on a
-        cluster), executed in order per node. Errors come back in their place. Every script is
-        idempotent, so the whole pipeline may be sent again after a NOSCRIPT."""
+    def _node_groups(self, calls: Sequence[tuple]) -> list[tuple[redis.Redis, list[int]]]:
+        """Cluster: the calls grouped by the master serving their keys' slot. Routing here, from
+        the first key's hash tag, spares redis-py's cluster pipeline a COMMAND GETKEYS round trip
+        per script call."""
+        if not self.cluster:
+            return [(self.r, list(range(len(calls))))]
+        groups: dict[str, tuple[redis.Redis, list[int]]] = {}
+        nodes = self.r.nodes_manager
+        for p, (_, keys, _) in enumerate(calls):
+            node = nodes.get_node_from_slot(key_slot(keys[0].encode()))
+            groups.setdefault(node.name, (self.r.get_redis_connection(node), []))[1].append(p)
+        return list(groups.values())
+
+    def _run(self, calls: Sequence[tuple], *, durable: bool = False) -> list:
+        """Many script calls (script, keys, args) pipelined: one round trip (one per master on a
+        cluster), executed in order per node. A script's own error comes back in its place.
+        Every script is idempotent, so calls may be sent again after a NOSCRIPT or a MOVED
+        (a failover or resharding): the topology is refreshed and the batch retried once.
+
+        durable: with min_replicas_acked, each node's pipeline ends with WAIT on the same
+        connection (WAIT counts the replicas that have this connection's writes); fewer replicas
+        than asked is UNAVAILABLE and the caller retries with the same id. This is what makes an
+        acknowledged dispense survive the loss of its master."""
+        need = self.limits.min_replicas_acked if durable else 0
         for attempt in (0, 1):
-            pipe = self.r.pipeline(transaction=False)
-            for script, keys, args in calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            res = pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in res):
+            results: list = [None] * len(calls)
+            try:
+                for client, positions in self._node_groups(calls):
+                    pipe = client.pipeline(transaction=False)
+                    for p in positions:
+                        script, keys, args = calls[p]
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    if need:
+                        pipe.execute_command("WAIT", need, self.limits.replica_ack_timeout_ms)
+                    replies = pipe.execute(raise_on_error=False)
+                    for p, r in zip(positions, replies):
+                        results[p] = r
+                    if need and not isinstance(replies[-1], Exception) and replies[-1] < need:
+                        raise StoreUnavailable(
+                            f"write reached {replies[-1]} of {need} replica(s) within "
+                            f"{self.limits.replica_ack_timeout_ms} ms; retry with the same settlement id")
+            except _UNAVAILABLE:
+                self._refresh_topology()
+                raise
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
                 self._load_scripts()
                 continue
-            for r in res:
-                if isinstance(r, (redis.ConnectionError, redis.TimeoutError)):
+            if attempt == 0 and self.cluster and any(isinstance(r, redis.exceptions.AskError) for r in results):
+                self._refresh_topology()
+                continue
+            for r in results:
+                if isinstance(r, _UNAVAILABLE):
                     raise r
-            return res
+            return results
         raise AssertionError("unreachable")
+
+    def _refresh_topology(self) -> None:
+        """After a node failed or answered MOVED: ask the cluster who serves which slots now.
+        During a failover this may fail too; the next call tries again."""
+        if self.cluster:
+            try:
+                self.r.nodes_manager.initialize()
+            except Exception as exc:  # noqa: BLE001 - any failure here means "still switching"
+                log.info("cluster topology refresh failed (%s); will retry on the next call", exc)
 
     # ------------------------------------------------------------------ settlements
 
@@ -215,7 +283,8 @@ class Store:
                 raise out
             return out
         keys, args = self._verify_call(**call)
-        replayed, out, _ = self._call(self._verify, keys, args)
+        replayed, out, _ = self._call(self._verify, keys, args,
+                                      durable=call["dispense"] and not call.get("state"))
         return bool(replayed), out
 
     @_wrap_errors
@@ -263,11 +332,13 @@ class Store:
                 batch.append((self._verify, keys, args))
                 where.append((n, record, idx, codes))
         results: dict[int, list] = {}
-        for (n, record, idx, codes), res in zip(where, self._run(batch)):
+        durable = any(c["dispense"] and not c.get("state") for c in calls)
+        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable)):
             if isinstance(res, Exception):
                 out[n] = _conflict_or(res, None)
                 continue
             results.setdefault(n, []).append([record, idx, codes, bool(res[0]), json.loads(res[1]), res[2]])
+        failpoint("after_prepare")
         # Phase 2: commit or release prepared parts (all parts OK -> commit).
         commits = []
         for n, parts in results.items():
@@ -285,7 +356,7 @@ class Store:
                 for code in codes:
                     keys += sk.code_keys(code)
                 batch.append((self._commit, keys, [decision, self.limits.history_max, self.limits.audit_max, *codes]))
-            for (n, p, _), res in zip(commits, self._run(batch)):
+            for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
                 if isinstance(res, Exception):
                     raise res
                 p[4], p[5] = json.loads(res[0]), res[1]
@@ -387,7 +458,7 @@ class Store:
             args = [site, now_ms, window_ms, lim.history_max, lim.audit_max, note, len(codes), *codes, *wanted]
             batch.append((self._reverse, keys, args))
         lines = []
-        for res in self._run(batch):
+        for res in self._run(batch, durable=True):
             if isinstance(res, Exception):
                 raise res
             lines += [(i, code, returned, used, bool(already)) for i, code, returned, used, already in json.loads(res)]
@@ -461,24 +532,31 @@ class Store:
             calls.append((self._status, keys, [status, now_ms, reason, actor, lim.history_max, lim.audit_max,
                                                product, batch, *group]))
         out = [""] * len(codes)
-        for positions, res in zip(groups, self._run(calls)):
+        for positions, res in zip(groups, self._run(calls, durable=True)):
             if isinstance(res, Exception):
                 raise res
             for p, prev in zip(positions, res):
                 out[p] = prev
         return out
 
-    @_wrap_errors
     def batch_codes(self, product: str, batch: str, chunk: int = 500) -> Iterator[list[str]]:
+        """The codes of a batch in chunks, scanned with SSCAN (the cursor is a page each)."""
         key = self.keys.batch(product, batch)
+        cursor = 0
         buf: list[str] = []
-        for code in self.r.sscan_iter(key, count=chunk):
-            buf.append(code)
-            if len(buf) >= chunk:
+        while True:
+            cursor, codes = self._sscan(key, cursor, chunk)
+            buf.extend(codes)
+            if len(buf) >= chunk or (cursor == 0 and buf):
                 yield sorted(buf)
                 buf = []
-        if buf:
-            yield sorted(buf)
+            if cursor == 0:
+                return
+
+    @_wrap_errors
+    def _sscan(self, key: str, cursor: int, count: int) -> tuple[int, list[str]]:
+        # One page per call, so a Redis failure mid-scan is translated like any other call's.
+        return self.r.sscan(key, cursor, count=count)
 
     @_wrap_errors
     def code_history(self, code: str) -> tuple[dict | None, dict, list[dict]]:
@@ -497,14 +575,12 @@ class Store:
     # ------------------------------------------------------------------ audit
 
     @_wrap_errors
-    def audit_events(self, count_per_stream: int = 1000) -> Iterable[tuple[str, dict]]:
+    def audit_events(self, count_per_stream: int = 1000) -> list[tuple[str, dict]]:
         """Every audit event of every bucket (for tests and small exports): (stream id, fields)."""
         pipe = self.r.pipeline(transaction=False)
-        streams = self.keys.audit_streams()
-        for s in streams:
+        for s in self.keys.audit_streams():
             pipe.xrange(s, count=count_per_stream)
-        for entries in pipe.execute():
-            yield from entries
+        return [entry for entries in pipe.execute() for entry in entries]
 
 
 def _conflict_or(res, convert):

@@ -22,6 +22,9 @@ from .store import Store, now_ms
 
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
 _ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
+# Instants a settlement may carry (1970-01-01 .. 2100-01-01 UTC): a protobuf Timestamp holds far
+# more (years 1..9999 and beyond), which the calendar of the expiry check cannot represent.
+MIN_TIME_MS, MAX_TIME_MS = 0, 4_102_444_800_000
 
 
 @dataclass(slots=True)
@@ -103,8 +106,11 @@ class Verifier:
 
     # ------------------------------------------------------------------ validation
 
-    def _validate(self, site_id: str, settlement_id: str | None, lines: Sequence[Line]) -> None:
+    def _validate(self, site_id: str, settlement_id: str | None, lines: Sequence[Line],
+                  at_ms: int | None = None, at_field: str = "settled_at") -> None:
         bad: list[tuple[str, str]] = []
+        if at_ms is not None and not MIN_TIME_MS <= at_ms < MAX_TIME_MS:
+            bad.append((at_field, "outside 1970-01-01 .. 2100-01-01 UTC"))
         if not _ID.match(site_id or ""):
             bad.append(("site_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
         if settlement_id is not None and not _ID.match(settlement_id or ""):
@@ -167,8 +173,8 @@ class Verifier:
 
     def check(self, site_id: str, at_ms: int | None, lines: Sequence[Line]) -> list[LineOutcome]:
         """The verdicts lines would get now, marking nothing (site_id may be empty)."""
-        self._validate(site_id or "-", None, lines)
-        at_ms = at_ms or now_ms()
+        at_ms = now_ms() if at_ms is None else at_ms
+        self._validate(site_id or "-", None, lines, at_ms, "at")
         plan, codes, keys = self._plan(lines)
         _, out = self.store.verify(
             dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
@@ -199,7 +205,7 @@ class Verifier:
             chunk = parsed[pos:pos + len(lines)]
             pos += len(lines)
             try:
-                self._validate(site, sid, lines)
+                self._validate(site, sid, lines, at_ms)
             except InvalidRequest as exc:
                 out[n] = str(exc)
                 continue

@@ -1,0 +1,162 @@
+"""Redis Cluster faults on real clusters of our own: a master killed under load (failover), and a
+tracecode server killed between the two phases of an ALL_OR_NOTHING settlement across slots."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+import grpc
+import pytest
+
+from tracecode.clients.admin import AdminClient
+from tracecode.clients.files import Row
+from tracecode.clients.pos import PosClient, line
+from tracecode.server.app import Server, make_store
+from tracecode.server.config import Config
+from tracecode.server.embedded_redis import RedisClusterProcesses
+from tracecode.server.keys import slot_of
+from tracecode.v1 import verification_pb2 as pb
+
+from factories import cn20, load
+
+P = "8123456"
+
+
+@pytest.fixture
+def cluster():
+    c = RedisClusterProcesses(masters=3, replicas=1).start()
+    yield c
+    c.stop()
+
+
+def _server(cluster, **overrides):
+    cfg = Config(listen="127.0.0.1:0", metrics_port=0, redis_cluster=True, key_prefix="ft", threads=16,
+                 grace_s=0.5, redis_timeout_s=1.0, **overrides)
+    store = make_store(cfg, cluster.url)
+    return Server(cfg, store).start(), store
+
+
+def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster):
+    # A generous ack timeout: six redis-servers share two cores with the test here.
+    server, store = _server(cluster, min_replicas_acked=1, replica_ack_timeout_ms=1500)
+    target = f"127.0.0.1:{server.port}"
+    codes = [cn20() for _ in range(6000)]
+    admin = AdminClient(target)
+    load(admin, *(Row("t", 0, {"code": c, "product_id": P}) for c in codes))
+    victim = cluster.master_of(store.keys.issuance(codes[0]))
+
+    acked: dict[str, str] = {}  # code -> settlement id answered OK
+    statuses: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    todo = list(codes)
+
+    # Long enough to see the whole story: failover, the dead node back as a replica, its full
+    # resync (WAIT cannot succeed before it), and the shard acknowledging writes again.
+    stop_at = time.monotonic() + 14
+
+    def worker(n: int) -> None:
+        with PosClient(target, deadline_s=3, retries=5, backoff_s=0.05, max_backoff_s=0.5) as pos:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if not todo:
+                        return
+                    code = todo.pop()
+                sid = f"W{n}-{uuid.uuid4().hex[:10]}"
+                try:
+                    r = pos.verify(f"SITE-{n}", [line(code, P)], settlement_id=sid)
+                except grpc.RpcError as exc:
+                    with lock:
+                        statuses.append(exc.code())
+                    continue
+                with lock:
+                    if r.results[0].verdict == pb.OK:
+                        acked[code] = sid
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    victim.kill()  # SIGKILL: its replica takes over
+    # The promoted replica has no replica of its own, so with min_replicas_acked=1 its shard
+    # answers UNAVAILABLE (nothing is acknowledged that could be lost) until the dead node comes
+    # back and rejoins as the new master's replica, as an operator's restart would do.
+    time.sleep(2.5)
+    victim.start()
+    for t in threads:
+        t.join(60)
+    cluster.wait_healthy()
+
+    # Only retryable statuses were ever seen, and the service recovered without a restart.
+    assert set(statuses) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}, statuses
+    with PosClient(target, deadline_s=5, retries=30, backoff_s=0.1) as pos:
+        fresh = cn20()
+        load(admin, Row("t", 0, {"code": fresh, "product_id": P}))
+        assert pos.verify("SITE-AFTER", [line(fresh, P)]).results[0].verdict == pb.OK
+        # Every acknowledged dispense is still there, with its own settlement as first dispense.
+        assert len(acked) > 50, len(acked)  # enough traffic to mean something (throughput varies)
+        for code, sid in acked.items():
+            h = pos.history(code)
+            assert h.units_used == 1 and h.first_dispense.first_settlement_id == sid, code
+    admin.close()
+    server.stop(0)
+    store.close()
+
+
+def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cluster, tmp_path):
+    # Two codes in different slots: an ALL_OR_NOTHING settlement of both takes two phases.
+    a = cn20()
+    b = next(c for c in (cn20() for _ in range(100)) if slot_of(c) != slot_of(a))
+    helper, store = _server(cluster)
+    target = f"127.0.0.1:{helper.port}"
+    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+
+    env = dict(os.environ, TRACECODE_FAILPOINTS="after_prepare=60")
+    proc = subprocess.Popen([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+                             "--redis-url", cluster.url, "--redis-cluster", "--key-prefix", "ft",
+                             "--metrics-port", "0", "--reservation-s", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        port = int(proc.stdout.readline().split()[-1])
+        errors = []
+
+        def settle():
+            try:
+                with PosClient(f"127.0.0.1:{port}", deadline_s=30, retries=0) as pos:
+                    pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-1", all_or_nothing=True)
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+        t = threading.Thread(target=settle)
+        t.start()
+        parts = [store.keys.settlement_part("SITE-A", "AON-1", c) for c in (a, b)]
+        deadline = time.monotonic() + 20
+        while not all(store.r.hget(k, "ps") == "P" for k in parts):
+            assert time.monotonic() < deadline, "the parts were never prepared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # dies between the phases
+        proc.wait()
+        t.join(10)
+        assert errors == [grpc.StatusCode.UNAVAILABLE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    with PosClient(target) as pos:
+        # While reserved, the packs are held: another site is told they are taken.
+        held = pos.verify("SITE-B", [line(a, P)])
+        assert held.results[0].verdict == pb.DUPLICATE
+        assert held.results[0].evidence.first_site_id == "SITE-A"
+        assert pos.history(a).units_used == 0  # nothing was dispensed
+        time.sleep(2.2)  # the reservation expires: nothing half-done remains
+        after = pos.verify("SITE-C", [line(a, P), line(b, P)])
+        assert [r.verdict for r in after.results] == [pb.OK, pb.OK]
+        assert pos.history(b).first_dispense.first_site_id == "SITE-C"
+    helper.stop(0)
+    store.close()
