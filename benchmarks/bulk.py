@@ -65,6 +65,18 @@ def generate(path: str, codes: list[str], records: int, seed: int = 3) -> list[t
     return settlements
 
 
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu(store) -> float:
+    info = store.r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
@@ -109,6 +121,8 @@ def main() -> int:
                                   stdout=subprocess.PIPE, text=True, env=common.env_for_subprocess())
         port = int(server.stdout.readline().split()[-1])
         out = os.path.join(tmp, "report")
+        redis_cpu0 = redis_cpu(store)
+        server_cpu0 = proc_cpu(server.pid)
         t0 = time.perf_counter()
         cli = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server",
                                 f"127.0.0.1:{port}", "--out", out, "--job-id", "bench", "--quiet"],
@@ -121,6 +135,11 @@ def main() -> int:
             raise SystemExit(f"reverify failed ({cli.returncode})")
         rps = args.records / elapsed
         peak_mb = usage.ru_maxrss / 1024
+        # Where the two cores went: the CLI, the server, Redis (CPU seconds during the job).
+        cpu = {"cli": round(usage.ru_utime + usage.ru_stime, 2),
+               "server": round(proc_cpu(server.pid) - server_cpu0, 2),
+               "redis": round(redis_cpu(store) - redis_cpu0, 2)}
+        print(f"CPU seconds during the job: {cpu} over {elapsed:.1f} s wall", flush=True)
         print(f"tracecode reverify: {args.records:,} records in {elapsed:.1f} s = {rps:,.0f} records/s; "
               f"peak RSS {peak_mb:.0f} MB; {summary_line}", flush=True)
         doc = {
@@ -133,6 +152,7 @@ def main() -> int:
                         "how": "the same verify.lua REPLAY calls, pre-encoded, pipelined 64 deep on one socket"},
             "ratio_to_ceiling": round(rps / ceiling_rps, 3),
             "cli_peak_rss_mb": round(peak_mb, 1),
+            "cpu_seconds": cpu,
             "summary": summary_line,
         }
         print(f"ratio to ceiling: {doc['ratio_to_ceiling']:.2f}; written {common.write_results('bulk.json', doc)}")

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import re
+import queue
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -26,6 +30,7 @@ log = logging.getLogger("tracecode.bulk")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
 MAX_CHUNK = 5000  # settlements per chunk: bounds one pipelined Redis round trip
+MAX_AHEAD = 4  # chunks read from a stream and not yet answered
 
 
 class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
@@ -56,45 +61,71 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
             return
         log.info("bulk job %s started (%s)", opts.job_id or "-", bpb.BulkMode.Name(opts.mode))
         done = 0
+        # Two stages: while Redis runs chunk N (on `redis`, one thread, so chunks reach Redis in
+        # order, as REPLAY needs), this thread parses and plans chunk N+1. Requests are read by
+        # their own thread, so an answer goes out as soon as Redis is done with its chunk, not
+        # when the next request happens to arrive.
+        redis = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracecode-bulk")
+        events: queue.Queue = queue.Queue()
+        # At most MAX_AHEAD chunks read but not answered: gRPC flow control then holds the client.
+        ahead = threading.Semaphore(MAX_AHEAD)
+        reader = threading.Thread(target=_read_requests, args=(request_iterator, events, ahead),
+                                  name="tracecode-bulk-reader", daemon=True)
+        reader.start()
+        pending: deque = deque()  # (chunk_seq, prepared, start, future), oldest first
         with metrics.bulk_job("replay" if replay else "check") as job:
-            for req in request_iterator:
-                body = req.WhichOneof("body")
-                if body == "finish":
-                    if replay and req.finish.drop_namespace:
-                        deleted = self.verifier.store.drop_namespace(state)
-                        log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
-                                 opts.job_id, done, deleted)
-                    return
-                if body != "chunk":
-                    job.outcome = "failed"
-                    _guarded(_raise(InvalidRequest([("body", "expected a chunk or finish")])))(self, None, context)
-                    return
-                try:
-                    resp = self._chunk(req.chunk, replay, state)
-                except Exception as exc:  # noqa: BLE001
-                    job.outcome = "failed"
-                    _guarded(_raise(exc))(self, None, context)
-                    return
-                done += len(resp.results)
-                resp.settlements_done = done
-                records = sum(len(r.results) for r in resp.results)
-                flagged = sum(1 for r in resp.results for line in r.results if line.verdict != 1)
-                job.progress(records, flagged)
-                yield resp
-            job.outcome = "abandoned"
-            log.info("bulk job %s: stream ended after %d settlements without Finish (namespace kept)",
-                     opts.job_id or "-", done)
+            try:
+                while True:
+                    kind, item = events.get()
+                    if kind == "error":
+                        raise item
+                    if kind == "chunk":
+                        prepared = self._prepare(item, replay, state)
+                        future = redis.submit(self.verifier.store.verify_batch, prepared.calls)
+                        future.add_done_callback(lambda _f: events.put(("done", None)))
+                        pending.append((item.chunk_seq, prepared, time.perf_counter(), future))
+                    # Answer every finished chunk, in order; at the end (finish, eof) all of them.
+                    final = kind in ("finish", "eof")
+                    while pending and (final or pending[0][3].done()):
+                        resp = self._answer(*pending.popleft())
+                        ahead.release()
+                        done += len(resp.results)
+                        resp.settlements_done = done
+                        job.progress(sum(len(r.results) for r in resp.results),
+                                     sum(1 for r in resp.results for ln in r.results if ln.verdict != pb.OK))
+                        yield resp
+                    if kind == "finish":
+                        if replay and item.drop_namespace:
+                            deleted = self.verifier.store.drop_namespace(state)
+                            log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
+                                     opts.job_id, done, deleted)
+                        return
+                    if kind == "eof":
+                        job.outcome = "abandoned"
+                        log.info("bulk job %s: stream ended after %d settlements without Finish "
+                                 "(namespace kept)", opts.job_id or "-", done)
+                        return
+            except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
+                job.outcome = "failed"
+                _guarded(_raise(exc))(self, None, context)
+            finally:
+                redis.shutdown(wait=True, cancel_futures=True)
+                # Let a reader waiting for a slot run into the ended stream and exit.
+                for _ in range(MAX_AHEAD + 1):
+                    ahead.release()
 
-    def _chunk(self, chunk: bpb.SettlementChunk, replay: bool, state) -> bpb.ReverifyResponse:
+    def _prepare(self, chunk: bpb.SettlementChunk, replay: bool, state):
         if len(chunk.settlements) > MAX_CHUNK:
             raise InvalidRequest([("chunk.settlements", f"{len(chunk.settlements)} settlements, at most {MAX_CHUNK}")])
-        start = time.perf_counter()
         settlements = [(s.site_id, s.settlement_id, _ms(s.settled_at),
                         [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
                        for s in chunk.settlements]
-        outcomes = self.verifier.bulk(settlements, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
+        return self.verifier.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
+
+    def _answer(self, chunk_seq: int, prepared, start: float, future) -> bpb.ReverifyResponse:
+        outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
-        resp = bpb.ReverifyResponse(chunk_seq=chunk.chunk_seq)
+        resp = bpb.ReverifyResponse(chunk_seq=chunk_seq)
         for o in outcomes:
             if isinstance(o, str):
                 resp.results.add(error=o)
@@ -110,6 +141,29 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
     def DropJob(self, request: bpb.DropJobRequest, context) -> bpb.DropJobResponse:
         self.authorize(context)
         return bpb.DropJobResponse(keys_deleted=self.verifier.store.drop_namespace(self.job_keys(request.job_id)))
+
+
+def _read_requests(request_iterator, events: "queue.Queue", ahead: threading.Semaphore) -> None:
+    """Feed the job's requests into `events` as ("chunk", SettlementChunk), ("finish", Finish),
+    then ("eof", None); a bad message or a broken stream as ("error", exception). Takes a slot of
+    `ahead` before reading each message (the answer to a chunk gives it back)."""
+    try:
+        while True:
+            ahead.acquire()
+            req = next(request_iterator, None)
+            if req is None:
+                break
+            body = req.WhichOneof("body")
+            if body not in ("chunk", "finish"):
+                events.put(("error", InvalidRequest([("body", "expected a chunk or finish")])))
+                return
+            events.put((body, getattr(req, body)))
+            if body == "finish":
+                return
+        events.put(("eof", None))
+    except Exception as exc:  # noqa: BLE001 - the client went away: end the job like eof
+        log.info("bulk stream read ended: %s", exc)
+        events.put(("eof", None))
 
 
 def _raise(exc: Exception):

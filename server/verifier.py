@@ -55,6 +55,16 @@ class LineOutcome:
 
 
 @dataclass(slots=True)
+class BulkChunk:
+    """A prepared bulk chunk: per settlement its outcome or error (filled in by bulk_finish), the
+    store calls, and where each call's answer goes."""
+    out: list
+    calls: list
+    where: list
+    keys_of: list
+
+
+@dataclass(slots=True)
 class SettlementOutcome:
     results: list[LineOutcome]
     recorded: bool
@@ -196,6 +206,12 @@ class Verifier:
         pipelined round trip, each at its own settled_at (no clock-skew check). REPLAY marks them
         in the `state` namespace; CHECK marks nothing. A settlement that cannot be judged as a
         whole comes back as its error text, in its place."""
+        prepared = self.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=state_ttl_s)
+        return self.bulk_finish(prepared, self.store.verify_batch(prepared.calls) if prepared.calls else [])
+
+    def bulk_prepare(self, settlements, *, replay: bool, state=None, state_ttl_s: int = 0) -> "BulkChunk":
+        """The Python half of bulk(): parse, validate and plan; no Redis. Split out so a bulk
+        stream can prepare the next chunk while Redis works on this one."""
         out: list[SettlementOutcome | str | None] = [None] * len(settlements)
         raws = [ln.raw_code for _, _, _, lines in settlements for ln in lines]
         parsed = codec.parse_many(raws, self.profile)
@@ -216,12 +232,16 @@ class Verifier:
                               digest=self.digest(site, sid, at_ms, False, lines) if replay else ""))
             where.append(n)
             keys_of.append(keys)
-        if calls:
-            for n, keys, res in zip(where, keys_of, self.store.verify_batch(calls)):
-                if isinstance(res, SettlementConflict):
-                    out[n] = "settlement id already used in this job with different lines"
-                else:
-                    out[n] = self._outcome(res[1], keys, res[0])
+        return BulkChunk(out, calls, where, keys_of)
+
+    def bulk_finish(self, prepared: "BulkChunk", results: list) -> list[SettlementOutcome | str]:
+        """The other half: the store's answers (verify_batch of prepared.calls) -> outcomes."""
+        out = prepared.out
+        for n, keys, res in zip(prepared.where, prepared.keys_of, results):
+            if isinstance(res, SettlementConflict):
+                out[n] = "settlement id already used in this job with different lines"
+            else:
+                out[n] = self._outcome(res[1], keys, res[0])
         return out
 
     # ------------------------------------------------------------------ results
