@@ -44,9 +44,20 @@ def write_results(name: str, doc: dict) -> str:
     return path
 
 
-def start_redis(appendonly: bool = True) -> RedisProcess:
-    """Production-like: AOF on with fsync every second (the embedded default)."""
-    return RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec").start()
+def start_redis(appendonly: bool = True, unix_socket: bool = False, auto_rewrite: bool = True) -> RedisProcess:
+    """Production-like: AOF on with fsync every second (the embedded default). unix_socket: also
+    listen on `unix_url(rp)`, as the embedded Redis of `tracecode serve` is reached. auto_rewrite
+    False: no automatic AOF rewrite, whose fork would land in some measurement at random."""
+    rp = RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec")
+    if unix_socket:
+        rp.extra = ["--unixsocket", os.path.join(rp.data_dir, "redis.sock"), "--unixsocketperm", "700"]
+    if not auto_rewrite:
+        rp.extra += ["--auto-aof-rewrite-percentage", "0"]
+    return rp.start()
+
+
+def unix_url(rp: RedisProcess) -> str:
+    return f"unix://{os.path.join(rp.data_dir, 'redis.sock')}"
 
 
 def cn20_codes(n: int, seed: int = 1, product: str = "8123456") -> list[str]:

@@ -114,6 +114,17 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
         yield Settlement(2 ** 62, file_index, last_line, errors=pending)
 
 
+def _chunks(settlements: Iterator[Settlement], size: int) -> Iterator[list[Settlement]]:
+    batch: list[Settlement] = []
+    for s in settlements:
+        batch.append(s)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _to_pb(s: Settlement) -> bpb.BulkSettlement:
     rows = sorted(s.rows, key=lambda r: int(r.fields["line_no"]))
     s.rows = rows
@@ -288,7 +299,7 @@ class Progress:
 def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_id: str,
             mode: str = "replay", fmt: str = "csv", resume: bool = False, keep_namespace: bool = False,
             chunk_size: int = 500, window: int = 4, progress: bool = True, max_rate: float = 0,
-            metadata=(), credentials=None) -> dict:
+            metadata=(), credentials=None, stream_chunks: int = 200) -> dict:
     """Run (or resume) one job; returns the summary. max_rate caps settlements/s so a daytime
     job leaves Redis to the live POS traffic (0: no cap)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -323,31 +334,37 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
             if ahead > 0:
                 time.sleep(ahead)
 
+    # One stream carries at most `stream_chunks` chunks; then the job goes on in a new stream
+    # under the same job id (a REPLAY namespace outlives a stream that ends without Finish).
+    # gRPC Python's client keeps memory per message of a stream until the stream ends, so this
+    # is what keeps the CLI's memory flat over tens of millions of records.
+    chunks = _chunks(merged, chunk_size)
+    state_of = {"seq": 0, "sent": 0, "exhausted": False}
+
     def requests():
         yield bpb.ReverifyRequest(options=bpb.JobOptions(job_id=job_id, mode=bpb.BulkMode.Value(mode.upper())))
-        seq = sent = 0
-        batch: list[Settlement] = []
         try:
-            for s in merged:
-                batch.append(s)
-                if len(batch) >= chunk_size:
-                    pace(sent)
-                    sent += len(batch)
-                    slots.acquire()
-                    seq += 1
-                    in_flight[seq] = batch
-                    yield bpb.ReverifyRequest(chunk=bpb.SettlementChunk(chunk_seq=seq, settlements=[_to_pb(x) for x in batch if x.rows]))
-                    batch = []
-            if batch:
+            for n, batch in enumerate(chunks, 1):
+                pace(state_of["sent"])
+                state_of["sent"] += len(batch)
                 slots.acquire()
-                seq += 1
+                state_of["seq"] += 1
+                seq = state_of["seq"]
                 in_flight[seq] = batch
                 yield bpb.ReverifyRequest(chunk=bpb.SettlementChunk(chunk_seq=seq, settlements=[_to_pb(x) for x in batch if x.rows]))
-            # Every chunk answered before Finish, so the namespace is not dropped under them.
+                if n >= stream_chunks:
+                    break
+            else:
+                state_of["exhausted"] = True
+            # Every chunk answered before the stream ends, so the namespace is not dropped under them.
             for _ in range(window):
                 slots.acquire()
-            yield bpb.ReverifyRequest(finish=bpb.Finish(drop_namespace=not keep_namespace))
+            for _ in range(window):
+                slots.release()
+            if state_of["exhausted"]:
+                yield bpb.ReverifyRequest(finish=bpb.Finish(drop_namespace=not keep_namespace))
         except Exception as exc:  # a file error: stop the stream, report it after
+            state_of["exhausted"] = True
             failure.append(exc)
 
     def checkpoint() -> None:
@@ -361,20 +378,21 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
 
     last_ckpt = 0.0
     try:
-        for resp in stub.Reverify(requests(), metadata=metadata):
-            batch = in_flight.pop(resp.chunk_seq)
-            results = iter(resp.results)
-            for s in batch:
-                for e in s.errors:
-                    report.bad(e)
-                if s.rows:
-                    report.settlement(s, next(results))
-                positions[s.file_index] = max(positions[s.file_index], s.last_line)
-            slots.release()
-            bar.show(report.records + report.bad_records)
-            if time.monotonic() - last_ckpt > 1.0:
-                checkpoint()
-                last_ckpt = time.monotonic()
+        while not state_of["exhausted"]:
+            for resp in stub.Reverify(requests(), metadata=metadata):
+                batch = in_flight.pop(resp.chunk_seq)
+                results = iter(resp.results)
+                for s in batch:
+                    for e in s.errors:
+                        report.bad(e)
+                    if s.rows:
+                        report.settlement(s, next(results))
+                    positions[s.file_index] = max(positions[s.file_index], s.last_line)
+                slots.release()
+                bar.show(report.records + report.bad_records)
+                if time.monotonic() - last_ckpt > 1.0:
+                    checkpoint()
+                    last_ckpt = time.monotonic()
     except grpc.RpcError:
         checkpoint()
         report.close()

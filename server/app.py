@@ -2,6 +2,7 @@
 reflection, metrics, the embedded Redis when no URL is given, and graceful shutdown."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -18,7 +19,7 @@ from tracecode import __version__, codec
 from tracecode.v1 import (admin_pb2, admin_pb2_grpc, bulk_pb2, bulk_pb2_grpc, verification_pb2,
                           verification_pb2_grpc)
 
-from . import auth
+from . import auth, workers
 from .bulk import BulkServicer
 from . import metrics
 from .config import Config
@@ -205,6 +206,11 @@ class Server:
 
 def serve(config: Config) -> int:
     """`tracecode serve`: run until SIGTERM/SIGINT, then drain and stop the embedded Redis."""
+    config = config.replace(workers=workers.resolve(config.workers))
+    if config.workers > 1 and not workers.in_worker():
+        # N processes of this function on one SO_REUSEPORT port under a supervising parent
+        # that owns the embedded Redis and /metrics (server/workers.py).
+        return workers.supervise(config)
     setup_logging(config)
     stopping = threading.Event()
 
@@ -238,6 +244,9 @@ def serve(config: Config) -> int:
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         store = make_store(config, url)
         server = Server(config, store, **security.server_kwargs()).start()
+        # What startup allocated lives as long as the process: out of the collector's sight, a full
+        # collection pauses all handler threads ~2 ms instead of ~30 ms (docs/performance.md).
+        gc.freeze()
         log.info("tracecode %s listening on %s:%s (codec %s, metrics %s)", __version__, host, server.port,
                  codec.IMPLEMENTATION, http.port if http else "off")
         if http:

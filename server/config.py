@@ -31,7 +31,8 @@ class Config:
     reservation_s: float = _opt(30.0, "cluster ALL_OR_NOTHING over several slots: how long prepared units stay reserved")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
-    workers: int = _opt(1, "server processes sharing the port (SO_REUSEPORT)")
+    workers: int = _opt(0, "server processes sharing the port (SO_REUSEPORT) under one supervising parent; "
+                           "0 = one per core (docs/performance.md)")
     threads: int = _opt(16, "gRPC handler threads per process")
     timezone: str = _opt("Asia/Shanghai", "issuer's calendar: expiry is judged on the settlement's date here")
     clock_skew_s: int = _opt(600, "accepted difference between a POS settlement time and the server clock")

@@ -35,8 +35,10 @@ BULK_OUTCOMES = ("finished", "failed", "abandoned")
 REDIS_OPS = ("ping", "verify", "verify_batch", "stored_settlement", "reverse", "upsert_issuance",
              "get_issuance", "set_status", "code_history", "drop_namespace")
 
+# multiprocess_mode: how `tracecode serve --workers N` (server/workers.py) merges a gauge over its
+# worker processes; ignored by a single process.
 BUILD_INFO = Gauge("tracecode_build_info", "Always 1; the labels say which build is running",
-                   ["version", "codec"])
+                   ["version", "codec"], multiprocess_mode="max")
 
 VERIFICATIONS = Counter("tracecode_verifications_total", "Lines judged, by verdict and channel",
                         ["verdict", "channel"])
@@ -55,16 +57,19 @@ REDIS_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 REDIS_CALL_ERRORS = Counter("tracecode_redis_errors_total",
                             "Store operations that failed in Redis (unreachable, timeout, error reply)", ["op"])
-REDIS_UP = Gauge("tracecode_redis_up", "1 when the last health ping of Redis succeeded, else 0")
+REDIS_UP = Gauge("tracecode_redis_up", "1 when the last health ping of Redis succeeded, else 0",
+                 multiprocess_mode="livemin")  # 0 when any live worker cannot reach Redis
 
 ISSUANCE_RECORDS = Counter("tracecode_issuance_records_total",
                            "Issuance records received by UpsertIssuance, by outcome", ["outcome"])
 
-BULK_RUNNING = Gauge("tracecode_bulk_jobs_running", "Bulk jobs in progress", ["kind"])
+BULK_RUNNING = Gauge("tracecode_bulk_jobs_running", "Bulk jobs in progress", ["kind"],
+                     multiprocess_mode="livesum")
 BULK_RECORDS = Counter("tracecode_bulk_records_total", "Records (settlements) bulk jobs processed", ["kind"])
 BULK_FLAGGED = Counter("tracecode_bulk_flagged_total", "Records bulk jobs flagged (any line not OK)", ["kind"])
 BULK_PROGRESS_TS = Gauge("tracecode_bulk_last_progress_timestamp_seconds",
-                         "Unix time a bulk job of this kind last started or made progress", ["kind"])
+                         "Unix time a bulk job of this kind last started or made progress", ["kind"],
+                         multiprocess_mode="max")
 BULK_JOBS = Counter("tracecode_bulk_jobs_total", "Bulk jobs ended, by outcome", ["kind", "outcome"])
 
 BUILD_INFO.labels(__version__, codec.IMPLEMENTATION).set(1)

@@ -75,18 +75,19 @@ def _lines(request_lines) -> list[Line]:
 
 
 def _result(i: int, o: LineOutcome) -> pb.LineResult:
-    r = pb.LineResult(line_index=i, verdict=VERDICT_ENUM[o.verdict], canonical_code=o.canonical_code,
-                      reason=o.reason, units_accepted=o.units_accepted,
-                      units_remaining=o.units_remaining, issued_product_id=o.issued_product_id)
+    # One constructor call from plain dicts (nested messages included): about half the time of
+    # setting submessage fields one by one, on a path taken once per line (the same bytes).
+    fields = dict(line_index=i, verdict=VERDICT_ENUM[o.verdict], canonical_code=o.canonical_code,
+                  reason=o.reason, units_accepted=o.units_accepted,
+                  units_remaining=o.units_remaining, issued_product_id=o.issued_product_id)
     if o.first_site_id:
-        r.evidence.first_site_id = o.first_site_id
-        r.evidence.first_settlement_id = o.first_settlement_id
-        r.evidence.first_settled_at.CopyFrom(_ts(o.first_settled_at_ms))
-        r.evidence.attempts = o.attempts
-        r.evidence.units_used = o.units_used
+        ms = o.first_settled_at_ms
+        fields["evidence"] = dict(first_site_id=o.first_site_id, first_settlement_id=o.first_settlement_id,
+                                  first_settled_at=dict(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000),
+                                  attempts=o.attempts, units_used=o.units_used)
     if o.status:
-        r.code_status = STATUS_ENUM.get(o.status, 0)
-    return r
+        fields["code_status"] = STATUS_ENUM.get(o.status, 0)
+    return pb.LineResult(**fields)
 
 
 class VerificationServicer(verification_pb2_grpc.VerificationServicer):

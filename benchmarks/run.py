@@ -1,0 +1,568 @@
+"""tracecode against the physical limit and a naive baseline, in one run, on one machine and Redis.
+
+    python benchmarks/run.py            # ~5 minutes on the 2-core dev machine
+
+One fresh redis-server (AOF, fsync every second, as production), then:
+
+  ceiling   the very verify.lua calls tracecode makes for settlements of 1, 5 and 20 lines,
+            pre-encoded and pipelined straight at Redis (common.ceiling): no gRPC, no Python per
+            request. What Redis itself can do; nothing built on it can do more.
+  naive     benchmarks/naive_server.py, its own process: the same VerifyDispense API served by a
+            sync gRPC server doing one GET and one SET per code with plain redis-py.
+  tracecode `tracecode serve` (default --workers / --threads), its own processes, on the POS
+            path: max settlements/s and codes/s in a closed loop (alternating with naive, --reps
+            runs each, median kept); then latency p50/p99/p999 in an
+            open loop (fixed send rate, latency from each request's scheduled send time, so
+            queueing cannot hide behind a slowed-down client) at fractions of that max, 50 %
+            being the reported point.
+  bulk      `tracecode reverify` (a separate process, as operators run it) over a generated export
+            against the same server, and the same REPLAY verify.lua calls pipelined at Redis.
+
+The load generators (benchmarks/loadgen.py, grpc.aio, pre-serialised requests) are separate
+processes; their CPU use is reported beside the server's and Redis's, since on 2 cores they all
+compete. Every request loop is bounded in count and time; all traffic is to 127.0.0.1.
+
+Writes benchmarks/results/latest.json and benchmarks/results/latency.png; prints the ratios
+tracecode / ceiling and tracecode / naive.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from tracecode.server.app import make_store  # noqa: E402
+from tracecode.server.config import Config  # noqa: E402
+from tracecode.server.keys import KeySpace  # noqa: E402
+from tracecode.server.store import now_ms  # noqa: E402
+from tracecode.server.verifier import Line, Verifier  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRODUCT = "8123456"
+SIZES = (1, 5, 20)
+TARGET_P99_MS = 5.0
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------- CPU accounting
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / _TCK
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            for c in fh.read().split():
+                out += _tree(int(c))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def cpu_snapshot(groups: dict[str, int]) -> dict[str, dict[int, float]]:
+    """CPU seconds of each process tree (server parent + workers, Redis, ...)."""
+    return {name: {p: _cpu_of(p) for p in _tree(pid)} for name, pid in groups.items()}
+
+
+def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float]:
+    """Cores used by each group between two snapshots."""
+    return {name: round(sum(v - before[name].get(p, 0.0) for p, v in after[name].items()) / seconds, 2)
+            for name in after}
+
+
+def _stat() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def system_busy(seconds: float = 1.0) -> float:
+    """Cores busy machine-wide over `seconds` (to flag a machine that is not quiet)."""
+    def read():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    t0, i0 = read()
+    time.sleep(seconds)
+    t1, i1 = read()
+    return round((1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1), 2)
+
+
+# ---------------------------------------------------------------------- codes
+
+class CodePool:
+    """Fresh issued codes, handed out once each (a used code would be judged DUPLICATE, another
+    path). Issuance is loaded in chunks as the pool grows, between measurements only."""
+
+    def __init__(self, store, total: int):
+        self.store = store
+        self.codes = common.cn20_codes(total, seed=7, product=PRODUCT)
+        self.next = 0
+        self.loaded = 0
+        self.load_seconds = 0.0
+
+    def ensure(self, n: int) -> None:
+        want = min(self.next + n, len(self.codes))
+        if want > self.loaded:
+            want = min(max(want, self.loaded + 50_000), len(self.codes))
+            self.load_seconds += common.load_issuance(self.store, self.codes[self.loaded:want], PRODUCT)
+            self.loaded = want
+        if self.next + n > len(self.codes):
+            raise SystemExit(f"code pool exhausted ({len(self.codes)} codes): raise --codes")
+
+    def take(self, n: int) -> list[str]:
+        self.ensure(n)
+        out = self.codes[self.next:self.next + n]
+        self.next += n
+        return out
+
+    def give_back(self, codes: list[str]) -> None:
+        """Unused codes of the last phase (contiguous at the end of what was taken) return."""
+        if codes and self.codes[self.next - len(codes):self.next] == codes:
+            self.next -= len(codes)
+
+
+# ---------------------------------------------------------------------- processes
+
+def start_process(argv: list[str], ready_prefix: str, log_path: str, timeout: float = 60.0):
+    """Start a server process; wait (bounded) for the line announcing its port."""
+    fh = open(log_path, "ab")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=fh, text=True, env=common.env_for_subprocess())
+    lines: queue.Queue = queue.Queue()
+    # A thread, not select(): readline() may buffer the ready line behind an earlier one.
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            proc.kill()
+            raise SystemExit(f"{argv[:4]} did not start within {timeout} s; log {log_path}") from None
+        if line is None:
+            raise SystemExit(f"{argv[:4]} exited ({proc.wait()}); log {log_path}")
+        if line.startswith(ready_prefix):
+            return proc, int(line.rsplit(" ", 1)[1])
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Bench:
+    def __init__(self, args, tmp: str, pool: CodePool, redis_pid: int):
+        self.args, self.tmp, self.pool, self.redis_pid = args, tmp, pool, redis_pid
+        self.files = 0
+
+    def drive(self, port: int, server_pid: int, lines: int, *, closed: int = 0, rate: float = 0.0,
+              duration: float, max_settlements: int) -> dict:
+        """One measurement: args.clients load generator processes, each with its own slice of
+        fresh codes, started together; returns the merged result with CPU use per party."""
+        n_proc = self.args.clients
+        per = max(max_settlements // n_proc, 1)
+        slices, procs = [], []
+        try:
+            for k in range(n_proc):
+                codes = self.pool.take(per * lines)
+                self.files += 1
+                path = os.path.join(self.tmp, f"codes-{self.files}.txt")
+                with open(path, "w", encoding="ascii") as fh:
+                    fh.write("\n".join(codes) + "\n")
+                slices.append(codes)
+                argv = [common.python(), os.path.join(HERE, "loadgen.py"), "--target", f"127.0.0.1:{port}",
+                        "--codes", path, "--settlements", str(per), "--lines", str(lines),
+                        "--duration", str(duration), "--channels", str(self.args.channels)]
+                argv += ["--closed", str(max(closed // n_proc, 1))] if closed else ["--rate", str(rate / n_proc)]
+                procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            for p in procs:
+                if p.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"load generator failed to start ({p.wait()})")
+            groups = {"server": server_pid, "redis": self.redis_pid}
+            before = cpu_snapshot(groups)
+            stat0 = _stat()
+            t0 = time.monotonic()
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            outs = []
+            for p in procs:
+                r, _, _ = select.select([p.stdout], [], [], duration + 60)
+                if not r:
+                    raise SystemExit("load generator did not finish in time")
+                outs.append(json.loads(p.stdout.readline()))
+                p.wait(30)
+            wall = time.monotonic() - t0
+            after = cpu_snapshot(groups)
+            stat1 = _stat()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        # Codes a generator never sent go back to the pool (the last slice's tail only: slices
+        # are contiguous and handed out in order).
+        sent_last = outs[-1]["sent"] if outs else 0
+        self.pool.give_back(slices[-1][sent_last * lines:])
+        lat = sorted(x for o in outs for x in o["latencies_s"])
+        elapsed = max(o["elapsed_s"] for o in outs)
+        completed = sum(o["completed"] for o in outs)
+        errors: dict[str, int] = {}
+        verdicts: dict[str, int] = {}
+        for o in outs:
+            for k, v in o["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            for k, v in o["verdicts"].items():
+                verdicts[k] = verdicts.get(k, 0) + v
+        cpu = cpu_used(before, after, wall)
+        cpu["loadgen"] = round(sum(o["cpu_s"] for o in outs) / elapsed, 2)
+        # Everything else the machine ran meanwhile (other users of a shared machine): noise.
+        busy = (1 - (stat1[1] - stat0[1]) / max(stat1[0] - stat0[0], 1)) * (os.cpu_count() or 1)
+        cpu["other"] = round(max(busy - cpu["server"] - cpu["redis"] - sum(o["cpu_s"] for o in outs) / wall, 0.0), 2)
+        res = {"lines": lines, "completed": completed, "sent": sum(o["sent"] for o in outs),
+               "errors": errors, "seconds": round(elapsed, 2),
+               "settlements_per_s": round(completed / elapsed, 1),
+               "codes_per_s": round(completed * lines / elapsed, 1),
+               "cpu_cores": cpu, "sampled_verdicts": verdicts,
+               "count_bound_hit": any(o["exhausted"] for o in outs)}
+        if lat:
+            res["latency_ms"] = {q: round(lat[min(int(len(lat) * f), len(lat) - 1)] * 1e3, 2)
+                                 for q, f in (("p50", .5), ("p90", .9), ("p99", .99), ("p999", .999))}
+            res["latency_ms"]["max"] = round(lat[-1] * 1e3, 2)
+        if closed:
+            res["concurrency"] = closed
+        else:
+            res["offered_per_s"] = round(rate, 1)
+        return res
+
+
+def fmt(res: dict) -> str:
+    lat = res.get("latency_ms", {})
+    cpu = " ".join(f"{k} {v:.2f}" for k, v in res["cpu_cores"].items())
+    extra = f" errors {res['errors']}" if res["errors"] else ""
+    return (f"{res['settlements_per_s']:>8,.0f} settl/s {res['codes_per_s']:>9,.0f} codes/s  p50 {lat.get('p50', 0):6.2f} "
+            f"p99 {lat.get('p99', 0):7.2f} p999 {lat.get('p999', 0):7.2f} ms  cores: {cpu}{extra}")
+
+
+# ---------------------------------------------------------------------- phases
+
+def ceiling_phase(store, verifier: Verifier, port: int, pool: CodePool, settlements: dict[int, int]) -> dict:
+    out = {}
+    for lines in SIZES:
+        m = settlements[lines]
+        codes = pool.take(m * lines)
+        at = now_ms()
+        calls = []
+        for n in range(m):
+            ls = [Line(c, PRODUCT) for c in codes[n * lines:(n + 1) * lines]]
+            plan, distinct, _ = verifier._plan(ls)
+            sid = f"ceil-{lines}-{n}"
+            calls.append(dict(dispense=True, site=f"S{n % 997:05d}", settlement_id=sid, settled_at_ms=at,
+                              settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
+                              digest=verifier.digest(f"S{n % 997:05d}", sid, at, False, ls)))
+        seconds = common.ceiling(store, port, calls)
+        out[lines] = {"settlements": m, "seconds": round(seconds, 3), "settlements_per_s": round(m / seconds, 1),
+                      "codes_per_s": round(m * lines / seconds, 1)}
+        log(f"  ceiling  {lines:>2} lines: {m / seconds:>8,.0f} settl/s {m * lines / seconds:>9,.0f} codes/s")
+    return out
+
+
+def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_port: int, target: str, pool: CodePool,
+               server_pid: int, redis_pid: int) -> dict:
+    import bulk
+    # REPLAY judges in its own namespace: any issued code will do, used live or not.
+    codes = pool.codes[:args.bulk_records + 1000]
+    if pool.loaded < len(codes):
+        raise SystemExit("bulk: not enough issued codes")
+    export = os.path.join(tmp, "export.csv")
+    settlements = bulk.generate(export, codes, args.bulk_records)
+    ceiling_keys = KeySpace("tc-job-ceiling")
+    calls = []
+    for site, sid, at, cs in settlements:
+        ls = [Line(c, PRODUCT) for c in cs]
+        plan, distinct, _ = verifier._plan(ls)
+        calls.append(dict(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
+                          settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
+                          state=ceiling_keys, state_ttl_s=86400, digest=verifier.digest(site, sid, at, False, ls)))
+    ceil_s = common.ceiling(store, redis_port, calls)
+    store.drop_namespace(ceiling_keys)
+    ceiling_rps = args.bulk_records / ceil_s
+    out_dir = os.path.join(tmp, "bulk-report")
+    t0 = time.monotonic()
+    cli = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server", target,
+                            "--out", out_dir, "--job-id", "bench", "--quiet"],
+                           stdout=subprocess.PIPE, text=True, env=common.env_for_subprocess())
+    before = cpu_snapshot({"server": server_pid, "redis": redis_pid})
+    deadline = time.monotonic() + 180
+    while True:  # bounded: reverify gets 180 s
+        pid, status, usage = os.wait4(cli.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            cli.kill()
+            cli.wait()
+            raise SystemExit("tracecode reverify took more than 180 s")
+        time.sleep(0.02)
+    elapsed = time.monotonic() - t0
+    cpu = cpu_used(before, cpu_snapshot({"server": server_pid, "redis": redis_pid}), elapsed)
+    cpu["reverify_cli"] = round((usage.ru_utime + usage.ru_stime) / elapsed, 2)
+    cli.returncode = os.waitstatus_to_exitcode(status)
+    summary = cli.stdout.read().strip()
+    if cli.returncode != 0:
+        raise SystemExit(f"tracecode reverify failed ({cli.returncode})")
+    rps = args.bulk_records / elapsed
+    return {"records": args.bulk_records, "settlements": len(settlements), "seconds": round(elapsed, 2),
+            "records_per_s": round(rps), "ceiling_records_per_s": round(ceiling_rps),
+            "ratio_to_ceiling": round(rps / ceiling_rps, 3), "cpu_cores": cpu, "summary": summary}
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(SIZES), figsize=(5 * len(SIZES), 4.2), sharey=True)
+    for ax, lines in zip(axes, SIZES):
+        t = doc["tracecode"][str(lines)]
+        pts = sorted(t["open_loop"], key=lambda r: r["offered_per_s"])
+        x = [r["offered_per_s"] for r in pts]
+        for q, style in (("p50", "o-"), ("p99", "s-"), ("p999", "^-")):
+            ax.plot(x, [r["latency_ms"][q] for r in pts], style, label=q, markersize=4)
+        ax.axvline(t["max"]["settlements_per_s"], color="grey", ls=":", label="closed-loop max")
+        ax.axvline(t["max"]["settlements_per_s"] / 2, color="grey", ls="--", lw=0.8, label="50 % of max")
+        ax.axhline(TARGET_P99_MS, color="red", ls="--", lw=0.8, label="5 ms target")
+        if lines == 5 and "floor" in doc:
+            ax.plot([doc["floor"]["offered_per_s"]], [doc["floor"]["latency_ms"]["p99"]], "kx", markersize=9,
+                    label="p99 floor: gRPC echo, no Redis")
+            ax.legend(fontsize=8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"{lines}-line settlements")
+        ax.set_xlabel("offered load, settlements/s (open loop)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("latency from scheduled send, ms")
+    axes[0].legend(fontsize=8)
+    m = doc["machine"]
+    fig.suptitle(f"tracecode POS latency vs offered load — {m['cores']} cores, {m['cpu']}, "
+                 f"workers {doc['server']['workers']}, Redis {m['redis_version']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=None, help="tracecode serve --workers (default: its default)")
+    ap.add_argument("--threads", type=int, default=None, help="tracecode serve --threads (default: its default)")
+    ap.add_argument("--clients", type=int, default=1, help="load generator processes")
+    ap.add_argument("--channels", type=int, default=8, help="gRPC connections per load generator")
+    ap.add_argument("--concurrency", type=int, default=32, help="closed loop: calls in flight in total")
+    ap.add_argument("--max-seconds", type=float, default=5.0, help="closed-loop duration per size and run")
+    ap.add_argument("--reps", type=int, default=3, help="closed-loop runs per size and server (median kept)")
+    ap.add_argument("--latency-seconds", type=float, default=15.0, help="open loop at 50 %% of max, per size")
+    ap.add_argument("--curve-seconds", type=float, default=4.0, help="other open-loop points, per size")
+    ap.add_argument("--curve", default="0.1,0.25,0.75,0.9", help="other open-loop points, fractions of max")
+    ap.add_argument("--bulk-records", type=int, default=50_000)
+    ap.add_argument("--codes", type=int, default=1_000_000, help="size of the fresh code pool")
+    ap.add_argument("--out", default="latest.json")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args()
+    started = time.monotonic()
+
+    busy = system_busy(1.0)
+    log(f"machine busy before the run: {busy:.2f} cores" + ("  (NOT QUIET: figures will be low)" if busy > 0.2 else ""))
+    tmp = tempfile.mkdtemp(prefix="tracecode-bench-")
+    # AOF with fsync every second, as production; automatic AOF rewrites off: the fork of one
+    # would land in whichever measurement it happens to hit (a periodic cost, not per call).
+    rp = common.start_redis(unix_socket=True, auto_rewrite=False)
+    config = Config(listen="127.0.0.1:0", metrics_port=0)
+    store = make_store(config, rp.url)
+    verifier = Verifier(store, config)
+    pool = CodePool(store, args.codes)
+    naive = server = None
+    doc: dict = {"benchmark": "tracecode POS and bulk paths vs the Redis ceiling and a naive baseline",
+                 "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+                 "machine": common.machine(), "busy_cores_before": busy}
+    doc["machine"]["redis_version"] = doc["machine"]["redis"].split()[2].removeprefix("v=")
+    try:
+        import grpc
+        doc["machine"]["grpcio"] = grpc.__version__
+        pool.ensure(300_000)
+        log(f"redis {doc['machine']['redis_version']} (AOF everysec) on port {rp.port} and {common.unix_url(rp)}; "
+            f"{pool.loaded:,} codes issued in {pool.load_seconds:.1f} s")
+
+        log("ceiling: the same verify.lua calls, pre-encoded, pipelined 64 deep at Redis")
+        doc["ceiling"] = ceiling_phase(store, verifier, rp.port, pool, {1: 20_000, 5: 6_000, 20: 2_000})
+
+        log("naive: one process, sync gRPC, GET + SET per code with redis-py")
+        naive, nport = start_process([common.python(), os.path.join(HERE, "naive_server.py"), "--listen", "127.0.0.1:0",
+                                      "--redis-url", common.unix_url(rp)], "naive listening on port ",
+                                     os.path.join(tmp, "naive.log"))
+        bench = Bench(args, tmp, pool, rp.proc.pid)
+
+        # Metrics on, as in production (with workers: multiprocess files, aggregated by the parent).
+        argv = [common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+                "--redis-url", common.unix_url(rp), "--metrics-port", str(common.free_port()),
+                "--log-level", "WARNING"]
+        if args.workers is not None:
+            argv += ["--workers", str(args.workers)]
+        if args.threads is not None:
+            argv += ["--threads", str(args.threads)]
+        server, port = start_process(argv, "tracecode listening on port ", os.path.join(tmp, "serve.log"))
+        time.sleep(0.5)
+        procs = _tree(server.pid)
+        from tracecode.server import workers as wk
+        defaults = Config()
+        doc["server"] = {"workers": args.workers if args.workers is not None else wk.resolve(defaults.workers),
+                         "threads": args.threads or defaults.threads, "processes": len(procs),
+                         "redis": "unix socket", "metrics": "on", "argv": " ".join(argv[2:])}
+        log(f"tracecode: {doc['server']['workers']} worker(s) x {doc['server']['threads']} threads "
+            f"(pids {' '.join(map(str, procs))})")
+        # Warm-up of both (connections, pools, first-call paths); not reported.
+        bench.drive(port, server.pid, 5, closed=args.concurrency, duration=1.5, max_settlements=5000)
+        bench.drive(nport, naive.pid, 5, closed=args.concurrency, duration=1.0, max_settlements=2000)
+
+        # Max (closed loop): naive and tracecode alternately, --reps times each, median reported.
+        # The machine's speed drifts over minutes (a shared VM): alternating puts both under the
+        # same drift, so their ratio holds better than either figure.
+        doc["naive"], doc["tracecode"] = {}, {}
+        for lines in SIZES:
+            ceil = doc["ceiling"][lines]["settlements_per_s"]
+            runs = {"naive": [], "tracecode": []}
+            for _ in range(args.reps):
+                for name, p, proc in (("naive", nport, naive), ("tracecode", port, server)):
+                    bound = (int(4000 * args.max_seconds / lines) + 100 if name == "naive"
+                             else int(min(ceil, 6000) * args.max_seconds * 1.1) + 100)
+                    res = bench.drive(p, proc.pid, lines, closed=args.concurrency, duration=args.max_seconds,
+                                      max_settlements=bound)
+                    runs[name].append(res)
+                    log(f"  {name:<9} {lines:>2} lines: {fmt(res)}")
+            for name in runs:
+                ordered = sorted(runs[name], key=lambda r: r["codes_per_s"])
+                med = dict(ordered[len(ordered) // 2])
+                med["runs_codes_per_s"] = [r["codes_per_s"] for r in runs[name]]
+                if name == "naive":
+                    doc["naive"][str(lines)] = med
+                else:
+                    doc["tracecode"][str(lines)] = {"max": med, "open_loop": []}
+            log(f"  median    {lines:>2} lines: naive {doc['naive'][str(lines)]['codes_per_s']:,.0f} codes/s, "
+                f"tracecode {doc['tracecode'][str(lines)]['max']['codes_per_s']:,.0f} codes/s")
+        stop_process(naive)
+        naive = None
+
+        # Latency (open loop) at fractions of tracecode's median max.
+        for lines in SIZES:
+            entry = doc["tracecode"][str(lines)]
+            top = entry["max"]["settlements_per_s"]
+            fractions = [0.5] + [float(f) for f in args.curve.split(",") if f]
+            for f in fractions:
+                secs = args.latency_seconds if f == 0.5 else args.curve_seconds
+                r = bench.drive(port, server.pid, lines, rate=top * f, duration=secs,
+                                max_settlements=int(top * f * secs) + 10)
+                r["fraction_of_max"] = f
+                entry["open_loop"].append(r)
+                if f == 0.5:
+                    entry["at_half_max"] = r
+                log(f"  open {int(f * 100):>3}% {lines:>2} lines: {fmt(r)}")
+
+        log(f"bulk: tracecode reverify of {args.bulk_records:,} records vs the same REPLAY calls pipelined")
+        try:
+            doc["bulk"] = bulk_phase(args, tmp, store, verifier, rp.port, f"127.0.0.1:{port}", pool,
+                                     server.pid, rp.proc.pid)
+            b = doc["bulk"]
+            log(f"  bulk: {b['records_per_s']:,} records/s; ceiling {b['ceiling_records_per_s']:,} records/s; "
+                f"ratio {b['ratio_to_ceiling']:.2f}")
+        except (SystemExit, Exception) as exc:  # noqa: BLE001 - the POS figures stand on their own
+            doc["bulk"] = {"error": str(exc)}
+            log(f"  bulk FAILED: {exc}")
+        stop_process(server)
+        server = None
+
+        # The floor: the same load generator against a gRPC server that answers at once, no
+        # Redis: what the measuring chain itself (Python gRPC both ends, 2 shared cores) adds.
+        echo, eport = start_process([common.python(), os.path.join(HERE, "naive_server.py"), "--echo",
+                                     "--listen", "127.0.0.1:0", "--redis-url", common.unix_url(rp)],
+                                    "naive listening on port ", os.path.join(tmp, "echo.log"))
+        try:
+            rate = doc["tracecode"]["5"]["at_half_max"]["offered_per_s"]
+            r = bench.drive(eport, echo.pid, 5, rate=rate, duration=args.curve_seconds * 2,
+                            max_settlements=int(rate * args.curve_seconds * 2) + 10)
+            doc["floor"] = {"what": "benchmarks/naive_server.py --echo (gRPC only, no Redis), open loop, "
+                                    "5 lines, at the rate of tracecode's 50 % point", **r}
+            log(f"  floor  @{rate:,.0f}/s  5 lines: {fmt(r)}")
+        finally:
+            stop_process(echo)
+    finally:
+        stop_process(server)
+        stop_process(naive)
+        store.close()
+        rp.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ ratios and targets
+    ratios = {}
+    log("\nratios (codes/s)            tracecode/ceiling   tracecode/naive")
+    for lines in SIZES:
+        t = doc["tracecode"][str(lines)]["max"]["codes_per_s"]
+        c = doc["ceiling"][lines]["codes_per_s"]
+        n = doc["naive"][str(lines)]["codes_per_s"]
+        ratios[str(lines)] = {"tracecode_over_ceiling": round(t / c, 3), "tracecode_over_naive": round(t / n, 2)}
+        log(f"  {lines:>2} lines                  {t / c:>10.2f}         {t / n:>10.2f}")
+    bulk_ratio = doc["bulk"].get("ratio_to_ceiling", 0.0)
+    log(f"  bulk records/s             {bulk_ratio:>10.2f}" + ("" if "error" not in doc["bulk"] else "  (FAILED)"))
+    doc["ceiling"] = {str(k): v for k, v in doc["ceiling"].items()}
+    doc["ratios"] = ratios
+    p99_5 = doc["tracecode"]["5"]["at_half_max"]["latency_ms"]["p99"]
+    doc["targets"] = {
+        "p99_ms_at_half_max_5_lines": {"value": p99_5, "target": TARGET_P99_MS, "met": p99_5 <= TARGET_P99_MS},
+        "codes_vs_naive_5_lines": {"value": ratios["5"]["tracecode_over_naive"], "target": 5,
+                                   "met": ratios["5"]["tracecode_over_naive"] >= 5},
+        "codes_vs_naive_20_lines": {"value": ratios["20"]["tracecode_over_naive"], "target": 10,
+                                    "met": ratios["20"]["tracecode_over_naive"] >= 10},
+        "bulk_vs_ceiling": {"value": bulk_ratio, "target": 0.5, "met": bulk_ratio >= 0.5},
+    }
+    doc["run_seconds"] = round(time.monotonic() - started, 1)
+    log("targets: " + "; ".join(f"{k} {v['value']} ({'met' if v['met'] else 'MISSED'}, target {v['target']})"
+                                for k, v in doc["targets"].items()))
+    path = common.write_results(args.out, doc)
+    log(f"written {path}")
+    if not args.no_plot:
+        png = os.path.join(common.RESULTS, os.path.splitext(args.out)[0].replace("latest", "latency") + ".png")
+        plot(doc, png)
+        log(f"written {png}")
+    log(f"run took {doc['run_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
