@@ -119,7 +119,7 @@ def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cl
     env = dict(os.environ, TRACECODE_FAILPOINTS="after_prepare=60")
     proc = subprocess.Popen([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
                              "--redis-url", cluster.url, "--redis-cluster", "--key-prefix", "ft",
-                             "--metrics-port", "0", "--reservation-s", "2"],
+                             "--metrics-port", "0", "--reservation-s", "2", "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         port = int(proc.stdout.readline().split()[-1])
