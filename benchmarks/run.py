@@ -33,6 +33,7 @@ import os
 import queue
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -393,11 +394,13 @@ def main() -> int:
     ap.add_argument("--curve-seconds", type=float, default=4.0, help="other open-loop points, per size")
     ap.add_argument("--curve", default="0.1,0.25,0.75,0.9", help="other open-loop points, fractions of max")
     ap.add_argument("--bulk-records", type=int, default=50_000)
-    ap.add_argument("--codes", type=int, default=1_000_000, help="size of the fresh code pool")
+    ap.add_argument("--codes", type=int, default=2_000_000, help="size of the fresh code pool (issued as needed)")
     ap.add_argument("--out", default="latest.json")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
+    # SIGTERM ends the run through the `finally` blocks: servers and Redis stopped, no orphans.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     busy = system_busy(1.0)
     log(f"machine busy before the run: {busy:.2f} cores" + ("  (NOT QUIET: figures will be low)" if busy > 0.2 else ""))

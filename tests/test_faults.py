@@ -269,8 +269,10 @@ def test_redis_sigkill_under_load_with_appendfsync_always_loses_no_acknowledged_
 
 def test_tracecode_sigkill_under_load_leaves_nothing_half_recorded_and_retries_complete_once(tmp_path):
     redis = RedisProcess(str(tmp_path / "redis"), port=free_port(), appendonly=False).start()
+    # One process: the SIGKILL must hit the process that holds the in-flight settlements (with
+    # --workers N a killed parent leaves its workers to drain them, tests/test_workers.py).
     args = ["--listen", "127.0.0.1:0", "--redis-url", redis.url, "--metrics-port", "0", "--key-prefix", "tckill",
-            "--threads", "8"]
+            "--threads", "8", "--workers", "1"]
     first = ServeProcess(args, str(tmp_path / "first.log"))
     second = None
     store = make_store(Config(key_prefix="tckill"), redis.url)
