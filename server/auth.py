@@ -36,6 +36,7 @@ from grpc_status import rpc_status
 
 from .config import Config
 from .errors import PermissionDenied
+from .interceptors import _rewrap
 
 log = logging.getLogger("tracecode.auth")
 
@@ -345,15 +346,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         pass
             return handle
 
-        kw = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, False), **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary, True), **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(generator(handler.unary_stream, False), **kw)
-        return grpc.stream_stream_rpc_method_handler(generator(handler.stream_stream, True), **kw)
+        return _rewrap(handler, unary, generator)
 
 
 # --------------------------------------------------------------------------- servicer hooks
