@@ -90,7 +90,7 @@ setup(
         "grpcio-status>=1.60",
         "protobuf>=5",
         "redis>=5",
-        "hiredis>=2",  # C reply parser for redis-py: the store's round trips are the hot path
+        "hiredis>=2.1",  # C reply parser for redis-py: the store's round trips are the hot path
         "prometheus-client>=0.20",
         "pyjwt>=2.8",  # signed bearer tokens (auth = token)
         "tzdata; platform_system == 'Windows'",

@@ -81,7 +81,8 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                         raise item
                     if kind == "chunk":
                         prepared = self._prepare(item, replay, state)
-                        future = redis.submit(self.verifier.store.verify_batch, prepared.calls)
+                        future = redis.submit(self.verifier.store.verify_batch,
+                                              self.verifier.store.prepare_batch(prepared.calls))
                         future.add_done_callback(lambda _f: events.put(("done", None)))
                         pending.append((item.chunk_seq, prepared, time.perf_counter(), future))
                     # Answer every finished chunk, in order; at the end (finish, eof) all of them.

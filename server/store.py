@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Iterator, Sequence
 
+import hiredis
 import redis
 
 from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
@@ -79,6 +81,81 @@ def _wrap_errors(fn):
     return call
 
 
+def _pack(commands: Sequence[tuple]) -> bytes:
+    """The RESP bytes of a pipeline of commands (hiredis.pack_command, in C)."""
+    return b"".join([hiredis.pack_command(c) for c in commands])
+
+
+@dataclass
+class PreparedBatch:
+    """verify_batch's input with the CPU work done (Store.prepare_batch)."""
+    calls: list  # the settlement dicts
+    batch: list | None  # one node: (script, keys, args) per call
+    wire: bytes | None  # one node: the pipeline's bytes
+
+
+class _HeldConnection:
+    """A pool connection one thread keeps for its calls; given back when the thread ends (its
+    thread-local dict is dropped then)."""
+    __slots__ = ("pool", "conn")
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.conn = pool.get_connection()
+
+    def __del__(self):
+        try:
+            self.pool.release(self.conn)
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to give back to
+            pass
+
+
+_held = threading.local()
+
+
+def _connection(pool):
+    """This thread's connection to `pool`. Each thread keeps one instead of taking one from the
+    pool and giving it back per call: redis-py's get/release cost a lock, bookkeeping and a
+    poll() system call each time, which on the POS path is more than the call's own packing."""
+    conns = getattr(_held, "conns", None)
+    if conns is None:
+        conns = _held.conns = {}
+    held = conns.get(id(pool))
+    if held is None or held.pool is not pool:
+        held = conns[id(pool)] = _HeldConnection(pool)
+    return held.conn
+
+
+def _pipeline(client: redis.Redis, n: int, packed: bytes) -> list:
+    """Send n packed commands on this thread's connection in one write and read their replies in
+    order; a command's own error comes back in its place. The hot path of every settlement:
+    redis-py's Pipeline does the same with several Python calls per command (options, callbacks,
+    packing one command at a time), which cost more than a 5-code settlement's Lua on a loaded
+    server (benchmarks/run.py). The wire bytes come from hiredis.pack_command (C).
+
+    A connection that fails is closed (it reconnects on next use) and the batch sent once more:
+    a kept socket may have died with a Redis restart, and every script here is idempotent."""
+    conn = _connection(client.connection_pool)
+    for attempt in (0, 1):
+        try:
+            conn.send_packed_command([packed])
+            replies = []
+            for _ in range(n):
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except redis.ConnectionError:
+            conn.disconnect()
+            if attempt:
+                raise
+        except BaseException:
+            conn.disconnect()  # a timeout or an interrupt mid-reply: the socket's state is unknown
+            raise
+    raise AssertionError("unreachable")
+
+
 class Store:
     def __init__(self, client, keys: KeySpace | None = None, limits: StoreLimits | None = None,
                  cluster: bool = False):
@@ -131,16 +208,10 @@ class Store:
 
     def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> object:
         """One script call, one round trip."""
-        if self.cluster or (durable and self.limits.min_replicas_acked):
-            res = self._run([(script, keys, args)], durable=durable)[0]
-            if isinstance(res, Exception):
-                raise res
-            return res
-        try:
-            return self.r.evalsha(script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            self._load_scripts()
-            return self.r.evalsha(script.sha, len(keys), *keys, *args)
+        res = self._run([(script, keys, args)], durable=durable)[0]
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     def _node_groups(self, calls: Sequence[tuple]) -> list[tuple[redis.Redis, list[int]]]:
         """Cluster: the calls grouped by the master serving their keys' slot. Routing here, from
@@ -155,7 +226,7 @@ class Store:
             groups.setdefault(node.name, (self.r.get_redis_connection(node), []))[1].append(p)
         return list(groups.values())
 
-    def _run(self, calls: Sequence[tuple], *, durable: bool = False) -> list:
+    def _run(self, calls: Sequence[tuple], *, durable: bool = False, wire: bytes | None = None) -> list:
         """Many script calls (script, keys, args) pipelined: one round trip (one per master on a
         cluster), executed in order per node. A script's own error comes back in its place.
         Every script is idempotent, so calls may be sent again after a NOSCRIPT or a MOVED
@@ -170,13 +241,17 @@ class Store:
             results: list = [None] * len(calls)
             try:
                 for client, positions in self._node_groups(calls):
-                    pipe = client.pipeline(transaction=False)
-                    for p in positions:
-                        script, keys, args = calls[p]
-                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                    if need:
-                        pipe.execute_command("WAIT", need, self.limits.replica_ack_timeout_ms)
-                    replies = pipe.execute(raise_on_error=False)
+                    if wire is not None and attempt == 0 and not need:
+                        # Packed ahead (prepare_batch): exactly these commands on this one node.
+                        replies = _pipeline(client, len(positions), wire)
+                    else:
+                        commands = []
+                        for p in positions:
+                            script, keys, args = calls[p]
+                            commands.append(("EVALSHA", script.sha, len(keys), *keys, *args))
+                        if need:
+                            commands.append(("WAIT", need, self.limits.replica_ack_timeout_ms))
+                        replies = _pipeline(client, len(commands), _pack(commands))
                     for p, r in zip(positions, replies):
                         results[p] = r
                     if need and not isinstance(replies[-1], Exception) and replies[-1] < need:
@@ -287,17 +362,29 @@ class Store:
                                       durable=call["dispense"] and not call.get("state"))
         return bool(replayed), out
 
-    @_wrap_errors
-    def verify_batch(self, calls: Sequence[dict]) -> list[tuple[bool, str] | StoreError]:
-        """Many settlements in one pipelined round trip, executed in order (bulk jobs). A
-        settlement's own failure (a reused id with another body) comes back in its place."""
-        if self.cluster:
-            return self._verify_sharded(calls)
+    def prepare_batch(self, calls: Sequence[dict]) -> "PreparedBatch":
+        """The CPU half of verify_batch: every call's KEYS, ARGV and (on one node) the pipeline's
+        wire bytes. A bulk job does this for chunk N+1 while Redis runs chunk N, so Redis does
+        not wait for Python between chunks."""
+        if self.cluster:  # routed and split per slot at run time (the topology may change)
+            return PreparedBatch(list(calls), None, None)
         batch = []
         for call in calls:
             keys, args = self._verify_call(**call)
             batch.append((self._verify, keys, args))
-        return [_conflict_or(res, lambda r: (bool(r[0]), r[1])) for res in self._run(batch)]
+        return PreparedBatch(list(calls), batch, _pack([("EVALSHA", self._verify.sha, len(k), *k, *a)
+                                                        for _, k, a in batch]))
+
+    @_wrap_errors
+    def verify_batch(self, calls: "Sequence[dict] | PreparedBatch") -> list[tuple[bool, str] | StoreError]:
+        """Many settlements in one pipelined round trip, executed in order (bulk jobs). A
+        settlement's own failure (a reused id with another body) comes back in its place.
+        `calls` may come already prepared (prepare_batch)."""
+        prepared = calls if isinstance(calls, PreparedBatch) else self.prepare_batch(calls)
+        if self.cluster:
+            return self._verify_sharded(prepared.calls)
+        return [_conflict_or(res, lambda r: (bool(r[0]), r[1]))
+                for res in self._run(prepared.batch, wire=prepared.wire)]
 
     def _verify_sharded(self, calls: Sequence[dict]) -> list:
         """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
