@@ -88,12 +88,11 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     # Answer every finished chunk, in order; at the end (finish, eof) all of them.
                     final = kind in ("finish", "eof")
                     while pending and (final or pending[0][3].done()):
-                        resp = self._answer(*pending.popleft())
+                        resp, lines, flagged = self._answer(*pending.popleft())
                         ahead.release()
                         done += len(resp.results)
                         resp.settlements_done = done
-                        job.progress(sum(len(r.results) for r in resp.results),
-                                     sum(1 for r in resp.results for ln in r.results if ln.verdict != pb.OK))
+                        job.progress(lines, flagged)
                         yield resp
                     if kind == "finish":
                         if replay and item.drop_namespace:
@@ -123,20 +122,23 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                        for s in chunk.settlements]
         return self.verifier.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
 
-    def _answer(self, chunk_seq: int, prepared, start: float, future) -> bpb.ReverifyResponse:
+    def _answer(self, chunk_seq: int, prepared, start: float, future) -> tuple[bpb.ReverifyResponse, int, int]:
+        """The chunk's response, and its (lines, flagged lines) for the job's progress."""
         outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
         resp = bpb.ReverifyResponse(chunk_seq=chunk_seq)
+        judged = []
         for o in outcomes:
             if isinstance(o, str):
                 resp.results.add(error=o)
                 continue
-            metrics.observe_settlement("bulk", o, elapsed)
+            judged.append(o)
             # OK lines carry their verdict and code only: a job reports flagged lines in full.
             resp.results.add(results=[_result(i, r) if r.verdict != "OK" else
                                       pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
                                       for i, r in enumerate(o.results)], replayed=o.replayed)
-        return resp
+        lines, flagged = metrics.observe_settlements("bulk", judged, elapsed)
+        return resp, lines, flagged
 
     @_guarded
     def DropJob(self, request: bpb.DropJobRequest, context) -> bpb.DropJobResponse:

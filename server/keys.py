@@ -52,11 +52,13 @@ class KeySpace:
             raise ValueError(f"key prefix {prefix!r}: must be non-empty without braces, colons or spaces")
         self.prefix = prefix
 
-    def code_keys(self, code: str) -> tuple[str, str, str]:
-        """(issuance, dispense, history) keys of one canonical code."""
+    def code_keys(self, code: str, state: "KeySpace | None" = None) -> tuple[str, str, str]:
+        """(issuance, dispense, history) keys of one canonical code; with `state` (a bulk job's
+        namespace) the dispense and history keys are that namespace's."""
         t = tag_of(code)
         p = self.prefix
-        return f"{p}:{t}:i:{code}", f"{p}:{t}:d:{code}", f"{p}:{t}:h:{code}"
+        q = state.prefix if state is not None else p
+        return f"{p}:{t}:i:{code}", f"{q}:{t}:d:{code}", f"{q}:{t}:h:{code}"
 
     def issuance(self, code: str) -> str:
         return f"{self.prefix}:{tag_of(code)}:i:{code}"

@@ -322,8 +322,7 @@ class Store:
         sk = state or self.keys
         keys = [record, sk.audit_for(record)]
         for code in codes:
-            _, dkey, hkey = sk.code_keys(code)
-            keys += [self.keys.issuance(code), dkey, hkey]
+            keys += self.keys.code_keys(code, sk)
         lim = self.limits
         state_ttl = call.get("state_ttl_s", 0)
         if mode == "P":
