@@ -120,7 +120,7 @@ def cmd_recall(args) -> int:
 
 
 def cmd_reverify(args) -> int:
-    from .reverify import run_job
+    from .reverify import fewer_gc_passes, run_job
     if args.drop:
         from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
         conn = _connection(args)
@@ -130,10 +130,11 @@ def cmd_reverify(args) -> int:
         resp = stub.DropJob(bulk_pb2.DropJobRequest(job_id=args.job_id), metadata=conn["metadata"])
         print(f"deleted {resp.keys_deleted} keys")
         return 0
-    summary = run_job(args.server, args.files, args.out, job_id=args.job_id, mode=args.mode,
-                      fmt=args.format, resume=args.resume, keep_namespace=args.keep_namespace,
-                      chunk_size=args.chunk_size, progress=not args.quiet, max_rate=args.max_rate,
-                      **_connection(args))
+    with fewer_gc_passes():
+        summary = run_job(args.server, args.files, args.out, job_id=args.job_id, mode=args.mode,
+                          fmt=args.format, resume=args.resume, keep_namespace=args.keep_namespace,
+                          chunk_size=args.chunk_size, progress=not args.quiet, max_rate=args.max_rate,
+                          **_connection(args))
     flagged = sum(n for v, n in summary["verdicts"].items() if v != "OK")
     print(f"{summary['records']} records, {flagged} flagged, {summary['bad_records']} bad; "
           f"rings: {summary['rings']}; report in {args.out}")
