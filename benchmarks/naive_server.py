@@ -10,7 +10,10 @@ Prints `naive listening on port N` once serving; stops on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 from concurrent import futures
@@ -52,6 +55,33 @@ class Echo(NaiveVerification):
                      for i, ln in enumerate(request.lines)])
 
 
+def supervise(args) -> int:
+    """--processes N: N copies of this server on one port (gRPC sets SO_REUSEPORT, so the kernel
+    spreads connections over them, as it does for tracecode's workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, os.path.abspath(__file__), "--listen", f"127.0.0.1:{port}", "--redis-url", args.redis_url,
+            "--threads", str(args.threads), "--prefix", args.prefix] + (["--echo"] if args.echo else [])
+    children = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(args.processes)]
+    try:
+        for c in children:
+            if not c.stdout.readline().startswith("naive listening"):
+                raise SystemExit("naive: a server process failed to start")
+        print(f"naive listening on port {port}", flush=True)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        while not done.wait(3600):
+            pass
+    finally:
+        for c in children:
+            c.terminate()
+        for c in children:
+            c.wait(10)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--listen", default="127.0.0.1:0")
@@ -60,7 +90,11 @@ def main() -> int:
     ap.add_argument("--prefix", default="naive:")
     ap.add_argument("--echo", action="store_true",
                     help="no Redis at all: answer OK per line at once (the gRPC + load generator floor)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="that many server processes on one SO_REUSEPORT port (as tracecode serve --workers)")
     args = ap.parse_args()
+    if args.processes > 1:
+        return supervise(args)
     r = redis.Redis.from_url(args.redis_url, max_connections=args.threads + 4)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads))
     verification_pb2_grpc.add_VerificationServicer_to_server(
