@@ -34,13 +34,6 @@ from .verifier import Verifier
 
 log = logging.getLogger("tracecode.server")
 
-# How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms). A
-# handler that waits for Redis gives the GIL up at once; a thread in a long stretch of Python (a
-# bulk chunk of 500 settlements, a protobuf response being built) keeps it up to this long, and
-# every POS call that became ready meanwhile waits. 0.5 ms: POS p99 while a bulk job runs in the
-# same process 48 -> 28 ms, alone 11.3 -> 5.8 ms at half load (docs/performance.md).
-GIL_SWITCH_INTERVAL_S = 0.0005
-
 # After the drain: time gRPC's stop gives calls taken in the last instant (the drain answers them
 # UNAVAILABLE at once) before it cancels what is left, i.e. open health Watch streams.
 _FINAL_GRACE_S = 1.0
@@ -254,7 +247,6 @@ def serve(config: Config) -> int:
         # What startup allocated lives as long as the process: out of the collector's sight, a full
         # collection pauses all handler threads ~2 ms instead of ~30 ms (docs/performance.md).
         gc.freeze()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         log.info("tracecode %s listening on %s:%s (codec %s, metrics %s)", __version__, host, server.port,
                  codec.IMPLEMENTATION, http.port if http else "off")
         if http:
