@@ -66,13 +66,6 @@ def generate(path: str, codes: list[str], records: int, seed: int = 3) -> list[t
     return settlements
 
 
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def vm_hwm_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -134,7 +127,7 @@ def main() -> int:
         port = int(server.stdout.readline().split()[-1])
         out = os.path.join(tmp, "report")
         redis_cpu0 = redis_cpu(store)
-        server_cpu0 = proc_cpu(server.pid)
+        server_cpu0 = common.tree_cpu(server.pid)  # supervisor + workers
         t0 = time.perf_counter()
         cli = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server",
                                 f"127.0.0.1:{port}", "--out", out, "--job-id", "bench", "--quiet"],
@@ -161,7 +154,7 @@ def main() -> int:
         peak_mb = hwm[0]
         # Where the two cores went: the CLI, the server, Redis (CPU seconds during the job).
         cpu = {"cli": round(usage.ru_utime + usage.ru_stime, 2),
-               "server": round(proc_cpu(server.pid) - server_cpu0, 2),
+               "server": round(common.tree_cpu(server.pid) - server_cpu0, 2),
                "redis": round(redis_cpu(store) - redis_cpu0, 2)}
         print(f"CPU seconds during the job: {cpu} over {elapsed:.1f} s wall", flush=True)
         print(f"tracecode reverify: {args.records:,} records in {elapsed:.1f} s = {rps:,.0f} records/s; "

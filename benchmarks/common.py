@@ -138,6 +138,32 @@ def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> floa
     return elapsed
 
 
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (a `tracecode serve` supervisor and its workers)."""
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            for c in fh.read().split():
+                out += process_tree(int(c))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    return sum(cpu_of(p) for p in process_tree(pid))
+
+
 def peak_rss_mb_of(pid_status: tuple) -> float:
     """ru_maxrss of os.wait4's rusage (KiB on Linux) in MB."""
     return pid_status[2].ru_maxrss / 1024

@@ -55,6 +55,15 @@ class Echo(NaiveVerification):
                      for i, ln in enumerate(request.lines)])
 
 
+def wait_for_stop() -> None:
+    """Block until SIGTERM or SIGINT."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    while not done.wait(3600):
+        pass
+
+
 def supervise(args) -> int:
     """--processes N: N copies of this server on one port (gRPC sets SO_REUSEPORT, so the kernel
     spreads connections over them, as it does for tracecode's workers)."""
@@ -69,11 +78,7 @@ def supervise(args) -> int:
             if not c.stdout.readline().startswith("naive listening"):
                 raise SystemExit("naive: a server process failed to start")
         print(f"naive listening on port {port}", flush=True)
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
-        signal.signal(signal.SIGINT, lambda *_: done.set())
-        while not done.wait(3600):
-            pass
+        wait_for_stop()
     finally:
         for c in children:
             c.terminate()
@@ -102,11 +107,7 @@ def main() -> int:
     port = server.add_insecure_port(args.listen)
     server.start()
     print(f"naive listening on port {port}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    while not done.wait(3600):
-        pass
+    wait_for_stop()
     server.stop(2).wait()
     r.close()
     return 0

@@ -65,32 +65,9 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------- CPU accounting
 
-_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_of(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            f = fh.read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / _TCK
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-
-
-def _tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            for c in fh.read().split():
-                out += _tree(int(c))
-    except FileNotFoundError:
-        pass
-    return out
-
-
 def cpu_snapshot(groups: dict[str, int]) -> dict[str, dict[int, float]]:
     """CPU seconds of each process tree (server parent + workers, Redis, ...)."""
-    return {name: {p: _cpu_of(p) for p in _tree(pid)} for name, pid in groups.items()}
+    return {name: {p: common.cpu_of(p) for p in common.process_tree(pid)} for name, pid in groups.items()}
 
 
 def cpu_used(before: dict, after: dict, seconds: float) -> dict[str, float]:
@@ -450,7 +427,7 @@ def main() -> int:
             argv += ["--threads", str(args.threads)]
         server, port = start_process(argv, "tracecode listening on port ", os.path.join(tmp, "serve.log"))
         time.sleep(0.5)
-        procs = _tree(server.pid)
+        procs = common.process_tree(server.pid)
         from tracecode.server import workers as wk
         defaults = Config()
         doc["server"] = {"workers": args.workers if args.workers is not None else wk.resolve(defaults.workers),
