@@ -36,6 +36,12 @@ def tag_of(text: str) -> str:
     return _TAGS[_bucket(text)]
 
 
+def _tag_in(key: str) -> str:
+    """The hash tag of a key built by KeySpace."""
+    start = key.index("{")
+    return key[start:key.index("}", start) + 1]
+
+
 def slot_of(text: str) -> int:
     """The cluster slot every key of `text` (a canonical code) lives in."""
     return _SLOTS[_bucket(text)]
@@ -74,8 +80,15 @@ class KeySpace:
 
     def audit_for(self, key: str) -> str:
         """The audit stream in the same slot as `key` (any key built by this class)."""
-        start = key.index("{")
-        return f"{self.prefix}:{key[start:key.index('}', start) + 1]}:audit"
+        return f"{self.prefix}:{_tag_in(key)}:audit"
+
+    def registry_for(self, key: str) -> str:
+        """A bulk job namespace's registry of the keys it wrote, in the same slot as `key`."""
+        return f"{self.prefix}:{_tag_in(key)}:reg"
+
+    def registries(self) -> list[str]:
+        """Every registry of this (job) namespace, one per bucket."""
+        return [f"{self.prefix}:{t}:reg" for t in _TAGS]
 
     def batch(self, product: str, batch: str) -> str:
         return f"{self.prefix}:{tag_of(product + chr(0) + batch)}:b:{product}:{batch}"

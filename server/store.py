@@ -323,6 +323,8 @@ class Store:
         keys = [record, sk.audit_for(record)]
         for code in codes:
             keys += self.keys.code_keys(code, sk)
+        if state and mode != "C":
+            keys.append(sk.registry_for(record))  # what the call writes is registered for the drop
         lim = self.limits
         state_ttl = call.get("state_ttl_s", 0)
         if mode == "P":
@@ -399,7 +401,8 @@ class Store:
                 skey = sk.settlement(c["site"], c["settlement_id"])
                 args = [c["digest"], json.dumps([p[0] for p in parts]), c["site"], c["settlement_id"],
                         c["settled_at_ms"], c.get("state_ttl_s") or self.limits.settlement_ttl_s]
-                claims.append((n, (self._claim, [skey], args)))
+                ckeys = [skey, sk.registry_for(skey)] if c.get("state") else [skey]
+                claims.append((n, (self._claim, ckeys, args)))
         if claims:
             for (n, _), res in zip(claims, self._run([call for _, call in claims])):
                 if isinstance(res, Exception):
@@ -460,18 +463,24 @@ class Store:
 
     @_wrap_errors
     def drop_namespace(self, keys: KeySpace) -> int:
-        """Delete every key of a (bulk job) namespace; returns how many."""
+        """Delete what a bulk job's namespace holds; returns how many keys. Every script call in a
+        job namespace registers the keys it writes in a set per bucket (keys.registries), so this
+        unlinks those members, not a SCAN over the whole keyspace (10^9 issued codes nationally).
+        Keys of a namespace left without its registry (an interrupted drop) expire with the job."""
         if keys.prefix == self.keys.prefix:
             raise ValueError("refusing to drop the live namespace")
         deleted = 0
-        batch: list[str] = []
-        for key in self.r.scan_iter(match=f"{keys.prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
+        for registry in keys.registries():
+            batch: list[str] = []
+            for key in self.r.sscan_iter(registry, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += self._unlink(batch)
+                    batch = []
+            if batch:
                 deleted += self._unlink(batch)
-                batch = []
-        if batch:
-            deleted += self._unlink(batch)
+            # The registry last: a drop interrupted before it can be run again.
+            self.r.unlink(registry)
         return deleted
 
     def _unlink(self, keys: list[str]) -> int:

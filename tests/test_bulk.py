@@ -128,6 +128,23 @@ def test_replay_finds_exactly_the_planted_fraud(tmp_path, admin, target):
     assert stub.DropJob(bulk_pb2.DropJobRequest(job_id="planted-1")).keys_deleted == 0
 
 
+def test_dropping_a_job_unlinks_every_key_it_wrote(tmp_path, admin, target, store):
+    # The drop reads the job's registries instead of scanning the keyspace: a key the scripts
+    # wrote without registering it would survive the drop (until the job's TTL). SCAN here, in
+    # the test, is the independent count.
+    files, _, n_rows = make_dataset(tmp_path, admin, seed=12)
+    run_job(target, files, str(tmp_path / "report"), job_id="kept-1", keep_namespace=True,
+            chunk_size=50, progress=False)
+    prefix = f"{store.keys.prefix}-job-kept-1:"
+    held = set(store.r.scan_iter(match=prefix + "*", count=1000))
+    registries = {k for k in held if k.endswith(":reg")}
+    assert registries and len(held) - len(registries) > n_rows  # a state per code, a record per settlement
+    stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(target))
+    assert stub.DropJob(bulk_pb2.DropJobRequest(job_id="kept-1")).keys_deleted == len(held) - len(registries)
+    assert not list(store.r.scan_iter(match=prefix + "*", count=1000))
+    assert stub.DropJob(bulk_pb2.DropJobRequest(job_id="kept-1")).keys_deleted == 0
+
+
 def test_replay_does_not_touch_live_state(tmp_path, admin, target, pos):
     code = cn20("8100009")
     load(admin, Row("t", 0, {"code": code, "product_id": "8100009"}))

@@ -5,6 +5,9 @@
 --
 -- KEYS[1]  part record (hash)               KEYS[2]  audit stream of the part's slot
 -- then three keys per distinct code u = 1..U: issuance (hash), dispense state (hash), history (list)
+-- then, in a bulk job's namespace only, its registry (set) in the part's slot: every key this
+--   call writes is added to it, so dropping the job unlinks what it wrote instead of scanning
+--   the whole keyspace (store.py drop_namespace)
 --
 -- ARGV[1]  mode: 'D' dispense (check, mark, audit, store results), 'C' check only (no writes), or
 --          'P' prepare (one part of an ALL_OR_NOTHING settlement spanning slots: judge; when every
@@ -49,6 +52,8 @@ local STRIDE = 5
 local CODE0 = LINE0 + STRIDE * n
 local me = site .. '\31' .. sid
 if mode == 'P' then policy = 'A' end
+local registry = KEYS[2 + 3 * (#ARGV - CODE0 + 1) + 1]
+local written = {}  -- keys to register, when there is a registry
 
 if writes then
   local prev = redis.call('HMGET', KEYS[1], 'd', 'r', 'ps')
@@ -215,6 +220,7 @@ if writes then
       wrote = false
     end
     if wrote and state_ttl > 0 and mode == 'D' then redis.call('EXPIRE', dkey, state_ttl) end
+    if wrote and registry then written[#written + 1] = dkey end
   end
 
   local function event(u, i, etype, units, detail)
@@ -259,5 +265,10 @@ if writes then
   redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
              'at', at, 'ps', part_state)
   redis.call('EXPIRE', KEYS[1], ttl)
+  if registry then
+    written[#written + 1] = KEYS[1]
+    redis.call('SADD', registry, unpack(written))
+    redis.call('EXPIRE', registry, math.max(ttl, state_ttl))
+  end
 end
 return {0, out, part_state}
