@@ -51,9 +51,22 @@ _ISSUANCE_FIELDS = (("p", "product_id"), ("g", "gtin"), ("b", "batch"), ("e", "e
 
 # Failures after which the same call may succeed: Redis down, restarting, or a cluster between
 # topologies (failover). Every store write is idempotent, so the caller may simply retry.
+# READONLY: the node a kept connection talks to was demoted to a replica by a failover (its
+# script fails at its first write, so nothing was written); MASTERDOWN: a replica cut off from
+# its master; OOM: Redis at maxmemory refuses writes until memory is freed.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
                 redis.exceptions.TryAgainError, redis.exceptions.RedisClusterException,
-                redis.exceptions.AskError)
+                redis.exceptions.AskError, redis.exceptions.ReadOnlyError,
+                redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError)
+# The same for errors redis-py leaves as a plain ResponseError, by their Redis error code:
+# BUSY (a script over its time limit), NOREPLICAS (min-replicas-to-write not met).
+_UNAVAILABLE_CODES = ("BUSY ", "NOREPLICAS ")
+# Answers that mean "this slot is served elsewhere now": refresh the topology and send again.
+_MOVED = (redis.exceptions.AskError, redis.exceptions.ReadOnlyError)
+
+
+def _unavailable_code(reply) -> bool:
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith(_UNAVAILABLE_CODES)
 
 
 def _wrap_errors(fn):
@@ -73,8 +86,8 @@ def _wrap_errors(fn):
                 raise ReturnWindowClosed(int(msg.split()[1])) from None
             if msg.startswith("TCBADLINE"):
                 raise BadLineIndex(int(msg.split()[1])) from None
-            if "READONLY" in msg or "CLUSTERDOWN" in msg or "TRYAGAIN" in msg:
-                raise StoreUnavailable(msg) from exc
+            if msg.startswith(_UNAVAILABLE_CODES):
+                raise StoreUnavailable(f"redis unavailable: {msg}") from exc
             raise
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
@@ -264,11 +277,11 @@ class Store:
             if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
                 self._load_scripts()
                 continue
-            if attempt == 0 and self.cluster and any(isinstance(r, redis.exceptions.AskError) for r in results):
+            if attempt == 0 and self.cluster and any(isinstance(r, _MOVED) for r in results):
                 self._refresh_topology()
                 continue
             for r in results:
-                if isinstance(r, _UNAVAILABLE):
+                if isinstance(r, _UNAVAILABLE) or _unavailable_code(r):
                     raise r
             return results
         raise AssertionError("unreachable")

@@ -35,16 +35,29 @@ def cluster():
     c.stop()
 
 
-def _server(cluster, **overrides):
-    cfg = Config(listen="127.0.0.1:0", metrics_port=0, redis_cluster=True, key_prefix="ft", threads=16,
-                 grace_s=0.5, redis_timeout_s=1.0, **overrides)
-    store = make_store(cfg, cluster.url)
-    return Server(cfg, store).start(), store
+@pytest.fixture
+def serve(cluster):
+    """Starts in-process servers on the cluster and stops them whatever the test's outcome: a
+    server left running would keep pinging a stopped cluster and, through the process-wide
+    tracecode_redis_up gauge, fail later tests that read it."""
+    started = []
+
+    def start(**overrides):
+        cfg = Config(listen="127.0.0.1:0", metrics_port=0, redis_cluster=True, key_prefix="ft", threads=16,
+                     grace_s=0.5, redis_timeout_s=1.0, **overrides)
+        store = make_store(cfg, cluster.url)
+        started.append((Server(cfg, store).start(), store))
+        return started[-1]
+
+    yield start
+    for server, store in started:
+        server.stop(0)
+        store.close()
 
 
-def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster):
+def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve):
     # A generous ack timeout: six redis-servers share two cores with the test here.
-    server, store = _server(cluster, min_replicas_acked=1, replica_ack_timeout_ms=1500)
+    server, store = serve(min_replicas_acked=1, replica_ack_timeout_ms=1500)
     target = f"127.0.0.1:{server.port}"
     codes = [cn20() for _ in range(6000)]
     admin = AdminClient(target)
@@ -104,15 +117,13 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster):
             h = pos.history(code)
             assert h.units_used == 1 and h.first_dispense.first_settlement_id == sid, code
     admin.close()
-    server.stop(0)
-    store.close()
 
 
-def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cluster, tmp_path):
+def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cluster, serve, tmp_path):
     # Two codes in different slots: an ALL_OR_NOTHING settlement of both takes two phases.
     a = cn20()
     b = next(c for c in (cn20() for _ in range(100)) if slot_of(c) != slot_of(a))
-    helper, store = _server(cluster)
+    helper, store = serve()
     target = f"127.0.0.1:{helper.port}"
     load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
 
@@ -158,5 +169,3 @@ def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cl
         after = pos.verify("SITE-C", [line(a, P), line(b, P)])
         assert [r.verdict for r in after.results] == [pb.OK, pb.OK]
         assert pos.history(b).first_dispense.first_site_id == "SITE-C"
-    helper.stop(0)
-    store.close()

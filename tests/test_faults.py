@@ -31,6 +31,7 @@ from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
 from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, issuance, load
 from ops_support import ServeProcess, wait_for
@@ -297,3 +298,40 @@ def test_tracecode_sigkill_under_load_leaves_nothing_half_recorded_and_retries_c
             second.close()
         store.close()
         redis.stop()
+
+
+def test_redis_demoted_to_replica_answers_unavailable_not_unknown_and_recovers(tmp_path):
+    """After a failover the node a kept connection talks to may have become a replica: it answers
+    READONLY (and a replica cut from its master, MASTERDOWN). Both mean "not now, retry", i.e.
+    UNAVAILABLE; nothing may reach the POS as UNKNOWN, and nothing is written."""
+    primary = RedisProcess(str(tmp_path / "a"), port=free_port()).start()
+    node = RedisProcess(str(tmp_path / "b"), port=free_port()).start()
+    server, store = in_process_server(node.url, "demoted")
+    target = f"127.0.0.1:{server.port}"
+    try:
+        codes = issue(target, 2)
+        with PosClient(target, retries=0, deadline_s=5) as pos:
+            assert pos.verify("SITE-D", [line(codes[0], P)], settlement_id="d-0").results[0].verdict == pb.OK
+            store.r.replicaof("127.0.0.1", primary.port)  # what a failover does to an old master
+            wait_for(lambda: store.r.info("replication")["master_link_status"] == "up", 10, "replica link")
+            with pytest.raises(grpc.RpcError) as err:
+                pos.verify("SITE-D", [line(codes[1], P)], settlement_id="d-1")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+
+            store.r.config_set("replica-serve-stale-data", "no")
+            primary.stop()  # the replica's master is gone: MASTERDOWN on every data command
+            wait_for(lambda: store.r.info("replication")["master_link_status"] == "down", 10, "link down")
+            with pytest.raises(grpc.RpcError) as err:
+                pos.verify("SITE-D", [line(codes[1], P)], settlement_id="d-1")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+
+            store.r.replicaof("NO", "ONE")  # promoted (empty: it took its old master's data set)
+            store.r.config_set("replica-serve-stale-data", "yes")
+            load(AdminClient(target), *(issuance(c, P) for c in codes))
+            resp = pos.verify("SITE-D", [line(codes[1], P)], settlement_id="d-1")
+            assert resp.recorded and resp.results[0].verdict == pb.OK
+    finally:
+        server.stop(0)
+        store.close()
+        node.stop()
+        primary.stop()
