@@ -58,6 +58,14 @@ def _guarded(method):
         except StoreUnavailable as exc:
             log.warning("redis unavailable: %s", exc)
             _abort(context, grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry with the same settlement id")
+        except Exception:
+            if context.code() is not None:  # the handler's own abort: already answered
+                raise
+            # A bug or a misconfiguration (e.g. a Redis ACL without EVALSHA): INTERNAL, with the
+            # traceback in our log and nothing of it in the answer (grpc's default would send
+            # UNKNOWN with the exception's text to the pharmacy).
+            log.exception("internal error in %s", method.__name__)
+            _abort(context, grpc.StatusCode.INTERNAL, "internal error; the server logged it for its operators")
     handler.__name__ = method.__name__
     return handler
 

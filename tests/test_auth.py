@@ -4,6 +4,7 @@ per-method policy, certificate rotation, the client CLI's security flags, and Re
 user and TLS."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -534,3 +535,31 @@ def test_redis_url_building():
     c = Config(redis_username="u ser", redis_tls_ca="/ca.pem")
     assert auth.redis_url(c, "rediss://h:7000/2") == "rediss://u%20ser:@h:7000/2?ssl_ca_certs=%2Fca.pem"
     assert auth.redis_url(Config(), "redis://h:1/0") == "redis://h:1/0"  # nothing set: unchanged
+
+
+def test_redis_acl_without_script_rights_is_internal_logged_not_leaked(config, tmp_path, caplog):
+    """An operator's mistake, not the pharmacy's: a Redis user that may not run scripts. The POS
+    gets INTERNAL with a fixed message (no Redis text), the log gets the traceback."""
+    redis = SecuredRedis(str(tmp_path / "r"), free_port(), user="tracecode", password="pw").start()
+    try:
+        pw = tmp_path / "redis.pw"
+        pw.write_text("pw\n")
+        cfg = config.replace(redis_cluster=False, redis_username="tracecode", redis_password_file=str(pw))
+        store = make_store(cfg, auth.redis_url(cfg, redis.url))
+        store.r.acl_setuser("tracecode", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                            commands=["+@all", "-evalsha", "-eval"])
+        server = Server(cfg, store).start()
+        try:
+            with PosClient(f"127.0.0.1:{server.port}", deadline_s=5, retries=0) as pos, \
+                    caplog.at_level(logging.ERROR, logger="tracecode"):
+                with pytest.raises(grpc.RpcError) as err:
+                    pos.verify("ACL-SITE", [line(cn20(), P)], settlement_id="acl-1")
+            assert code_of(err) == grpc.StatusCode.INTERNAL
+            assert "NOPERM" not in err.value.details() and "evalsha" not in err.value.details().lower()
+            logged = [r for r in caplog.records if r.exc_info]
+            assert logged and "evalsha" in str(logged[0].exc_info[1]).lower()
+        finally:
+            server.stop(0)
+            store.close()
+    finally:
+        redis.stop()
