@@ -20,7 +20,7 @@ from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
-from . import metrics
+from . import metrics, priority
 from .errors import InvalidRequest
 from .keys import KeySpace
 from .servicer import _guarded, _ms, _result
@@ -31,6 +31,12 @@ log = logging.getLogger("tracecode.bulk")
 _JOB_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
 MAX_CHUNK = 5000  # settlements per chunk: bounds one pipelined Redis round trip
 MAX_AHEAD = 4  # chunks read from a stream and not yet answered
+# Settlements per Redis round trip of a job, while the process serves POS calls and when it does
+# not (priority.py): a slice is a stretch of Python holding the GIL and of Redis running the job's
+# scripts, which a POS call in the same process may have to wait out.
+SLICE_BESIDE_POS = 8
+SLICE_ALONE = 128
+IN_REDIS = 2  # slices of a job submitted to Redis and not yet finished (one runs, one waits)
 
 
 class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
@@ -61,10 +67,14 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
             return
         log.info("bulk job %s started (%s)", opts.job_id or "-", bpb.BulkMode.Name(opts.mode))
         done = 0
-        # Two stages: while Redis runs chunk N (on `redis`, one thread, so chunks reach Redis in
-        # order, as REPLAY needs), this thread parses and plans chunk N+1. Requests are read by
-        # their own thread, so an answer goes out as soon as Redis is done with its chunk, not
-        # when the next request happens to arrive.
+        # A chunk runs as slices (SLICE_ALONE settlements, SLICE_BESIDE_POS while the process
+        # serves POS calls), at most IN_REDIS of them submitted to Redis at a time (on `redis`,
+        # one thread, so they reach Redis in order, as REPLAY needs). While Redis runs one slice
+        # this thread plans the next, then waits for an event: it never holds the GIL for a whole
+        # chunk, so POS calls in the same process wait out one slice's worth of Python at most
+        # (docs/performance.md, "A bulk job beside POS traffic"). Requests are read by their own
+        # thread, so an answer goes out as soon as its chunk is done, not when the next request
+        # happens to arrive.
         redis = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracecode-bulk")
         events: queue.Queue = queue.Queue()
         # At most MAX_AHEAD chunks read but not answered: gRPC flow control then holds the client.
@@ -72,7 +82,8 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         reader = threading.Thread(target=_read_requests, args=(request_iterator, events, ahead),
                                   name="tracecode-bulk-reader", daemon=True)
         reader.start()
-        pending: deque = deque()  # (chunk_seq, prepared, start, future), oldest first
+        work: deque[_Chunk] = deque()  # chunks read and not yet answered, oldest first
+        ending = None  # ("finish", Finish) or ("eof", None) once the stream has said so
         with metrics.bulk_job("replay" if replay else "check") as job:
             try:
                 while True:
@@ -80,31 +91,43 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     if kind == "error":
                         raise item
                     if kind == "chunk":
-                        prepared = self._prepare(item, replay, state)
-                        future = redis.submit(self.verifier.store.verify_batch,
-                                              self.verifier.store.prepare_batch(prepared.calls))
-                        future.add_done_callback(lambda _f: events.put(("done", None)))
-                        pending.append((item.chunk_seq, prepared, time.perf_counter(), future))
-                    # Answer every finished chunk, in order; at the end (finish, eof) all of them.
-                    final = kind in ("finish", "eof")
-                    while pending and (final or pending[0][3].done()):
-                        resp, lines, flagged = self._answer(*pending.popleft())
+                        work.append(_Chunk(item))
+                    elif kind in ("finish", "eof"):
+                        ending = (kind, item)
+                    # Finished slices into their chunk's answer, in order; finished chunks out.
+                    while work:
+                        chunk = work[0]
+                        while chunk.running and chunk.running[0][2].done():
+                            self._fill(chunk, *chunk.running.popleft(), job)
+                        if chunk.todo or chunk.running:
+                            break
+                        work.popleft()
                         ahead.release()
-                        done += len(resp.results)
-                        resp.settlements_done = done
-                        job.progress(lines, flagged)
-                        yield resp
-                    if kind == "finish":
-                        if replay and item.drop_namespace:
-                            deleted = self.verifier.store.drop_namespace(state)
-                            log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
-                                     opts.job_id, done, deleted)
-                        return
-                    if kind == "eof":
-                        job.outcome = "abandoned"
-                        log.info("bulk job %s: stream ended after %d settlements without Finish "
-                                 "(namespace kept)", opts.job_id or "-", done)
-                        return
+                        done += len(chunk.resp.results)
+                        chunk.resp.settlements_done = done
+                        yield chunk.resp
+                    # Plan and submit the next slices while fewer than IN_REDIS are in Redis.
+                    in_redis = sum(len(c.running) for c in work)
+                    for chunk in work:
+                        while chunk.todo and in_redis < IN_REDIS:
+                            size = SLICE_BESIDE_POS if priority.pos_traffic() else SLICE_ALONE
+                            prepared = self._prepare(chunk.take(size), replay, state)
+                            future = redis.submit(self.verifier.store.verify_batch,
+                                                  self.verifier.store.prepare_batch(prepared.calls))
+                            future.add_done_callback(lambda _f: events.put(("done", None)))
+                            chunk.running.append((prepared, time.perf_counter(), future))
+                            in_redis += 1
+                    if ending and not work:
+                        break
+                if ending[0] == "finish":
+                    if replay and ending[1].drop_namespace:
+                        deleted = self.verifier.store.drop_namespace(state)
+                        log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
+                                 opts.job_id, done, deleted)
+                    return
+                job.outcome = "abandoned"
+                log.info("bulk job %s: stream ended after %d settlements without Finish "
+                         "(namespace kept)", opts.job_id or "-", done)
             except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
                 job.outcome = "failed"
                 _guarded(_raise(exc))(self, None, context)
@@ -114,36 +137,55 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 for _ in range(MAX_AHEAD + 1):
                     ahead.release()
 
-    def _prepare(self, chunk: bpb.SettlementChunk, replay: bool, state):
-        if len(chunk.settlements) > MAX_CHUNK:
-            raise InvalidRequest([("chunk.settlements", f"{len(chunk.settlements)} settlements, at most {MAX_CHUNK}")])
-        settlements = [(s.site_id, s.settlement_id, _ms(s.settled_at),
-                        [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
-                       for s in chunk.settlements]
-        return self.verifier.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
+    def _prepare(self, settlements, replay: bool, state):
+        rows = [(s.site_id, s.settlement_id, _ms(s.settled_at),
+                 [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
+                for s in settlements]
+        return self.verifier.bulk_prepare(rows, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
 
-    def _answer(self, chunk_seq: int, prepared, start: float, future) -> tuple[bpb.ReverifyResponse, int, int]:
-        """The chunk's response, and its (lines, flagged lines) for the job's progress."""
+    def _fill(self, chunk: "_Chunk", prepared, start: float, future, job) -> None:
+        """A finished slice's outcomes into its chunk's response, and into metrics and progress."""
         outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
-        resp = bpb.ReverifyResponse(chunk_seq=chunk_seq)
+        results = chunk.resp.results
         judged = []
         for o in outcomes:
             if isinstance(o, str):
-                resp.results.add(error=o)
+                results.add(error=o)
                 continue
             judged.append(o)
             # OK lines carry their verdict and code only: a job reports flagged lines in full.
-            resp.results.add(results=[_result(i, r) if r.verdict != "OK" else
-                                      pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
-                                      for i, r in enumerate(o.results)], replayed=o.replayed)
-        lines, flagged = metrics.observe_settlements("bulk", judged, elapsed)
-        return resp, lines, flagged
+            results.add(results=[_result(i, r) if r.verdict != "OK" else
+                                 pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
+                                 for i, r in enumerate(o.results)], replayed=o.replayed)
+        job.progress(*metrics.observe_settlements("bulk", judged, elapsed))
 
     @_guarded
     def DropJob(self, request: bpb.DropJobRequest, context) -> bpb.DropJobResponse:
         self.authorize(context)
         return bpb.DropJobResponse(keys_deleted=self.verifier.store.drop_namespace(self.job_keys(request.job_id)))
+
+
+class _Chunk:
+    """A request chunk in progress: its settlements not yet planned, its slices submitted to
+    Redis (prepared, start, future; in order), and its answer as far as finished slices go."""
+    __slots__ = ("settlements", "next", "running", "resp")
+
+    def __init__(self, chunk: bpb.SettlementChunk):
+        if len(chunk.settlements) > MAX_CHUNK:
+            raise InvalidRequest([("chunk.settlements", f"{len(chunk.settlements)} settlements, at most {MAX_CHUNK}")])
+        self.settlements, self.next = chunk.settlements, 0
+        self.running: deque = deque()
+        self.resp = bpb.ReverifyResponse(chunk_seq=chunk.chunk_seq)
+
+    @property
+    def todo(self) -> bool:
+        return self.next < len(self.settlements)
+
+    def take(self, size: int) -> list:
+        """The next slice of settlements to plan."""
+        self.next += size
+        return self.settlements[self.next - size:self.next]
 
 
 def _read_requests(request_iterator, events: "queue.Queue", ahead: threading.Semaphore) -> None:

@@ -65,8 +65,8 @@ ISSUANCE_RECORDS = Counter("tracecode_issuance_records_total",
 
 BULK_RUNNING = Gauge("tracecode_bulk_jobs_running", "Bulk jobs in progress", ["kind"],
                      multiprocess_mode="livesum")
-BULK_RECORDS = Counter("tracecode_bulk_records_total", "Records (settlements) bulk jobs processed", ["kind"])
-BULK_FLAGGED = Counter("tracecode_bulk_flagged_total", "Records bulk jobs flagged (any line not OK)", ["kind"])
+BULK_RECORDS = Counter("tracecode_bulk_records_total", "Records (settlement lines) bulk jobs processed", ["kind"])
+BULK_FLAGGED = Counter("tracecode_bulk_flagged_total", "Records (settlement lines) bulk jobs flagged: verdict not OK", ["kind"])
 BULK_PROGRESS_TS = Gauge("tracecode_bulk_last_progress_timestamp_seconds",
                          "Unix time a bulk job of this kind last started or made progress", ["kind"],
                          multiprocess_mode="max")

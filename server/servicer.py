@@ -16,7 +16,7 @@ from tracecode.v1 import admin_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 from tracecode.v1 import verification_pb2_grpc
 
-from . import metrics
+from . import metrics, priority
 from .issuance import IssuanceService
 from .errors import (BadLineIndex, InvalidRequest, NotFound, PermissionDenied, ReturnWindowClosed,
                      SettlementConflict, StoreUnavailable)
@@ -113,6 +113,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
             raise PermissionDenied(f"authenticated as site {who!r}, request names site {claimed!r}")
         return who
 
+    @priority.foreground
     @_guarded
     def VerifyDispense(self, request: pb.VerifyDispenseRequest, context) -> pb.VerifyDispenseResponse:
         site = self._site(request.site_id, context)
@@ -126,6 +127,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
             settlement_id=request.settlement_id, site_id=site, recorded=out.recorded,
             replayed=out.replayed, results=[_result(i, o) for i, o in enumerate(out.results)])
 
+    @priority.foreground
     @_guarded
     def ReverseDispense(self, request: pb.ReverseDispenseRequest, context) -> pb.ReverseDispenseResponse:
         site = self._site(request.site_id, context)
@@ -135,6 +137,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
             pb.ReversedLine(line_index=i, canonical_code=code, units_returned=returned, units_used=used,
                             already_reversed=already) for i, code, returned, used, already in lines])
 
+    @priority.foreground
     @_guarded
     def CheckCodes(self, request: pb.CheckCodesRequest, context) -> pb.CheckCodesResponse:
         site = self._site(request.site_id, context)
@@ -142,6 +145,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         results = self.verifier.check(site, at, _lines(request.lines))
         return pb.CheckCodesResponse(results=[_result(i, o) for i, o in enumerate(results)])
 
+    @priority.foreground
     @_guarded
     def GetCodeHistory(self, request: pb.GetCodeHistoryRequest, context) -> pb.GetCodeHistoryResponse:
         code = self.verifier.canonical(request.raw_code)

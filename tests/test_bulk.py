@@ -214,3 +214,52 @@ def test_first_message_must_be_options(target):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Reverify(iter([bulk_pb2.ReverifyRequest(chunk=bulk_pb2.SettlementChunk())])))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _slicing_job(target, job_id: str, settlements) -> list[list[str]]:
+    """One REPLAY job of one chunk over the raw stub: per settlement its verdicts, or its error."""
+    at = datetime(2024, 5, 6, 9, 0, tzinfo=CST)
+    chunk = bulk_pb2.SettlementChunk(chunk_seq=1)
+    for n, (site, sid, codes) in enumerate(settlements):
+        s = chunk.settlements.add(site_id=site, settlement_id=sid)
+        s.settled_at.FromDatetime(at + timedelta(seconds=n))
+        for code in codes:
+            s.lines.add(raw_code=code, product_id="8123456")
+    requests = [bulk_pb2.ReverifyRequest(options=bulk_pb2.JobOptions(mode=bulk_pb2.REPLAY, job_id=job_id)),
+                bulk_pb2.ReverifyRequest(chunk=chunk),
+                bulk_pb2.ReverifyRequest(finish=bulk_pb2.Finish(drop_namespace=True))]
+    with grpc.insecure_channel(target) as channel:
+        answers = list(bulk_pb2_grpc.BulkVerificationStub(channel).Reverify(iter(requests), timeout=60))
+    assert [a.chunk_seq for a in answers] == [1]  # one answer per chunk, however it was sliced
+    return [[pb.Verdict.Name(r.verdict) for r in s.results] or [s.error] for s in answers[0].results]
+
+
+def test_a_chunk_runs_in_slices_smaller_beside_pos_traffic_with_the_same_answers(admin, target, pos,
+                                                                               monkeypatch):
+    """A job's chunk is judged in slices (small while the process serves POS calls); the answers
+    must not depend on where the slices cut: a pack replayed again after a slice boundary is a
+    DUPLICATE, errors stay in their settlement's place, and the chunk gets one answer, in order."""
+    from tracecode.server import bulk, priority
+    monkeypatch.setattr(bulk, "SLICE_BESIDE_POS", 7)
+    monkeypatch.setattr(bulk, "SLICE_ALONE", 50)
+    seen: list[bool] = []
+    real = priority.pos_traffic
+    monkeypatch.setattr(priority, "pos_traffic", lambda: seen.append(real()) or seen[-1])
+
+    codes = [cn20() for _ in range(120)]
+    load(admin, *(Row("t", 0, {"code": c, "product_id": "8123456"}) for c in codes))
+    settlements = [("SA", f"A{i}", [codes[i], codes[i + 1]]) for i in range(0, 120, 2)]  # 60, all OK
+    settlements.insert(33, ("SA", "", [codes[0]]))  # no settlement id: an error in its place
+    settlements += [("SB", f"B{i}", [codes[i]]) for i in range(0, 120, 9)]  # resold at another site
+    expected = [["OK", "OK"]] * 33 + [["settlement_id: required: 1-64 characters of A-Z a-z 0-9 . _ -"]] + [["OK", "OK"]] * 27 + \
+        [["DUPLICATE"]] * len(range(0, 120, 9))
+
+    monkeypatch.setattr(priority, "WINDOW_S", 0.0)  # no POS traffic counts: large slices
+    alone = _slicing_job(target, "slices-alone", settlements)
+    assert seen and not any(seen)
+    monkeypatch.setattr(priority, "WINDOW_S", 30.0)
+    pos.check([line(codes[0], "8123456")])  # a POS call through this server: small slices now
+    seen.clear()
+    beside = _slicing_job(target, "slices-beside-pos", settlements)
+    assert seen and all(seen) and len(seen) >= len(settlements) // 7
+    assert alone == beside == expected
