@@ -16,6 +16,8 @@ The parent does no gRPC work. It
     aggregates them (counters and histograms summed over workers, dead ones included so nothing
     goes backwards; gauges as declared in metrics.py), plus tracecode_workers and
     tracecode_worker_restarts_total;
+  - creates the file through which the workers share the time of the last POS call, so a bulk
+    job on any worker yields to POS calls on every worker (priority.py);
   - restarts a worker that dies (with backoff when it keeps dying);
   - forwards SIGTERM / SIGINT to the workers, which drain as a single server does, and exits 0
     once all have exited (SIGKILL after grace_s + a margin).
@@ -215,7 +217,7 @@ def supervise(config: Config) -> int:
     if os.environ.get(_WORKER_ENV):
         # Never supervise from inside a worker, whatever went wrong: no process avalanche.
         raise RuntimeError("tracecode worker process asked to supervise workers")
-    from . import app  # the parent sets up logging and the embedded Redis as a single server does
+    from . import app, priority  # the parent sets up logging and the embedded Redis as a single server does
     from .embedded_redis import RedisProcess
 
     app.setup_logging(config)
@@ -246,7 +248,9 @@ def supervise(config: Config) -> int:
             url = embedded.url
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         wconfig = _worker_config(config, listen, url)
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics.dir, _WORKER_ENV: "1"}
+        # The workers' shared POS clock (priority.py) lives beside their metrics files.
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics.dir, _WORKER_ENV: "1",
+               priority.SHARED_ENV: priority.create_shared(metrics.dir)}
         for w in workers:
             w.start(wconfig, env)
         # Every worker listening (or one failing) before the port is announced.

@@ -263,3 +263,22 @@ def test_a_chunk_runs_in_slices_smaller_beside_pos_traffic_with_the_same_answers
     beside = _slicing_job(target, "slices-beside-pos", settlements)
     assert seen and all(seen) and len(seen) >= len(settlements) // 7
     assert alone == beside == expected
+
+
+def test_workers_share_the_pos_clock_across_processes(tmp_path):
+    """With --workers N a POS call answered by one worker makes a job on another yield: the
+    timestamp lives in a file each process maps. Here the POS call happens in a real other
+    process; this one, attached to the same file, sees the traffic."""
+    from tracecode.server import priority
+    path = priority.create_shared(str(tmp_path))
+    priority.attach(path)
+    try:
+        assert not priority.pos_traffic()
+        code = ("from tracecode.server import priority\n"
+                "priority.foreground(lambda: None)()\n"
+                "assert priority.pos_traffic()\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                       env=dict(os.environ, **{priority.SHARED_ENV: path}))
+        assert priority.pos_traffic()
+    finally:
+        priority.attach(None)
