@@ -53,11 +53,13 @@ _ISSUANCE_FIELDS = (("p", "product_id"), ("g", "gtin"), ("b", "batch"), ("e", "e
 # topologies (failover). Every store write is idempotent, so the caller may simply retry.
 # READONLY: the node a kept connection talks to was demoted to a replica by a failover (its
 # script fails at its first write, so nothing was written); MASTERDOWN: a replica cut off from
-# its master; OOM: Redis at maxmemory refuses writes until memory is freed.
+# its master; OOM: Redis at maxmemory refuses writes until memory is freed; NOSCRIPT after the
+# scripts were just loaded again: the node serving the slot changed in between (failover).
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
                 redis.exceptions.TryAgainError, redis.exceptions.RedisClusterException,
                 redis.exceptions.AskError, redis.exceptions.ReadOnlyError,
-                redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError)
+                redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError,
+                redis.exceptions.NoScriptError)
 # The same for errors redis-py leaves as a plain ResponseError, by their Redis error code:
 # BUSY (a script over its time limit), NOREPLICAS (min-replicas-to-write not met).
 _UNAVAILABLE_CODES = ("BUSY ", "NOREPLICAS ")
@@ -275,6 +277,9 @@ class Store:
                 self._refresh_topology()
                 raise
             if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # A node without our scripts is a restarted or newly promoted one: on a cluster
+                # ask who the masters are now before loading them there.
+                self._refresh_topology()
                 self._load_scripts()
                 continue
             if attempt == 0 and self.cluster and any(isinstance(r, _MOVED) for r in results):

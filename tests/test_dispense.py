@@ -130,3 +130,20 @@ def test_late_retry_of_a_recorded_settlement_still_gets_its_answer(pos, admin, m
     with PosClient(strict) as late:
         again = late.verify("SITE-A", [line(code, "8123456")], settlement_id="late-1", settled_at=when)
     assert again.replayed and list(again.results) == list(first.results)
+
+
+def test_a_redis_that_lost_its_scripts_gets_them_again_and_answers(pos, admin, store):
+    """A restarted or newly promoted Redis has an empty script cache (Redis keeps none across
+    restarts or failovers): the first call meets NOSCRIPT, the store loads the scripts and sends
+    again, and the pharmacy sees an ordinary answer; a retry of the same settlement replays."""
+    codes = [cn20() for _ in range(3)]
+    load(admin, *(issuance(c, "8123456") for c in codes))
+    assert verdicts(pos.verify("SITE-NS", [line(codes[0], "8123456")])) == ["OK"]
+    store.r.script_flush()  # on every master of a cluster
+    sale = dict(settlement_id="ns-1", settled_at=datetime.now(timezone.utc))
+    resp = pos.verify("SITE-NS", [line(codes[1], "8123456"), line(codes[2], "8123456")], **sale)
+    assert verdicts(resp) == ["OK", "OK"] and resp.recorded
+    store.r.script_flush()
+    again = pos.verify("SITE-NS", [line(codes[1], "8123456"), line(codes[2], "8123456")], **sale)
+    assert again.replayed and verdicts(again) == ["OK", "OK"]
+    assert verdicts(pos.verify("SITE-NS2", [line(codes[0], "8123456")])) == ["DUPLICATE"]
