@@ -269,10 +269,18 @@ class Store:
                         replies = _pipeline(client, len(commands), _pack(commands))
                     for p, r in zip(positions, replies):
                         results[p] = r
-                    if need and not isinstance(replies[-1], Exception) and replies[-1] < need:
-                        raise StoreUnavailable(
-                            f"write reached {replies[-1]} of {need} replica(s) within "
-                            f"{self.limits.replica_ack_timeout_ms} ms; retry with the same settlement id")
+                    if need:
+                        acked, calls_ok = replies[-1], not all(isinstance(r, Exception) for r in replies[:-1])
+                        # A WAIT that failed (e.g. the node is a replica now) confirms nothing: if a
+                        # script may have written, the write is not acknowledged. If every script
+                        # failed, their own errors decide below (READONLY: refresh and resend).
+                        if isinstance(acked, Exception) and calls_ok:
+                            raise StoreUnavailable(f"replica acknowledgement failed: {acked}; "
+                                                   "retry with the same settlement id")
+                        if not isinstance(acked, Exception) and acked < need:
+                            raise StoreUnavailable(
+                                f"write reached {acked} of {need} replica(s) within "
+                                f"{self.limits.replica_ack_timeout_ms} ms; retry with the same settlement id")
             except _UNAVAILABLE:
                 self._refresh_topology()
                 raise

@@ -335,3 +335,33 @@ def test_redis_demoted_to_replica_answers_unavailable_not_unknown_and_recovers(t
         store.close()
         node.stop()
         primary.stop()
+
+
+def test_durable_write_not_acknowledged_when_wait_fails(tmp_path):
+    """With --min-replicas-acked, a settlement is acknowledged only once WAIT confirms its
+    replicas. A node that takes the write but cannot WAIT (a replica left writable by mistake:
+    `replica-read-only no`) must not be acknowledged: UNAVAILABLE, retry with the same id."""
+    primary = RedisProcess(str(tmp_path / "a"), port=free_port()).start()
+    node = RedisProcess(str(tmp_path / "b"), port=free_port()).start()
+    cfg = Config(listen="127.0.0.1:0", metrics_port=0, key_prefix="waitfail", threads=4, grace_s=0.5,
+                 redis_timeout_s=1.0, min_replicas_acked=1, replica_ack_timeout_ms=200)
+    store = make_store(cfg, node.url)
+    server = Server(cfg, store).start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        codes = issue(target, 1)
+        store.r.config_set("replica-read-only", "no")
+        store.r.replicaof("127.0.0.1", primary.port)
+        wait_for(lambda: store.r.info("replication")["master_link_status"] == "up", 10, "replica link")
+        load_direct = make_store(cfg, node.url)  # issue on the writable replica itself
+        load_direct.upsert_issuance([(codes[0], P, "", "B1", 0, 1, "M", "")], replace=True)
+        load_direct.close()
+        with PosClient(target, retries=0, deadline_s=5) as pos:
+            with pytest.raises(grpc.RpcError) as err:
+                pos.verify("SITE-W", [line(codes[0], P)], settlement_id="w-1")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    finally:
+        server.stop(0)
+        store.close()
+        node.stop()
+        primary.stop()
