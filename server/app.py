@@ -127,6 +127,12 @@ class HealthWatch(threading.Thread):
                 ok = self.store.ping()
             except StoreUnavailable:
                 ok = False
+            except Exception:  # noqa: BLE001 - e.g. an ACL that denies PING: down, and say why
+                # This thread must outlive any error: if it died, the status would stay as it
+                # was (SERVING) whatever happened to Redis afterwards.
+                if last is not False:
+                    log.exception("redis health ping failed")
+                ok = False
             metrics.REDIS_UP.set(1 if ok else 0)
             if ok != last:
                 (log.info if ok else log.error)("redis %s", "reachable: SERVING" if ok else "unreachable: NOT_SERVING")

@@ -563,3 +563,32 @@ def test_redis_acl_without_script_rights_is_internal_logged_not_leaked(config, t
             store.close()
     finally:
         redis.stop()
+
+
+def test_health_follows_a_redis_acl_that_stops_allowing_ping(config, tmp_path):
+    """The health watch outlives any error of its ping, not only "unreachable": an ACL change
+    that denies PING turns the server NOT_SERVING (it cannot tell Redis is fine), and allowing it
+    again turns it back to SERVING, without a restart."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ops_support import wait_for
+    redis = SecuredRedis(str(tmp_path / "r"), free_port(), user="tracecode", password="pw").start()
+    try:
+        pw = tmp_path / "redis.pw"
+        pw.write_text("pw\n")
+        cfg = config.replace(redis_cluster=False, redis_username="tracecode", redis_password_file=str(pw))
+        store = make_store(cfg, auth.redis_url(cfg, redis.url))
+        server = Server(cfg, store).start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                status = lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status  # noqa: E731
+                wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5, "SERVING")
+                store.r.acl_setuser("tracecode", commands=["-ping"])
+                wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 3, "NOT_SERVING")
+                store.r.acl_setuser("tracecode", commands=["+ping"])
+                wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 3, "SERVING again")
+        finally:
+            server.stop(0)
+            store.close()
+    finally:
+        redis.stop()
