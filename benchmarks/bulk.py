@@ -121,10 +121,7 @@ def main() -> int:
         print(f"ceiling: {ceil_records:,} records in {ceil_s:.2f} s = {ceiling_rps:,.0f} records/s", flush=True)
         store.drop_namespace(ceiling_keys)
 
-        server = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
-                                   "--redis-url", rp.url, "--metrics-port", "0", "--log-level", "WARNING"],
-                                  stdout=subprocess.PIPE, text=True, env=common.env_for_subprocess())
-        port = int(server.stdout.readline().split()[-1])
+        server, port = common.start_serve(rp.url)
         out = os.path.join(tmp, "report")
         redis_cpu0 = redis_cpu(store)
         server_cpu0 = common.tree_cpu(server.pid)  # supervisor + workers
@@ -175,11 +172,7 @@ def main() -> int:
         print(f"ratio to ceiling: {doc['ratio_to_ceiling']:.2f}; written {common.write_results('bulk.json', doc)}")
         return 0
     finally:
-        if server:
-            server.terminate()
-            server.wait(30)
-        store.close()
-        rp.stop()
+        common.stop_all(server, store, rp)
 
 
 if __name__ == "__main__":

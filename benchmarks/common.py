@@ -177,3 +177,25 @@ def env_for_subprocess() -> dict:
 
 def python() -> str:
     return sys.executable
+
+
+def start_serve(redis_url: str, metrics_port: int = 0, log_level: str = "WARNING") -> tuple[subprocess.Popen, int]:
+    """`tracecode serve` (its default workers) on a free port; returns the process and the port
+    once it is listening."""
+    proc = subprocess.Popen([python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+                             "--redis-url", redis_url, "--metrics-port", str(metrics_port), "--log-level", log_level],
+                            stdout=subprocess.PIPE, text=True, env=env_for_subprocess())
+    from tracecode.server.workers import READY_PREFIX
+    while not (line := proc.stdout.readline()).startswith(READY_PREFIX):
+        if not line:
+            raise SystemExit(f"tracecode serve exited with {proc.wait()} before listening")
+    return proc, int(line.split()[-1])
+
+
+def stop_all(server: subprocess.Popen | None, store: Store, rp: RedisProcess) -> None:
+    """A benchmark's teardown: the serve process (drained), the store's connections, Redis."""
+    if server:
+        server.terminate()
+        server.wait(30)
+    store.close()
+    rp.stop()

@@ -131,13 +131,7 @@ def main() -> int:
         alone_records = 150_000
         generate(alone_export, codes[POS_CODES:], alone_records)
         metrics_port = free_port()
-        server = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
-                                   "--redis-url", url, "--metrics-port", str(metrics_port), "--log-level", "ERROR"],
-                                  stdout=subprocess.PIPE, text=True, env=common.env_for_subprocess())
-        while not (ready := server.stdout.readline()).startswith("tracecode listening on port "):
-            if not ready:
-                raise SystemExit("mixed: tracecode serve did not start")
-        port = int(ready.split()[-1])
+        server, port = common.start_serve(url, metrics_port, log_level="ERROR")
         run = Run(args, tmp, port, metrics_port, pos_file, export)
         phases = [run.pos("POS alone")]
         for _ in range(args.reps):
@@ -157,11 +151,7 @@ def main() -> int:
         print(f"written {common.write_results(args.out, doc)}")
         return 0
     finally:
-        if server:
-            server.terminate()
-            server.wait(30)
-        store.close()
-        rp.stop()
+        common.stop_all(server, store, rp)
 
 
 if __name__ == "__main__":

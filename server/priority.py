@@ -19,9 +19,9 @@ import time
 WINDOW_S = 1.0  # a POS call within this long ago counts as POS traffic
 SHARED_ENV = "TRACECODE_INTERNAL_POS_CLOCK"  # path of the workers' shared timestamp file
 
-_last_pos_call = float("-inf")  # this process's own, when no shared file is attached
-_shared: mmap.mmap | None = None
 _STAMP = struct.Struct("d")
+# Where the timestamp lives: this process's own buffer, or the workers' shared file (attach).
+_clock: bytearray | mmap.mmap = bytearray(_STAMP.size)
 
 
 def create_shared(directory: str) -> str:
@@ -34,33 +34,27 @@ def create_shared(directory: str) -> str:
 
 def attach(path: str | None) -> None:
     """Read and write the shared timestamp at `path` (None: this process's own again)."""
-    global _shared
-    if _shared is not None:
-        _shared.close()
-        _shared = None
+    global _clock
+    if isinstance(_clock, mmap.mmap):
+        _clock.close()
+    _clock = bytearray(_STAMP.size)
     if path:
         with open(path, "r+b") as fh:
-            _shared = mmap.mmap(fh.fileno(), _STAMP.size)
+            _clock = mmap.mmap(fh.fileno(), _STAMP.size)
 
 
 def foreground(method):
     """Marks a gRPC handler as POS traffic."""
     @functools.wraps(method)
     def handler(*args, **kwargs):
-        global _last_pos_call
-        now = time.monotonic()
-        if _shared is not None:
-            _STAMP.pack_into(_shared, 0, now)
-        else:
-            _last_pos_call = now
+        _STAMP.pack_into(_clock, 0, time.monotonic())
         return method(*args, **kwargs)
     return handler
 
 
 def pos_traffic() -> bool:
     """Whether this server (any of its workers) has answered a POS call within WINDOW_S."""
-    last = _STAMP.unpack_from(_shared, 0)[0] if _shared is not None else _last_pos_call
-    return time.monotonic() - last < WINDOW_S
+    return time.monotonic() - _STAMP.unpack_from(_clock, 0)[0] < WINDOW_S
 
 
 attach(os.environ.get(SHARED_ENV))

@@ -67,8 +67,10 @@ _UNAVAILABLE_CODES = ("BUSY ", "NOREPLICAS ")
 _MOVED = (redis.exceptions.AskError, redis.exceptions.ReadOnlyError)
 
 
-def _unavailable_code(reply) -> bool:
-    return isinstance(reply, redis.ResponseError) and str(reply).startswith(_UNAVAILABLE_CODES)
+def _unavailable(error) -> bool:
+    """Whether a redis-py error (raised, or a reply in a pipeline) means "retry later"."""
+    return isinstance(error, _UNAVAILABLE) or (
+        isinstance(error, redis.ResponseError) and str(error).startswith(_UNAVAILABLE_CODES))
 
 
 def _wrap_errors(fn):
@@ -76,9 +78,11 @@ def _wrap_errors(fn):
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis unavailable: {exc}") from exc
-        except redis.ResponseError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            if _unavailable(exc):
+                raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+            if not isinstance(exc, redis.ResponseError):
+                raise
             msg = str(exc)
             if msg.startswith("TCCONFLICT"):
                 raise SettlementConflict(msg.partition(" ")[2]) from None
@@ -88,8 +92,6 @@ def _wrap_errors(fn):
                 raise ReturnWindowClosed(int(msg.split()[1])) from None
             if msg.startswith("TCBADLINE"):
                 raise BadLineIndex(int(msg.split()[1])) from None
-            if msg.startswith(_UNAVAILABLE_CODES):
-                raise StoreUnavailable(f"redis unavailable: {msg}") from exc
             raise
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
@@ -270,11 +272,12 @@ class Store:
                     for p, r in zip(positions, replies):
                         results[p] = r
                     if need:
-                        acked, calls_ok = replies[-1], not all(isinstance(r, Exception) for r in replies[:-1])
+                        acked = replies[-1]
+                        may_have_written = any(not isinstance(r, Exception) for r in replies[:-1])
                         # A WAIT that failed (e.g. the node is a replica now) confirms nothing: if a
                         # script may have written, the write is not acknowledged. If every script
                         # failed, their own errors decide below (READONLY: refresh and resend).
-                        if isinstance(acked, Exception) and calls_ok:
+                        if isinstance(acked, Exception) and may_have_written:
                             raise StoreUnavailable(f"replica acknowledgement failed: {acked}; "
                                                    "retry with the same settlement id")
                         if not isinstance(acked, Exception) and acked < need:
@@ -294,7 +297,7 @@ class Store:
                 self._refresh_topology()
                 continue
             for r in results:
-                if isinstance(r, _UNAVAILABLE) or _unavailable_code(r):
+                if _unavailable(r):
                     raise r
             return results
         raise AssertionError("unreachable")

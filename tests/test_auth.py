@@ -537,58 +537,48 @@ def test_redis_url_building():
     assert auth.redis_url(Config(), "redis://h:1/0") == "redis://h:1/0"  # nothing set: unchanged
 
 
-def test_redis_acl_without_script_rights_is_internal_logged_not_leaked(config, tmp_path, caplog):
+@pytest.fixture
+def acl_server(config, tmp_path):
+    """A server over a Redis of its own behind the ACL user `tracecode` (password "pw"), which
+    the test may change at run time through the returned store: (server, store)."""
+    redis = SecuredRedis(str(tmp_path / "r"), free_port(), user="tracecode", password="pw").start()
+    pw = tmp_path / "redis.pw"
+    pw.write_text("pw\n")
+    cfg = config.replace(redis_cluster=False, redis_username="tracecode", redis_password_file=str(pw))
+    store = make_store(cfg, auth.redis_url(cfg, redis.url))
+    server = Server(cfg, store).start()
+    yield server, store
+    server.stop(0)
+    store.close()
+    redis.stop()
+
+
+def test_redis_acl_without_script_rights_is_internal_logged_not_leaked(acl_server, caplog):
     """An operator's mistake, not the pharmacy's: a Redis user that may not run scripts. The POS
     gets INTERNAL with a fixed message (no Redis text), the log gets the traceback."""
-    redis = SecuredRedis(str(tmp_path / "r"), free_port(), user="tracecode", password="pw").start()
-    try:
-        pw = tmp_path / "redis.pw"
-        pw.write_text("pw\n")
-        cfg = config.replace(redis_cluster=False, redis_username="tracecode", redis_password_file=str(pw))
-        store = make_store(cfg, auth.redis_url(cfg, redis.url))
-        store.r.acl_setuser("tracecode", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
-                            commands=["+@all", "-evalsha", "-eval"])
-        server = Server(cfg, store).start()
-        try:
-            with PosClient(f"127.0.0.1:{server.port}", deadline_s=5, retries=0) as pos, \
-                    caplog.at_level(logging.ERROR, logger="tracecode"):
-                with pytest.raises(grpc.RpcError) as err:
-                    pos.verify("ACL-SITE", [line(cn20(), P)], settlement_id="acl-1")
-            assert code_of(err) == grpc.StatusCode.INTERNAL
-            assert "NOPERM" not in err.value.details() and "evalsha" not in err.value.details().lower()
-            logged = [r for r in caplog.records if r.exc_info]
-            assert logged and "evalsha" in str(logged[0].exc_info[1]).lower()
-        finally:
-            server.stop(0)
-            store.close()
-    finally:
-        redis.stop()
+    server, store = acl_server
+    store.r.acl_setuser("tracecode", commands=["-evalsha", "-eval"])
+    with PosClient(f"127.0.0.1:{server.port}", deadline_s=5, retries=0) as pos, \
+            caplog.at_level(logging.ERROR, logger="tracecode"):
+        with pytest.raises(grpc.RpcError) as err:
+            pos.verify("ACL-SITE", [line(cn20(), P)], settlement_id="acl-1")
+    assert code_of(err) == grpc.StatusCode.INTERNAL
+    assert "NOPERM" not in err.value.details() and "evalsha" not in err.value.details().lower()
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and "evalsha" in str(logged[0].exc_info[1]).lower()
 
 
-def test_health_follows_a_redis_acl_that_stops_allowing_ping(config, tmp_path):
+def test_health_follows_a_redis_acl_that_stops_allowing_ping(acl_server):
     """The health watch outlives any error of its ping, not only "unreachable": an ACL change
     that denies PING turns the server NOT_SERVING (it cannot tell Redis is fine), and allowing it
     again turns it back to SERVING, without a restart."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from ops_support import wait_for
-    redis = SecuredRedis(str(tmp_path / "r"), free_port(), user="tracecode", password="pw").start()
-    try:
-        pw = tmp_path / "redis.pw"
-        pw.write_text("pw\n")
-        cfg = config.replace(redis_cluster=False, redis_username="tracecode", redis_password_file=str(pw))
-        store = make_store(cfg, auth.redis_url(cfg, redis.url))
-        server = Server(cfg, store).start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                status = lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status  # noqa: E731
-                wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5, "SERVING")
-                store.r.acl_setuser("tracecode", commands=["-ping"])
-                wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 3, "NOT_SERVING")
-                store.r.acl_setuser("tracecode", commands=["+ping"])
-                wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 3, "SERVING again")
-        finally:
-            server.stop(0)
-            store.close()
-    finally:
-        redis.stop()
+    server, store = acl_server
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status = lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status  # noqa: E731
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5, "SERVING")
+        store.r.acl_setuser("tracecode", commands=["-ping"])
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 3, "NOT_SERVING")
+        store.r.acl_setuser("tracecode", commands=["+ping"])
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 3, "SERVING again")
