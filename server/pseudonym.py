@@ -24,14 +24,14 @@ import re
 import secrets
 import stat
 
-__all__ = ["KeyError_", "Pseudonymizer", "normalise", "generate_key_file", "MIN_KEY_BYTES"]
+__all__ = ["PseudonymKeyError", "Pseudonymizer", "normalise", "generate_key_file", "MIN_KEY_BYTES"]
 
 MIN_KEY_BYTES = 32
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_-]{1,16}\.[0-9a-f]{32}$")
 
 
-class KeyError_(ValueError):
+class PseudonymKeyError(ValueError):
     """The key file is missing, unreadable, too short or readable by others."""
 
 
@@ -47,9 +47,9 @@ class Pseudonymizer:
 
     def __init__(self, key: bytes, key_id: str = "k1"):
         if len(key) < MIN_KEY_BYTES:
-            raise KeyError_(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
+            raise PseudonymKeyError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
         if not _KEY_ID.match(key_id):
-            raise KeyError_(f"pseudonym key id {key_id!r} must be 1-16 of [A-Za-z0-9_-]")
+            raise PseudonymKeyError(f"pseudonym key id {key_id!r} must be 1-16 of [A-Za-z0-9_-]")
         self.key_id = key_id
         self._key = bytes(key)
 
@@ -77,24 +77,24 @@ class Pseudonymizer:
             with open(path, encoding="ascii") as fh:
                 text = fh.read().strip()
         except OSError as exc:
-            raise KeyError_(f"pseudonym key file {path}: {exc.strerror}") from None
+            raise PseudonymKeyError(f"pseudonym key file {path}: {exc.strerror}") from None
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyError_(f"pseudonym key file {path} is readable by group or others "
+            raise PseudonymKeyError(f"pseudonym key file {path} is readable by group or others "
                             f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
         key_id, sep, hexkey = text.partition(":")
         if not sep:
-            raise KeyError_(f"pseudonym key file {path}: expected one line KEY_ID:HEX")
+            raise PseudonymKeyError(f"pseudonym key file {path}: expected one line KEY_ID:HEX")
         try:
             key = bytes.fromhex(hexkey)
         except ValueError:
-            raise KeyError_(f"pseudonym key file {path}: the key is not hex") from None
+            raise PseudonymKeyError(f"pseudonym key file {path}: the key is not hex") from None
         return cls(key, key_id)
 
 
 def generate_key_file(path: str, key_id: str = "k1") -> str:
     """Write a new random key file (mode 0600, never overwriting one) and return its path."""
     if not _KEY_ID.match(key_id):
-        raise KeyError_(f"pseudonym key id {key_id!r} must be 1-16 of [A-Za-z0-9_-]")
+        raise PseudonymKeyError(f"pseudonym key id {key_id!r} must be 1-16 of [A-Za-z0-9_-]")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(f"{key_id}:{secrets.token_hex(MIN_KEY_BYTES)}\n")
