@@ -175,6 +175,11 @@ def cmd_demo(args) -> int:
     return run()
 
 
+def cmd_console(args) -> int:
+    from tracecode.console.cli import main as console_main  # the console extra: pip install .[console]
+    return console_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tracecode.server import config as cfg
     p = argparse.ArgumentParser(prog="tracecode", description="Drug traceability-code verification")
@@ -259,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
     d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("console", add_help=False, help="the leads ledger web console (`tracecode console -h`)")
+    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.set_defaults(func=cmd_console)
     return p
 
 

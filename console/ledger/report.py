@@ -1,0 +1,244 @@
+"""The weekly report (打击欺诈骗保工作周报表), per region and week (Monday to Sunday, the
+console's time zone), built from the ledger's actions, inspections and batches.
+
+`build(region, week_start)` counts; `content_json` is the canonical JSON of a report (what a
+snapshot freezes and hashes); `xlsx(content)` writes the bureau's layout from that content, so a
+submitted report's spreadsheet is rebuilt byte-for-byte the same from its snapshot, whatever
+happened in the ledger since.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Action, Inspection, Lead, ReportSnapshot, Site
+from .rules import ACTION_TYPES, CAUSES, HANDED_DOWN, SOURCE_LABELS, Cause, Party, Source, Status
+
+KINDS = ("INSTITUTION", "PHARMACY", "")  # 定点医疗机构, 定点药店, 类别不明
+KIND_HEADERS = ("定点医疗机构", "定点药店", "类别不明")
+MONEY = ("amount_wan", "monthly_turnover_wan", "violation_wan", "confiscated_wan")
+
+
+def week_of(day: date) -> date:
+    return day - timedelta(days=day.weekday())
+
+
+def _money(v) -> str:
+    return str((v or Decimal(0)).quantize(Decimal("0.01")))
+
+
+@dataclass
+class InstitutionRow:
+    code: str
+    label: str
+    counts: dict[str, int]                 # site kind -> distinct institutions
+    money: dict[str, dict[str, str]]       # figure -> site kind -> 万元 (only the figures the row keeps)
+
+
+@dataclass
+class PersonRow:
+    code: str
+    label: str
+    persons: int
+    amount_wan: str | None = None
+
+
+@dataclass
+class BatchRow:
+    source: str
+    source_label: str
+    number: str
+    received_on: str
+    received: int
+    closed: int
+    confirmed: int
+
+
+@dataclass
+class WeeklyReport:
+    region: str
+    week_start: str
+    week_end: str
+    institutions: list[InstitutionRow]
+    institution_total: InstitutionRow
+    remarks: dict[str, str]
+    persons: list[PersonRow]
+    person_total: PersonRow
+    batches: list[BatchRow] = field(default_factory=list)
+
+
+def build(region: str, week_start: date) -> dict:
+    """The report's content (a JSON-ready dict) for a region and the week starting week_start."""
+    week_start = week_of(week_start)
+    week_end = week_start + timedelta(days=6)
+    acts = list(Action.objects.filter(region=region, decided_on__gte=week_start, decided_on__lte=week_end))
+
+    inst_rows = []
+    all_sites: dict[str, set[str]] = {k: set() for k in KINDS}
+    totals = {f: {k: Decimal(0) for k in KINDS} for f in MONEY}
+    for at in (a for a in ACTION_TYPES if a.party == Party.INSTITUTION):
+        mine = [a for a in acts if a.code == at.code]
+        counts = {k: len({a.subject_id for a in mine if a.site_kind == k}) for k in KINDS}
+        figures = (["amount_wan"] if at.money else []) + (
+            ["monthly_turnover_wan", "violation_wan", "confiscated_wan"] if at.reduced_loss else [])
+        money = {}
+        for f in figures:
+            money[f] = {}
+            for k in KINDS:
+                s = sum((getattr(a, f) or Decimal(0) for a in mine if a.site_kind == k), Decimal(0))
+                money[f][k] = _money(s)
+                totals[f][k] += s
+        for a in mine:
+            all_sites[a.site_kind].add(a.subject_id)
+        inst_rows.append(InstitutionRow(at.code, at.label, counts, money))
+    inst_total = InstitutionRow("TOTAL", "合计（不重复数）", {k: len(v) for k, v in all_sites.items()},
+                                {f: {k: _money(v) for k, v in totals[f].items()} for f in MONEY})
+
+    inspections = Inspection.objects.filter(region=region, inspected_on__gte=week_start, inspected_on__lte=week_end)
+    fund = sum((a.amount_wan or 0 for a in acts if a.code == "RECOVER_FUND"), Decimal(0))
+    personal = sum((a.amount_wan or 0 for a in acts if a.code == "RECOVER_PATIENT"), Decimal(0))
+    remarks = {
+        "辖区定点医药机构数": str(Site.objects.filter(region=region).count()),
+        "检查机构数": str(inspections.values("site_id").distinct().count()),
+        "其中现场检查": str(inspections.filter(on_site=True).values("site_id").distinct().count()),
+        "追回资金（万元）": _money(fund + personal),
+        "其中追回医保基金（万元）": _money(fund),
+        "其中为患者追回资金（万元）": _money(personal),
+    }
+
+    person_rows = []
+    persons_all: set[str] = set()
+    for at in (a for a in ACTION_TYPES if a.party == Party.PERSON):
+        mine = [a for a in acts if a.code == at.code]
+        who = {a.subject_id for a in mine}
+        persons_all |= who
+        amount = _money(sum((a.amount_wan or 0 for a in mine), Decimal(0))) if at.money else None
+        person_rows.append(PersonRow(at.code, at.label, len(who), amount))
+    person_total = PersonRow("TOTAL", "合计（不重复数）", len(persons_all),
+                             _money(sum((a.amount_wan or 0 for a in acts if a.code == "P_RECOVER"), Decimal(0))))
+
+    # （三）: every handed-down batch with leads in the region, as it stands at the week's end.
+    end_at = timezone.make_aware(datetime.combine(week_end + timedelta(days=1), time.min))
+    batch_rows = []
+    leads = (Lead.objects.filter(region=region, source__in=[s.value for s in HANDED_DOWN], batch__isnull=False,
+                                 batch__received_on__lte=week_end).select_related("batch"))
+    by_batch: dict[int, list[Lead]] = {}
+    for lead in leads:
+        by_batch.setdefault(lead.batch_id, []).append(lead)
+    fraud = {c.value for c, rule in CAUSES.items() if rule.fraud}
+    for group in sorted(by_batch.values(), key=lambda g: (g[0].batch.received_on, g[0].batch.source, g[0].batch.number)):
+        b = group[0].batch
+        batch_rows.append(BatchRow(
+            b.source, SOURCE_LABELS[Source(b.source)], b.number, b.received_on.isoformat(), len(group),
+            sum(1 for l in group if l.status == Status.CLOSED.value and l.closed_at and l.closed_at < end_at),
+            sum(1 for l in group if l.cause in fraud and l.status in (Status.CONFIRMED.value, Status.CLOSED.value))))
+    report = WeeklyReport(region, week_start.isoformat(), week_end.isoformat(), inst_rows, inst_total, remarks,
+                          person_rows, person_total, batch_rows)
+    return asdict(report)
+
+
+def content_json(content: dict) -> str:
+    return json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def sha256(content: dict) -> str:
+    return hashlib.sha256(content_json(content).encode("utf-8")).hexdigest()
+
+
+@transaction.atomic
+def submit(region: str, week_start: date, user) -> ReportSnapshot:
+    """Freeze the report as sent. A week's report is submitted once; later ledger changes do not alter it."""
+    from .roles import has
+    from .rules import Perm
+    from .workflow import Forbidden, RuleError
+    if not has(user, Perm.SUBMIT_REPORT):
+        raise Forbidden("无权限报送周报表")
+    week_start = week_of(week_start)
+    existing = ReportSnapshot.objects.filter(region=region, week_start=week_start).first()
+    if existing:
+        raise RuleError(f"{region} {week_start} 周报表已于 {existing.submitted_at:%Y-%m-%d %H:%M} 报送")
+    content = build(region, week_start)
+    return ReportSnapshot.objects.create(region=region, week_start=week_start, content=content_json(content),
+                                         sha256=sha256(content), submitted_by=user.username)
+
+
+def snapshot_content(snap: ReportSnapshot) -> dict:
+    content = json.loads(snap.content)
+    if sha256(content) != snap.sha256:
+        raise ValueError(f"report snapshot {snap.pk}: content does not match its hash")
+    return content
+
+
+# --- the spreadsheet -----------------------------------------------------------------------
+
+SHEET_TITLES = ("（一）定点服务机构", "（二）参保人员", "（三）线索办理情况")
+FIGURE_HEADERS = {"amount_wan": "金额（万元）", "monthly_turnover_wan": "月营业额（万元）",
+                  "violation_wan": "违规额（万元）", "confiscated_wan": "罚没额（万元）"}
+
+
+def xlsx(content: dict, *, sha: str = "") -> bytes:
+    from openpyxl import Workbook
+    from openpyxl.styles import Alignment, Font
+    from openpyxl.utils import get_column_letter
+
+    wb = Workbook()
+    bold = Font(bold=True)
+    center = Alignment(horizontal="center", vertical="center", wrap_text=True)
+    title = f"打击欺诈骗保工作周报表（{content['region']}，{content['week_start']} 至 {content['week_end']}）"
+
+    # （一）
+    ws = wb.active
+    ws.title = SHEET_TITLES[0]
+    ws.append([title])
+    ws.append(["序号", "处理类型"] + [f"{h}（家）" for h in KIND_HEADERS]
+              + [f"{FIGURE_HEADERS[f]}·{h}" for f in MONEY for h in KIND_HEADERS])
+    rows = content["institutions"] + [content["institution_total"]]
+    for i, row in enumerate(rows, start=1):
+        money = [row["money"].get(f, {}).get(k, "") for f in MONEY for k in KINDS]
+        ws.append([i if row["code"] != "TOTAL" else "", row["label"]] + [row["counts"][k] for k in KINDS]
+                  + [float(m) if m != "" else None for m in money])
+    ws.append([])
+    ws.append(["备注"])
+    for k, v in content["remarks"].items():
+        ws.append([k, float(v) if "." in v else int(v)])
+
+    # （二）
+    ws2 = wb.create_sheet(SHEET_TITLES[1])
+    ws2.append([title])
+    ws2.append(["序号", "处理类型", "人数（人）", "金额（万元）"])
+    for i, row in enumerate(content["persons"] + [content["person_total"]], start=1):
+        ws2.append([i if row["code"] != "TOTAL" else "", row["label"], row["persons"],
+                    float(row["amount_wan"]) if row["amount_wan"] is not None else None])
+
+    # （三）
+    ws3 = wb.create_sheet(SHEET_TITLES[2])
+    ws3.append([title])
+    ws3.append(["序号", "线索来源", "批次", "移交日期", "移交总数", "已办结数量", "查证属实线索数量"])
+    for i, b in enumerate(content["batches"], start=1):
+        ws3.append([i, b["source_label"], b["number"], b["received_on"], b["received"], b["closed"], b["confirmed"]])
+    tot = ["", "合计", "", "", sum(b["received"] for b in content["batches"]),
+           sum(b["closed"] for b in content["batches"]), sum(b["confirmed"] for b in content["batches"])]
+    ws3.append(tot)
+
+    for sheet in wb.worksheets:
+        sheet["A1"].font = Font(bold=True, size=13)
+        for cell in sheet[2]:
+            cell.font, cell.alignment = bold, center
+        for col in range(1, sheet.max_column + 1):
+            sheet.column_dimensions[get_column_letter(col)].width = 16 if col > 1 else 6
+        if sha:
+            sheet.append([])
+            sheet.append([f"报送快照 SHA-256：{sha}"])
+    # Fixed document properties: the same content gives the same bytes.
+    wb.properties.creator = "tracecode console"
+    wb.properties.created = wb.properties.modified = datetime(2024, 1, 1)
+    buf = io.BytesIO()
+    wb.save(buf)
+    return buf.getvalue()
