@@ -99,7 +99,7 @@ def deliver(req: SanctionRequest, *, insured_id: str = "") -> SanctionRequest:
     the approver typed it (checked against the lead's pseudonym by the view); it is passed to the
     service and never stored, so an owed card suspension whose call failed needs it again."""
     with transaction.atomic():
-        req = SanctionRequest.objects.select_for_update().select_related("lead", "approved_by").get(pk=req.pk)
+        req = SanctionRequest.objects.select_for_update(of=("self",)).select_related("lead", "approved_by").get(pk=req.pk)
         if not req.call:
             return req
         call = req.call
