@@ -173,7 +173,8 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     snap = ReportSnapshot.objects.get(region=region, week_start=WEEK)
     frozen = c.get(f"/reports/snapshots/{snap.pk}.xlsx").content
     s = next(iter(kinds))
-    workflow.record_action(leads[s], workflow.ActionInput("CRITICISM", s, WEEK + timedelta(days=1)), ins)
+    workflow.record_action(leads[s], workflow.ActionInput("RECOVER_FUND", s, WEEK + timedelta(days=1),
+                                                                amount_wan=Decimal("1.00")), ins)
     assert report.build(region, WEEK) != content
     assert c.get(f"/reports/snapshots/{snap.pk}.xlsx").content == frozen
     assert report.sha256(report.snapshot_content(snap)) == snap.sha256
