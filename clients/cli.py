@@ -32,6 +32,9 @@ def cmd_serve(args) -> int:
     try:
         config = cfg.from_args(args)
         from_config(config)  # the security settings, checked before anything starts
+        if config.pseudonym_key_file:  # a given key file must be usable before anything starts
+            from tracecode.server.pseudonym import Pseudonymizer
+            Pseudonymizer.from_file(config.pseudonym_key_file)
     except (ValueError, OSError) as exc:  # a setting wrong, missing or unreadable: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2
