@@ -1,6 +1,7 @@
-"""The regulator operators' client: issuance uploads (streamed), status changes, recalls."""
+"""The regulator operators' client: issuance uploads (streamed), status changes, recalls, sanctions."""
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Callable, Iterable, Iterator
 
 import grpc
@@ -104,39 +105,25 @@ class AdminClient:
         return self.stub.GetIssuance(apb.GetIssuanceRequest(raw_code=raw_code),
                                      timeout=self.timeout_s, metadata=self.metadata)
 
-
-# --- sanctions (Admin.SetSanction / LiftSanction / ListSanctions; shared/spec/ledger.md) ----------
-
-def _ts(when):
-    from google.protobuf import timestamp_pb2
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when)
-    return ts
-
-
-class SanctionsClient(AdminClient):
-    """AdminClient with the sanctions calls (used by the ledger console's gateway)."""
-
-    def set_sanction(self, *, request_id: str, kind: str, site_id: str = "", insured_id: str = "",
-                     valid_from=None, valid_until=None, reason: str = "", reference: str = "",
-                     actor: str = "", timeout_s: float | None = None) -> apb.Sanction:
-        req = apb.SetSanctionRequest(request_id=request_id, kind=apb.SanctionKind.Value(kind),
-                                     site_id=site_id, insured_id=insured_id, reason=reason,
-                                     reference=reference, actor=actor)
+    # Sanctions (docs/verification.md, "Sanctions").
+    def set_sanction(self, kind: str, *, request_id: str, site_id: str = "", insured_id: str = "",
+                     valid_from: datetime | None = None, valid_until: datetime | None = None,
+                     reason: str = "", reference: str = "", actor: str = "") -> apb.Sanction:
+        req = apb.SetSanctionRequest(request_id=request_id, kind=apb.SanctionKind.Value(kind), site_id=site_id,
+                                     insured_id=insured_id, reason=reason, reference=reference, actor=actor)
         if valid_from is not None:
-            req.valid_from.CopyFrom(_ts(valid_from))
+            req.valid_from.FromDatetime(valid_from)
         if valid_until is not None:
-            req.valid_until.CopyFrom(_ts(valid_until))
-        return self.stub.SetSanction(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+            req.valid_until.FromDatetime(valid_until)
+        return self.stub.SetSanction(req, timeout=self.timeout_s, metadata=self.metadata)
 
-    def lift_sanction(self, sanction_id: str, *, reason: str = "", actor: str = "",
-                      timeout_s: float | None = None) -> apb.Sanction:
+    def lift_sanction(self, sanction_id: str, reason: str = "", actor: str = "") -> apb.Sanction:
         return self.stub.LiftSanction(apb.LiftSanctionRequest(sanction_id=sanction_id, reason=reason, actor=actor),
-                                      timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+                                      timeout=self.timeout_s, metadata=self.metadata)
 
-    def list_sanctions(self, *, site_id: str = "", insured_pseudonym: str = "", reference: str = "",
-                       include_history: bool = False, timeout_s: float | None = None) -> list[apb.Sanction]:
-        resp = self.stub.ListSanctions(apb.ListSanctionsRequest(
-            site_id=site_id, insured_pseudonym=insured_pseudonym, reference=reference,
-            include_history=include_history), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
-        return list(resp.sanctions)
+    def list_sanctions(self, *, site_id: str = "", insured_id: str = "", insured_pseudonym: str = "",
+                       include_history: bool = False, reference: str = "") -> list[apb.Sanction]:
+        return list(self.stub.ListSanctions(apb.ListSanctionsRequest(
+            site_id=site_id, insured_id=insured_id, insured_pseudonym=insured_pseudonym,
+            include_history=include_history, reference=reference),
+            timeout=self.timeout_s, metadata=self.metadata).sanctions)

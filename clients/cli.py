@@ -32,6 +32,9 @@ def cmd_serve(args) -> int:
     try:
         config = cfg.from_args(args)
         from_config(config)  # the security settings, checked before anything starts
+        if config.pseudonym_key_file:  # a given key file must be usable before anything starts
+            from tracecode.server.pseudonym import Pseudonymizer
+            Pseudonymizer.from_file(config.pseudonym_key_file)
     except (ValueError, OSError) as exc:  # a setting wrong, missing or unreadable: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,8 +84,15 @@ def cmd_load(args) -> int:
 def cmd_verify(args) -> int:
     from .pos import PosClient, line
     with PosClient(args.server, **_connection(args)) as pos:
-        resp = pos.verify(args.site, [line(c, args.product, args.units) for c in args.codes],
-                          settlement_id=args.settlement_id, all_or_nothing=args.all_or_nothing)
+        try:
+            resp = pos.verify(args.site, [line(c, args.product, args.units) for c in args.codes],
+                              settlement_id=args.settlement_id, all_or_nothing=args.all_or_nothing,
+                              insured_id=_insured_arg(args.insured_id))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            print(f"REFUSED: {exc.details()}")  # a sanction binds the site or the person
+            return 4
     _print_results(resp)
     return 0 if all(r.verdict == pb.OK for r in resp.results) else 3
 
@@ -138,6 +148,55 @@ def cmd_reverify(args) -> int:
     flagged = sum(n for v, n in summary["verdicts"].items() if v != "OK")
     print(f"{summary['records']} records, {flagged} flagged, {summary['bad_records']} bad; "
           f"rings: {summary['rings']}; report in {args.out}")
+    return 0
+
+
+def _insured_arg(value: str | None) -> str:
+    # "-": read the id from stdin, so a person's id stays out of shell history and `ps`.
+    return sys.stdin.readline().strip() if value == "-" else (value or "")
+
+
+def _when(text: str | None):
+    from datetime import datetime
+    if not text:
+        return None
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        raise SystemExit(f"error: {text!r} needs an offset, e.g. 2026-12-01T00:00:00+08:00")
+    return t
+
+
+def _print_sanction(s) -> None:
+    from tracecode.v1 import admin_pb2 as apb
+    until = s.valid_until.ToJsonString() if s.HasField("valid_until") else "until lifted"
+    lifted = f" lifted {s.lifted_at.ToJsonString()} by {s.lifted_by}" if s.HasField("lifted_at") else ""
+    print(f"{s.sanction_id} {apb.SanctionKind.Name(s.kind)} {apb.SanctionSubject.Name(s.subject)}:{s.subject_id} "
+          f"from {s.valid_from.ToJsonString()} {until} in_force={s.in_force} ref={s.reference!r} "
+          f"by {s.actor}{lifted}: {s.reason}")
+
+
+def cmd_sanction(args) -> int:
+    from .admin import AdminClient
+    admin = AdminClient(args.server, **_connection(args))
+    try:
+        if args.action == "set":
+            _print_sanction(admin.set_sanction(
+                args.kind, request_id=args.request_id, site_id=args.site or "",
+                insured_id=_insured_arg(args.insured_id), valid_from=_when(args.valid_from),
+                valid_until=_when(args.valid_until), reason=args.reason, reference=args.reference,
+                actor=args.actor))
+        elif args.action == "lift":
+            _print_sanction(admin.lift_sanction(args.sanction_id, args.reason, args.actor))
+        else:
+            for s in admin.list_sanctions(site_id=args.site or "", insured_id=_insured_arg(args.insured_id),
+                                          insured_pseudonym=args.pseudonym or "",
+                                          include_history=args.history, reference=args.reference):
+                _print_sanction(s)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        admin.close()
     return 0
 
 
@@ -214,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--units", type=int, default=0, help="units per code (0 = whole pack)")
     c.add_argument("--settlement-id", help="idempotency key (default: a new one)")
     c.add_argument("--all-or-nothing", action="store_true")
+    c.add_argument("--insured-id", help="the insured person's id as read; - reads stdin")
     c.set_defaults(func=cmd_verify)
 
     c = client_parser("reverse", "return (reverse) a settlement or some of its lines")
@@ -254,6 +314,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress line")
     c.add_argument("--drop", action="store_true", help="only drop the namespace of --job-id")
     c.set_defaults(func=cmd_reverify)
+
+    c = client_parser("sanction", "set, lift or list sanctions of sites and insured persons (admin)")
+    actions = c.add_subparsers(dest="action", required=True)
+    for name, help in (("set", "impose a sanction"), ("lift", "lift a sanction"), ("list", "list sanctions")):
+        a = actions.add_parser(name, help=help)
+        # The connection flags live on `sanction`; each action takes its own.
+        for action in c._actions:
+            if action.dest in ("server", "tls_ca", "tls_cert", "tls_key", "token_file"):
+                a.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
+        if name == "set":
+            a.add_argument("kind", choices=["SUSPEND_SERVICE", "TERMINATE_AGREEMENT", "BLACKLIST", "SUSPEND_CARD"])
+            a.add_argument("--request-id", required=True, help="idempotency key (e.g. the ledger action's id)")
+            a.add_argument("--valid-from", help="ISO time with offset (default now)")
+            a.add_argument("--valid-until", help="ISO time with offset (SUSPEND_* only; default until lifted)")
+            a.add_argument("--reference", default="", help="the lead or case it came from")
+        if name in ("set", "list"):
+            a.add_argument("--site", help="the site (SUSPEND_SERVICE, TERMINATE_AGREEMENT, BLACKLIST)")
+            a.add_argument("--insured-id", help="the insured person's id as read (SUSPEND_CARD); - reads stdin")
+        if name == "lift":
+            a.add_argument("sanction_id")
+        if name in ("set", "lift"):
+            a.add_argument("--reason", default="", help="why (required for set)")
+            a.add_argument("--actor", default="", help="who approved it (default: the caller's identity)")
+        if name == "list":
+            a.add_argument("--pseudonym", help="an insured pseudonym (KEY_ID.hex)")
+            a.add_argument("--history", action="store_true", help="every entry, lifted and ended ones too")
+            a.add_argument("--reference", default="")
+    c.set_defaults(func=cmd_sanction)
 
     t = sub.add_parser("token", help="issue a bearer token for auth = token (run where the secret is)")
     t.add_argument("--secret-file", required=True, help="the server's auth_token_secret_file")

@@ -76,11 +76,12 @@ class PosClient:
                 time.sleep(min(self.backoff_s * (2 ** (attempt - 1)), self.max_backoff_s) * (0.5 + random.random() / 2))
 
     def verify(self, site_id: str, lines: Iterable[pb.DispenseLine], *, settlement_id: str | None = None,
-               settled_at: datetime | None = None, all_or_nothing: bool = False) -> pb.VerifyDispenseResponse:
+               settled_at: datetime | None = None, all_or_nothing: bool = False,
+               insured_id: str = "") -> pb.VerifyDispenseResponse:
         request = pb.VerifyDispenseRequest(
             settlement_id=settlement_id or new_settlement_id(), site_id=site_id,
             settled_at=timestamp(settled_at), lines=list(lines),
-            policy=pb.ALL_OR_NOTHING if all_or_nothing else pb.RECORD_ACCEPTED)
+            policy=pb.ALL_OR_NOTHING if all_or_nothing else pb.RECORD_ACCEPTED, insured_id=insured_id)
         return self._call(self.stub.VerifyDispense, request)
 
     def reverse(self, site_id: str, settlement_id: str, line_indexes: Sequence[int] = (),
@@ -88,8 +89,9 @@ class PosClient:
         return self._call(self.stub.ReverseDispense, pb.ReverseDispenseRequest(
             site_id=site_id, settlement_id=settlement_id, line_indexes=list(line_indexes), reason=reason))
 
-    def check(self, lines: Iterable[pb.DispenseLine], site_id: str = "") -> pb.CheckCodesResponse:
-        return self._call(self.stub.CheckCodes, pb.CheckCodesRequest(site_id=site_id, lines=list(lines)))
+    def check(self, lines: Iterable[pb.DispenseLine], site_id: str = "", insured_id: str = "") -> pb.CheckCodesResponse:
+        return self._call(self.stub.CheckCodes, pb.CheckCodesRequest(site_id=site_id, lines=list(lines),
+                                                                     insured_id=insured_id))
 
     def history(self, raw_code: str) -> pb.GetCodeHistoryResponse:
         return self._call(self.stub.GetCodeHistory, pb.GetCodeHistoryRequest(raw_code=raw_code))

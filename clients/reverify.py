@@ -40,7 +40,7 @@ from tracecode.v1 import verification_pb2 as pb
 from .files import SETTLEMENT_FIELDS, ByteCounter, Row, RowError, read_rows
 
 FLAGGED_EXTRA = ("verdict", "canonical_code", "reason", "first_site_id", "first_settlement_id",
-                 "first_settled_at")
+                 "first_settled_at", "first_insured_id", "sanction", "sanction_id")
 FLAGGED_FIELDS = tuple(SETTLEMENT_FIELDS) + FLAGGED_EXTRA
 ERROR_FIELDS = ("file", "line", "field", "reason")
 CHECKPOINT = "checkpoint.json"
@@ -148,7 +148,8 @@ def _chunk_pb(seq: int, batch: list[Settlement]) -> bpb.ReverifyRequest:
         if len(s.rows) > 1:
             s.rows.sort(key=_line_no)
         m = add(site_id=s.site_id, settlement_id=s.settlement_id,
-                settled_at={"seconds": s.at_ms // 1000, "nanos": (s.at_ms % 1000) * 1_000_000})
+                settled_at={"seconds": s.at_ms // 1000, "nanos": (s.at_ms % 1000) * 1_000_000},
+                insured_id=s.rows[0].fields.get("insured_id") or "")
         line = m.lines.add
         for r in s.rows:
             f = r.fields
@@ -168,6 +169,7 @@ class Report:
         self.verdicts = Counter(state.get("verdicts", {}))
         self.per_site: dict[str, Counter] = defaultdict(Counter, {k: Counter(v) for k, v in state.get("per_site", {}).items()})
         self.pairs = Counter({tuple(k.split("\x1f", 1)): v for k, v in state.get("pairs", {}).items()})
+        self.sanctioned = Counter(state.get("sanctioned", {}))  # settlements, by refusal reason
         offsets = state.get("offsets", {})
         self.flagged_path = os.path.join(out_dir, f"flagged.{fmt}")
         self.errors_path = os.path.join(out_dir, "errors.csv")
@@ -199,8 +201,11 @@ class Report:
                 self.bad(RowError(r.source, r.line, "settlement", result.error))
             return
         ok = 0  # OK rows (most of them) are counted once per settlement
+        sanction = result.sanctions[0] if result.sanctions else None
+        if sanction is not None:
+            self.sanctioned[sanction.reason] += 1
         for row, res in zip(s.rows, result.results):
-            if res.verdict == _OK:
+            if res.verdict == _OK and sanction is None:
                 ok += 1
                 continue
             self.records += 1
@@ -213,10 +218,14 @@ class Report:
                 self.pairs[ev.first_site_id, s.site_id] += 1
                 first_at = datetime.fromtimestamp(ev.first_settled_at.seconds).astimezone().isoformat()
             out = {k: v for k, v in row.fields.items() if not k.startswith("_")}
+            # The person as the server pseudonymised them: a raw id from the file goes no further.
+            out["insured_id"] = result.insured_id
             out.update(verdict=verdict, canonical_code=res.canonical_code, reason=res.reason,
                        first_site_id=ev.first_site_id if res.verdict == pb.DUPLICATE else "",
                        first_settlement_id=ev.first_settlement_id if res.verdict == pb.DUPLICATE else "",
-                       first_settled_at=first_at)
+                       first_settled_at=first_at, first_insured_id=ev.first_insured_id,
+                       sanction=sanction.reason if sanction else "",
+                       sanction_id=sanction.sanction_id if sanction else "")
             if self.flagged_writer:
                 self.flagged_writer.writerow(out)
             else:
@@ -232,6 +241,7 @@ class Report:
         return {"records": self.records, "settlements": self.settlements, "bad_records": self.bad_records,
                 "verdicts": dict(self.verdicts), "per_site": {k: dict(v) for k, v in self.per_site.items()},
                 "pairs": {"\x1f".join(k): v for k, v in self.pairs.items()},
+                "sanctioned": dict(self.sanctioned),
                 "offsets": {"flagged": self.flagged.tell(), "errors": self.errors.tell()}}
 
     def close(self) -> None:
@@ -299,7 +309,7 @@ class Report:
                    "bad_records": self.bad_records, "verdicts": dict(sorted(self.verdicts.items())),
                    "per_site": {k: dict(sorted(v.items())) for k, v in sorted(self.per_site.items())},
                    "top_pairs": [{"first_site_id": a, "later_site_id": b, "duplicates": n} for (a, b), n in ranked[:50]],
-                   "rings": self.rings()}
+                   "rings": self.rings(), "sanctioned_settlements": dict(sorted(self.sanctioned.items()))}
         with open(os.path.join(self.out_dir, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, ensure_ascii=False, indent=2)
         return summary

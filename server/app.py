@@ -28,6 +28,8 @@ from .errors import StoreUnavailable
 from .interceptors import DrainInterceptor, LogContextFilter, LogContextInterceptor, MetricsInterceptor
 from .issuance import IssuanceService
 from .keys import KeySpace
+from .pseudonym import Pseudonymizer
+from .sanction_service import SanctionService, resolve_key_file
 from .servicer import AdminServicer, VerificationServicer
 from .store import Store, StoreLimits
 from .verifier import Verifier
@@ -110,9 +112,12 @@ class HealthWatch(threading.Thread):
     A ping to a stopped Redis fails at once (connection refused), so the status turns within one
     interval; a Redis that hangs instead takes up to the Redis socket timeout more."""
 
-    def __init__(self, store: Store, servicer: health.HealthServicer, interval: float = 0.5):
+    def __init__(self, store: Store, servicer: health.HealthServicer, interval: float = 0.5,
+                 fresh=lambda: True):
         super().__init__(name="tracecode-health", daemon=True)
         self.store, self.servicer, self.interval = store, servicer, interval
+        # Whatever else must hold to serve (the sanction view's freshness on a cluster).
+        self.fresh = fresh
         self.stopping = threading.Event()
 
     def set(self, serving: bool) -> None:
@@ -134,6 +139,10 @@ class HealthWatch(threading.Thread):
                     log.exception("redis health ping failed")
                 ok = False
             metrics.REDIS_UP.set(1 if ok else 0)
+            if ok and not self.fresh():
+                if last is not False:
+                    log.error("sanction view older than its bound: NOT_SERVING")
+                ok = False
             if ok != last:
                 (log.info if ok else log.error)("redis %s", "reachable: SERVING" if ok else "unreachable: NOT_SERVING")
                 self.set(ok)
@@ -149,6 +158,11 @@ class Server:
         self.config = config
         self.store = store
         self.verifier = Verifier(store, config)
+        # Insured pseudonyms and sanctions (sanction_service.py): one key file per deployment.
+        self.sanctions = SanctionService(
+            store, Pseudonymizer.from_file(resolve_key_file(config)), tz=self.verifier.tz,
+            view_max_age_s=config.sanction_view_max_age_s)
+        self.verifier.sanctions = self.sanctions
         self.drain = DrainInterceptor(SERVICE_NAMES)
         # Log context outermost, so the metrics interceptor's per-call debug line carries the ids;
         # drain innermost, so the calls it turns away are counted (Unavailable).
@@ -166,7 +180,7 @@ class Server:
         verification_pb2_grpc.add_VerificationServicer_to_server(
             VerificationServicer(self.verifier, identity), self.grpc)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(_CountedIssuance(store, self.verifier.profile), authorize), self.grpc)
+            AdminServicer(_CountedIssuance(store, self.verifier.profile), authorize, self.sanctions), self.grpc)
         bulk_pb2_grpc.add_BulkVerificationServicer_to_server(
             BulkServicer(self.verifier, authorize=authorize), self.grpc)
         self.health = health.HealthServicer()
@@ -179,11 +193,19 @@ class Server:
             self.port = self.grpc.add_secure_port(config.listen, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {config.listen}")
-        self.watch = HealthWatch(store, self.health)
+        self.watch = HealthWatch(store, self.health, fresh=self._sanctions_fresh)
         # NOT_SERVING until the first ping of Redis succeeds (the servicer starts out SERVING).
         self.watch.set(False)
 
+    def _sanctions_fresh(self) -> bool:
+        view = self.sanctions.view
+        metrics.SANCTION_VIEW_AGE.set(min(view.age_s(), 1e9))
+        metrics.SANCTION_VIEW_ENTRIES.set(len(view))
+        # On one node the settlement's own call judges sanctions: the view only serves bulk jobs.
+        return view.fresh() or not self.store.cluster
+
     def start(self) -> "Server":
+        self.sanctions.start()
         self.grpc.start()
         self.watch.start()
         return self
@@ -208,11 +230,14 @@ class Server:
         if self.watch.is_alive():
             # Ends within one ping (bounded by the Redis timeout), so a closed store is not pinged.
             self.watch.join(self.config.redis_timeout_s + 1)
+        self.sanctions.stop()
 
 
 def serve(config: Config) -> int:
     """`tracecode serve`: run until SIGTERM/SIGINT, then drain and stop the embedded Redis."""
-    config = config.replace(workers=workers.resolve(config.workers))
+    # One pseudonym key for every worker (generated here, before any worker, when none is set).
+    config = config.replace(workers=workers.resolve(config.workers),
+                            pseudonym_key_file=resolve_key_file(config))
     if config.workers > 1 and not workers.in_worker():
         # N processes of this function on one SO_REUSEPORT port under a supervising parent
         # that owns the embedded Redis and /metrics (server/workers.py).

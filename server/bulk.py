@@ -22,8 +22,10 @@ from tracecode.v1 import verification_pb2 as pb
 
 from . import metrics, priority
 from .errors import InvalidRequest
+from .pseudonym import Pseudonymizer
 from .keys import KeySpace
 from .servicer import _guarded, _ms, _result
+from .sanction_api import notice_pb
 from .verifier import Line, Verifier
 
 log = logging.getLogger("tracecode.bulk")
@@ -98,7 +100,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     while work:
                         chunk = work[0]
                         while chunk.running and chunk.running[0][2].done():
-                            self._fill(chunk, *chunk.running.popleft(), job)
+                            self._fill(chunk, *chunk.running.popleft(), job, state)
                         if chunk.todo or chunk.running:
                             break
                         work.popleft()
@@ -111,7 +113,8 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     for chunk in work:
                         while chunk.todo and in_redis < IN_REDIS:
                             size = SLICE_BESIDE_POS if priority.pos_traffic() else SLICE_ALONE
-                            prepared = self._prepare(chunk.take(size), replay, state)
+                            prepared = self._prepare(chunk.take(size), replay, state,
+                                                     opts.insured_ids_are_pseudonyms)
                             future = redis.submit(self.verifier.store.verify_batch,
                                                   self.verifier.store.prepare_batch(prepared.calls))
                             future.add_done_callback(lambda _f: events.put(("done", None)))
@@ -137,15 +140,45 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 for _ in range(MAX_AHEAD + 1):
                     ahead.release()
 
-    def _prepare(self, settlements, replay: bool, state):
+    def _insured(self, settlements, as_is: bool) -> list:
+        """Per settlement its insured pseudonym ('' for none), or the InvalidRequest that makes it
+        unjudgeable; a raw id goes no further than this."""
+        sanctions = self.verifier.sanctions
+        out = []
+        for s in settlements:
+            raw = s.insured_id
+            try:
+                if not raw or sanctions is None:
+                    out.append("")
+                elif as_is:
+                    if not Pseudonymizer.looks_like_pseudonym(raw):
+                        raise InvalidRequest([("insured_id", "not a pseudonym (KEY_ID.32 hex), yet the job "
+                                                             "says its insured ids are pseudonyms")])
+                    out.append(raw)
+                else:
+                    out.append(sanctions.pseudonym(raw))
+            except InvalidRequest as exc:
+                out.append(exc)
+        return out
+
+    def _prepare(self, settlements, replay: bool, state, as_is: bool = False):
         rows = [(s.site_id, s.settlement_id, _ms(s.settled_at),
                  [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
                 for s in settlements]
-        return self.verifier.bulk_prepare(rows, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
+        return self.verifier.bulk_prepare(rows, replay=replay, state=state, state_ttl_s=self.job_ttl_s,
+                                          insured=self._insured(settlements, as_is))
 
-    def _fill(self, chunk: "_Chunk", prepared, start: float, future, job) -> None:
+    def _first_buyers(self, outcomes, state) -> dict[str, str]:
+        """code -> first buyer's pseudonym, for the flagged lines that name a first dispense."""
+        sanctions = self.verifier.sanctions
+        codes = sorted({r.canonical_code for o in outcomes if not isinstance(o, str)
+                        for r in o.results if r.verdict != "OK" and r.first_site_id})
+        return sanctions.sstore.first_insured(codes, state) if sanctions and codes else {}
+
+    def _fill(self, chunk: "_Chunk", prepared, start: float, future, job, state=None) -> None:
         """A finished slice's outcomes into its chunk's response, and into metrics and progress."""
         outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
+        buyers = self._first_buyers(outcomes, state)
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
         results = chunk.resp.results
         judged = []
@@ -155,9 +188,13 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 continue
             judged.append(o)
             # OK lines carry their verdict and code only: a job reports flagged lines in full.
-            results.add(results=[_result(i, r) if r.verdict != "OK" else
-                                 pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
-                                 for i, r in enumerate(o.results)], replayed=o.replayed)
+            added = results.add(results=[_result(i, r) if r.verdict != "OK" else
+                                         pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
+                                         for i, r in enumerate(o.results)], replayed=o.replayed,
+                                sanctions=[notice_pb(n) for n in o.sanctions], insured_id=o.insured)
+            for line_pb in added.results:
+                if line_pb.HasField("evidence") and line_pb.canonical_code in buyers:
+                    line_pb.evidence.first_insured_id = buyers[line_pb.canonical_code]
         job.progress(*metrics.observe_settlements("bulk", judged, elapsed))
 
     @_guarded

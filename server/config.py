@@ -67,6 +67,12 @@ class Config:
     redis_tls_ca: str = _opt("", "CA (PEM) that signs the Redis server's certificate (rediss:// URLs)")
     redis_tls_cert: str = _opt("", "client certificate (PEM) for Redis with tls-auth-clients")
     redis_tls_key: str = _opt("", "private key (PEM) of redis_tls_cert")
+    # Insured persons and sanctions (server/sanction_service.py, docs/security.md).
+    pseudonym_key_file: str = _opt("", "key file of insured-person pseudonyms (KEY_ID:HEX, mode 0600), the same "
+                                       "file on every server of a deployment; empty: data_dir/pseudonym.key, "
+                                       "generated on the first start")
+    sanction_view_max_age_s: float = _opt(1.0, "cluster: a server whose sanction view is older than this "
+                                               "settles nothing (UNAVAILABLE) and reports NOT_SERVING")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

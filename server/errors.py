@@ -43,3 +43,17 @@ class BadLineIndex(StoreError):
     def __init__(self, index: int):
         super().__init__(f"line index {index} is not in the settlement")
         self.index = index
+
+
+class Sanctioned(StoreError):
+    """A settlement refused because a sanction binds its site or its insured person; `notices`
+    are the binding sanctions (sanctions.Notice), the one that names the refusal first."""
+
+    def __init__(self, notices: list):
+        super().__init__(f"{notices[0].reason}: sanction {notices[0].sanction_id}")
+        self.notices = notices
+
+
+class SanctionViewStale(StoreError):
+    """The server's view of the sanctions is older than its freshness bound (cluster): it cannot
+    tell whether a sanction binds, so it settles nothing until the view is fresh (retry)."""

@@ -15,6 +15,15 @@ and the number of audit streams stays bounded (BUCKETS of them) for readers that
     {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls)
 
 BUCKETS is fixed for the life of a data set: changing it moves every key.
+
+Sanctions (sanction_store.py) share the tag of one bucket (SANCTION_TAG), so their script writes
+them, the change stream and that bucket's audit stream in one atomic call on a cluster too:
+
+    {p}:{T}:x:all                hash    every sanction entry ever, id -> json (lifted ones too)
+    {p}:{T}:x:rq                 hash    SetSanction request id -> sanction id (idempotency)
+    {p}:{T}:x:site:{site}        hash    a site's entries not lifted, id -> json (gate.lua reads it)
+    {p}:{T}:x:ins:{pseudonym}    hash    the same for an insured person
+    {p}:{T}:x:log                stream  every change (entry json), read by each server's view
 """
 from zlib import crc32
 
@@ -95,3 +104,13 @@ class KeySpace:
 
     def audit_streams(self) -> list[str]:
         return [f"{self.prefix}:{t}:audit" for t in _TAGS]
+
+    def sanction(self, name: str) -> str:
+        """A sanction key (see the module docstring): name is all, rq, log, site:<id> or ins:<pseudonym>."""
+        return f"{self.prefix}:{SANCTION_TAG}:x:{name}"
+
+    def sanction_audit(self) -> str:
+        return f"{self.prefix}:{SANCTION_TAG}:audit"
+
+
+SANCTION_TAG = tag_of("sanctions")

@@ -237,3 +237,34 @@ class MetricsHTTP:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------- sanctions (issue 16)
+
+SANCTION_REASONS = ("SITE_SANCTIONED", "INSURED_SANCTIONED")
+SANCTION_REFUSALS = Counter("tracecode_sanction_refusals_total",
+                            "Settlements refused because a sanction binds the site or the insured person, by reason",
+                            ["reason"])
+SANCTION_CHANGES = Counter("tracecode_sanction_changes_total", "Sanctions set or lifted through the Admin API",
+                           ["op"])
+SANCTION_STALE_REFUSALS = Counter(
+    "tracecode_sanction_view_stale_total",
+    "Settlements answered UNAVAILABLE because this server's sanction view was older than its bound (cluster)")
+SANCTION_VIEW_AGE = Gauge("tracecode_sanction_view_age_seconds",
+                          "Seconds since this server's sanction view was last known complete (largest over workers)",
+                          multiprocess_mode="livemax")
+SANCTION_VIEW_ENTRIES = Gauge("tracecode_sanction_view_entries", "Sanction entries in this server's view",
+                              multiprocess_mode="livemax")
+WITHOUT_INSURED = Counter("tracecode_settlements_without_insured_total",
+                          "VerifyDispense calls that carried no insured id (clients from before the field)")
+_REFUSED = {r: SANCTION_REFUSALS.labels(r) for r in SANCTION_REASONS}
+for _op in ("set", "lift"):
+    SANCTION_CHANGES.labels(_op)
+
+
+def sanction_refused(reason: str) -> None:
+    _REFUSED[reason].inc()
+
+
+def sanction_changed(op: str) -> None:
+    SANCTION_CHANGES.labels(op).inc()

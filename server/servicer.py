@@ -19,7 +19,8 @@ from tracecode.v1 import verification_pb2_grpc
 from . import metrics, priority
 from .issuance import IssuanceService
 from .errors import (BadLineIndex, InvalidRequest, NotFound, PermissionDenied, ReturnWindowClosed,
-                     SettlementConflict, StoreUnavailable)
+                     Sanctioned, SanctionViewStale, SettlementConflict, StoreUnavailable)
+from .sanction_api import SanctionAdmin, abort_sanctioned, notice_pb
 from .verdicts import EVENT_ENUM, STATUS_ENUM, STATUS_NAME, VERDICT_ENUM
 from .verifier import Line, LineOutcome, Verifier
 
@@ -55,6 +56,11 @@ def _guarded(method):
                    [("line_indexes", str(exc))])
         except PermissionDenied as exc:
             _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except Sanctioned as exc:
+            abort_sanctioned(context, exc.notices, getattr(exc, "text", str(exc)))
+        except SanctionViewStale as exc:
+            log.warning("%s", exc)
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "sanctions not known to be current, retry with the same settlement id")
         except StoreUnavailable as exc:
             log.warning("redis unavailable: %s", exc)
             _abort(context, grpc.StatusCode.UNAVAILABLE, "storage unavailable, retry with the same settlement id")
@@ -120,8 +126,11 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         if not request.HasField("settled_at"):
             raise InvalidRequest([("settled_at", "required: the time of the sale")])
         start = time.perf_counter()
+        if not request.insured_id:
+            metrics.WITHOUT_INSURED.inc()
         out = self.verifier.dispense(site, request.settlement_id, _ms(request.settled_at),
-                                     _lines(request.lines), request.policy == pb.ALL_OR_NOTHING)
+                                     _lines(request.lines), request.policy == pb.ALL_OR_NOTHING,
+                                     insured_id=request.insured_id)
         metrics.observe_settlement("pos", out, time.perf_counter() - start)
         return pb.VerifyDispenseResponse(
             settlement_id=request.settlement_id, site_id=site, recorded=out.recorded,
@@ -142,14 +151,18 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
     def CheckCodes(self, request: pb.CheckCodesRequest, context) -> pb.CheckCodesResponse:
         site = self._site(request.site_id, context)
         at = _ms(request.at) if request.HasField("at") else None
-        results = self.verifier.check(site, at, _lines(request.lines))
-        return pb.CheckCodesResponse(results=[_result(i, o) for i, o in enumerate(results)])
+        out = self.verifier.check_with_sanctions(site, at, _lines(request.lines), request.insured_id)
+        return pb.CheckCodesResponse(results=[_result(i, o) for i, o in enumerate(out.results)],
+                                     sanctions=[notice_pb(n) for n in out.sanctions])
 
     @priority.foreground
     @_guarded
     def GetCodeHistory(self, request: pb.GetCodeHistoryRequest, context) -> pb.GetCodeHistoryResponse:
         code = self.verifier.canonical(request.raw_code)
         record, state, events = self.verifier.store.code_history(code)
+        # A pharmacy sees its own sales and who dispensed first (site, time); everything else,
+        # pseudonyms included, is for admin identities (docs/security.md, "Code history").
+        me = self.identity(context)
         resp = pb.GetCodeHistoryResponse(canonical_code=code, units_used=int(state.get("u", 0)),
                                          events_total=int(state.get("ev", 0)))
         if record:
@@ -159,11 +172,22 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
             ev.first_site_id, ev.first_settlement_id = state["fs"], state.get("fi", "")
             ev.first_settled_at.CopyFrom(_ts(int(state.get("fa", 0))))
             ev.attempts, ev.units_used = int(state.get("at", 0)), int(state.get("u", 0))
+            if me is None:
+                resp.first_insured_id = ev.first_insured_id = state.get("fp", "")
+            elif state["fs"] != me:
+                ev.first_settlement_id = ""
         for e in events:
+            if me is not None and e["s"] != me and e["t"] in _SITE_EVENTS:
+                continue
             resp.events.add(type=EVENT_ENUM.get(e["t"], 0), at=_ts(int(e["a"])), site_id=e["s"],
                             settlement_id=e["i"], line_index=int(e["l"]), units=int(e["u"]),
-                            detail=str(e["x"]))
+                            detail=str(e["x"]), insured_id=e.get("p", "") if me is None else "")
         return resp
+
+
+# Events of one site's sale (another pharmacy's are not shown to a pharmacy); the pack's own
+# events (status changes, issuance) are shown to every caller.
+_SITE_EVENTS = frozenset({"DISPENSED", "ATTEMPT", "REVERSED"})
 
 
 def issuance_pb(code: str, record: dict) -> pb.IssuanceRecord:
@@ -175,12 +199,18 @@ def issuance_pb(code: str, record: dict) -> pb.IssuanceRecord:
         status=STATUS_ENUM.get(record.get("status") or "ACTIVE", 0))
 
 
-class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """Issuance management. In an authenticated deployment only admin identities reach it."""
+class AdminServicer(SanctionAdmin, admin_pb2_grpc.AdminServicer):
+    """Issuance and sanction management. In an authenticated deployment only admin identities
+    reach it."""
 
-    def __init__(self, issuance: IssuanceService, authorize=None):
+    def __init__(self, issuance: IssuanceService, authorize=None, sanctions=None):
         self.issuance = issuance
         self.authorize = authorize or (lambda context: None)
+        self.sanctions = sanctions
+
+    SetSanction = _guarded(SanctionAdmin._set_sanction)
+    LiftSanction = _guarded(SanctionAdmin._lift_sanction)
+    ListSanctions = _guarded(SanctionAdmin._list_sanctions)
 
     @_guarded
     def UpsertIssuance(self, request_iterator: Iterable[apb.UpsertIssuanceRequest], context):

@@ -17,18 +17,21 @@ from typing import Iterable, Iterator, Sequence
 import hiredis
 import redis
 
-from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
+from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, Sanctioned, SettlementConflict,
                      SettlementNotFound, StoreError, StoreUnavailable)
 from .failpoints import failpoint
 from .keys import KeySpace, slot_of
 from redis.crc import key_slot
 from .verdicts import lua_precedence
+from .sanctions import notices_from_json
 
 log = logging.getLogger("tracecode.store")
 
 
 def _script_text(name: str) -> str:
     text = resources.files("tracecode.server").joinpath("lua", name).read_text()
+    if name == "verify.lua":  # judged inside the sanction gate, in the same call (lua/gate.lua)
+        text = _script_text("gate.lua").replace("--@VERIFY@--", text)
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -92,6 +95,8 @@ def _wrap_errors(fn):
                 raise ReturnWindowClosed(int(msg.split()[1])) from None
             if msg.startswith("TCBADLINE"):
                 raise BadLineIndex(int(msg.split()[1])) from None
+            if msg.startswith("TCSANCTION"):
+                raise Sanctioned(notices_from_json(msg.partition(" ")[2])) from None
             raise
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
@@ -181,7 +186,7 @@ class Store:
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
         self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
-                         for name in ("verify", "reverse", "issue", "status", "commit", "claim")}
+                         for name in ("verify", "reverse", "issue", "status", "commit", "claim", "sanction")}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
         self._issue = self._scripts["issue"]
@@ -366,6 +371,17 @@ class Store:
             args.extend(line)
             args.append(i)
         args.extend(codes)
+        # lua/gate.lua's tail: the sanction index keys it reads (on one node only), the insured
+        # pseudonym, the gate mode, the number of those keys.
+        gate = call.get("gate", "") if not self.cluster and not state else ""
+        insured = call.get("insured", "")
+        gate_keys = []
+        if gate:
+            gate_keys.append(self.keys.sanction(f"site:{call['site']}"))
+            if insured:
+                gate_keys.append(self.keys.sanction(f"ins:{insured}"))
+        keys += gate_keys
+        args += [insured, gate, len(gate_keys)]
         return keys, args
 
     def _verify_call(self, *, dispense: bool, **call) -> tuple[list, list]:

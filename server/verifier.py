@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Sequence
 from zoneinfo import ZoneInfo
@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from tracecode import codec
 
 from .config import Config
-from .errors import InvalidRequest, SettlementConflict
+from .errors import InvalidRequest, Sanctioned, SettlementConflict
 from .store import Store, now_ms
 
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
@@ -69,6 +69,16 @@ class SettlementOutcome:
     results: list[LineOutcome]
     recorded: bool
     replayed: bool
+    # Bulk jobs: the sanctions in force at the settlement's own settled_at (sanctions.Notice),
+    # and the settlement's insured pseudonym.
+    sanctions: list = field(default_factory=list)
+    insured: str = ""
+
+
+@dataclass(slots=True)
+class CheckOutcome:
+    results: list[LineOutcome]
+    sanctions: list  # sanctions.Notice in force against the site or person now
 
 
 def _fmt_ms(ms: int, tz: ZoneInfo) -> str:
@@ -88,6 +98,9 @@ class Verifier:
         subs = tuple(s for s in config.gs_substitutes.split(",") if s)
         self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=config.cn_prefixes,
                                      max_length=config.max_code_length)
+        # sanction_service.SanctionService (app.py sets it): pseudonyms and the sanction checks
+        # the store's atomic call does not make (a cluster's, bulk jobs'). None: no sanctions.
+        self.sanctions = None
 
     # ------------------------------------------------------------------ parsing
 
@@ -156,9 +169,13 @@ class Verifier:
     # ------------------------------------------------------------------ operations
 
     def dispense(self, site_id: str, settlement_id: str, settled_at_ms: int, lines: Sequence[Line],
-                 all_or_nothing: bool = False, check_skew: bool = True) -> SettlementOutcome:
+                 all_or_nothing: bool = False, check_skew: bool = True,
+                 insured_id: str = "") -> SettlementOutcome:
         self._validate(site_id, settlement_id, lines)
+        insured = self.sanctions.pseudonym(insured_id) if self.sanctions else ""
         digest = self.digest(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+        if insured:  # another person under a used settlement id is another body
+            digest = hashlib.blake2b(f"{digest}\x1f{insured}".encode(), digest_size=16).hexdigest()
         if check_skew:
             skew = abs(settled_at_ms - now_ms()) / 1000
             if skew > self.config.clock_skew_s:
@@ -170,11 +187,21 @@ class Verifier:
                 raise InvalidRequest([("settled_at",
                                        f"{skew:.0f} s from the server clock, at most {self.config.clock_skew_s} s")])
         plan, codes, keys = self._plan(lines)
+        gate = ""
+        if self.sanctions:
+            gate = self.sanctions.gate_mode(dispense=True)
+            if not gate:  # no atomic gate on this backend: the server's view judges first
+                replay = self.sanctions.precheck(site_id, settlement_id, insured, digest)
+                if replay is not None:
+                    return self._outcome(replay, keys, replayed=True)
         try:
             replayed, out = self.store.verify(
                 dispense=True, site=site_id, settlement_id=settlement_id, settled_at_ms=settled_at_ms,
                 settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
-                lines=plan, codes=codes)
+                lines=plan, codes=codes, insured=insured, gate=gate)
+        except Sanctioned as exc:
+            self.sanctions.refused(exc)
+            raise
         except SettlementConflict:
             raise SettlementConflict(
                 f"settlement {settlement_id!r} of site {site_id!r} was already recorded with a different "
@@ -183,13 +210,26 @@ class Verifier:
 
     def check(self, site_id: str, at_ms: int | None, lines: Sequence[Line]) -> list[LineOutcome]:
         """The verdicts lines would get now, marking nothing (site_id may be empty)."""
+        return self.check_with_sanctions(site_id, at_ms, lines).results
+
+    def check_with_sanctions(self, site_id: str, at_ms: int | None, lines: Sequence[Line],
+                             insured_id: str = "") -> CheckOutcome:
+        """check(), and the sanctions in force now against the site or the person (judged in the
+        same atomic call on one node, from the server's view on a cluster)."""
         at_ms = now_ms() if at_ms is None else at_ms
         self._validate(site_id or "-", None, lines, at_ms, "at")
+        insured = self.sanctions.pseudonym(insured_id) if self.sanctions else ""
         plan, codes, keys = self._plan(lines)
+        gate = self.sanctions.gate_mode(dispense=False) if self.sanctions else ""
         _, out = self.store.verify(
             dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
-            settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes)
-        return self._outcome(out, keys, False).results
+            settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes,
+            insured=insured, gate=gate)
+        notices = []
+        if self.sanctions:
+            notices = (self.sanctions.notices_in(out) if gate else
+                       self.sanctions.binding_now(site_id or "", insured))
+        return CheckOutcome(self._outcome(out, keys, False).results, notices)
 
     def reverse(self, site_id: str, settlement_id: str, line_indexes: Sequence[int], note: str = ""):
         self._validate(site_id, settlement_id, [Line("-", "-")])
@@ -209,7 +249,8 @@ class Verifier:
         prepared = self.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=state_ttl_s)
         return self.bulk_finish(prepared, self.store.verify_batch(prepared.calls) if prepared.calls else [])
 
-    def bulk_prepare(self, settlements, *, replay: bool, state=None, state_ttl_s: int = 0) -> "BulkChunk":
+    def bulk_prepare(self, settlements, *, replay: bool, state=None, state_ttl_s: int = 0,
+                     insured: Sequence[str] = ()) -> "BulkChunk":
         """The Python half of bulk(): parse, validate and plan; no Redis. Split out so a bulk
         stream can prepare the next chunk while Redis works on this one."""
         out: list[SettlementOutcome | str | None] = [None] * len(settlements)
@@ -222,6 +263,8 @@ class Verifier:
             pos += len(lines)
             try:
                 self._validate(site, sid, lines, at_ms)
+                if insured and isinstance(insured[n], InvalidRequest):
+                    raise insured[n]
             except InvalidRequest as exc:
                 out[n] = str(exc)
                 continue
@@ -229,7 +272,8 @@ class Verifier:
             calls.append(dict(dispense=replay, site=site, settlement_id=sid, settled_at_ms=at_ms,
                               settle_day=self.settle_day(at_ms), all_or_nothing=False, lines=plan,
                               codes=codes, state=state, state_ttl_s=state_ttl_s,
-                              digest=self.digest(site, sid, at_ms, False, lines) if replay else ""))
+                              digest=self.digest(site, sid, at_ms, False, lines) if replay else "",
+                              insured=insured[n] if insured else ""))
             where.append(n)
             keys_of.append(keys)
         return BulkChunk(out, calls, where, keys_of)
@@ -237,11 +281,14 @@ class Verifier:
     def bulk_finish(self, prepared: "BulkChunk", results: list) -> list[SettlementOutcome | str]:
         """The other half: the store's answers (verify_batch of prepared.calls) -> outcomes."""
         out = prepared.out
-        for n, keys, res in zip(prepared.where, prepared.keys_of, results):
+        for n, keys, res, call in zip(prepared.where, prepared.keys_of, results, prepared.calls):
             if isinstance(res, SettlementConflict):
                 out[n] = "settlement id already used in this job with different lines"
             else:
-                out[n] = self._outcome(res[1], keys, res[0])
+                o = out[n] = self._outcome(res[1], keys, res[0])
+                o.insured = call["insured"]
+                if self.sanctions:  # judged at the settlement's own time (sanctions kept with history)
+                    o.sanctions = self.sanctions.binding_at(call["site"], o.insured, call["settled_at_ms"])
         return out
 
     # ------------------------------------------------------------------ results

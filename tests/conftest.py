@@ -34,10 +34,17 @@ def redis_server(request):
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def pseudonym_key(tmp_path_factory):
+    """The insured-pseudonym key file of the test deployment (every server of a test shares it)."""
+    from tracecode.server.pseudonym import generate_key_file
+    return generate_key_file(str(tmp_path_factory.mktemp("pseudonym") / "pseudonym.key"))
+
+
 @pytest.fixture
-def config(redis_server):
+def config(redis_server, pseudonym_key):
     return Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=f"t{os.getpid()}x{next(_prefixes)}",
-                  threads=8, grace_s=1.0, redis_cluster=redis_server.cluster)
+                  threads=8, grace_s=1.0, redis_cluster=redis_server.cluster, pseudonym_key_file=pseudonym_key)
 
 
 @pytest.fixture

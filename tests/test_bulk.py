@@ -15,6 +15,8 @@ from datetime import datetime, timedelta, timezone
 import grpc
 import pytest
 
+from tracecode.server.pseudonym import Pseudonymizer
+
 from tracecode.clients.files import Row
 from tracecode.clients.pos import line
 from tracecode.clients.reverify import run_job
@@ -116,7 +118,10 @@ def test_replay_finds_exactly_the_planted_fraud(tmp_path, admin, target):
     assert top[("R1", "R2")] == top[("R2", "R3")] == top[("R3", "R1")] == 3
     # Evidence and pass-through fields are in the flagged rows.
     d = next(r for r in flagged if r["verdict"] == "DUPLICATE" and r["site_id"] == "R2")
-    assert d["first_site_id"] == "R1" and d["first_settlement_id"] and d["insured_id"].startswith("h")
+    assert d["first_site_id"] == "R1" and d["first_settlement_id"]
+    # The file's insured id comes back as its pseudonym, never as the raw id (docs/security.md).
+    assert Pseudonymizer.looks_like_pseudonym(d["insured_id"]) and Pseudonymizer.looks_like_pseudonym(d["first_insured_id"])
+    assert d["first_insured_id"] != d["insured_id"]
     with open(out / "errors.csv", encoding="utf-8") as fh:
         errors = list(csv.DictReader(fh))
     assert len(errors) == 1 and errors[0]["field"] == "product_id" and errors[0]["file"].endswith("export-a.csv")

@@ -30,6 +30,9 @@
 -- settled_at_ms]}. Unexpired reservations of other settlements count as used units (and as the
 -- first dispense of an unused pack) when judging; expired ones are ignored and pruned.
 --
+-- `insured` (the settlement's insured pseudonym, '' when none) is a local of gate.lua, which
+-- store.py wraps this script in: the sanction gate runs in the same call.
+--
 -- Returns {replayed 0|1, results-json, part state}. results-json is what is stored for replays:
 --   {"rec": 0|1, "l": [[verdict, accepted, used_after, pack_units, status, issued_product, expiry,
 --                       first_site, first_settlement, first_at_ms, attempts, reason], ...]}
@@ -214,6 +217,10 @@ if writes then
       local fs, fi, fa = s.fs, s.fi, s.fa
       if orig_used[u] - held == 0 then fs, fi, fa = site, sid, at end
       redis.call('HSET', dkey, 'u', s.u - held, 'fs', fs, 'fi', fi, 'fa', fa, 'at', s.at)
+      -- The first buyer's pseudonym belongs to the first dispense (`insured`: see gate.lua).
+      if fs == site and fi == sid then
+        if insured ~= '' then redis.call('HSET', dkey, 'fp', insured) else redis.call('HDEL', dkey, 'fp') end
+      end
     elseif duplicated[u] then
       redis.call('HSET', dkey, 'at', s.at)
     else
@@ -230,12 +237,12 @@ if writes then
     local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
     if rec[u] then
       redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = li,
-                                                     u = units, x = detail}))
+                                                     u = units, x = detail, p = insured}))
       redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
       redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
-               'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at)
+               'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at, 'p', insured)
   end
 
   -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).

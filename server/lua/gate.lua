@@ -1,0 +1,65 @@
+-- gate.lua: the sanction gate around verify.lua. store.py loads verify.lua as the body of the
+-- function below (at the VERIFY placeholder), so one script call both judges the settlement's sanctions
+-- and its codes: on a single Redis node no settlement that starts after a sanction was stored
+-- can pass (docs/verification.md, "Sanctions").
+--
+-- The caller appends to verify.lua's own KEYS and ARGV (which this prelude removes again, so
+-- verify.lua sees exactly its documented layout):
+--   KEYS: G sanction index keys (hash id -> entry json: the site's, then the person's; none on a
+--         cluster, where they live in another slot and the server's view judges instead)
+--   ARGV: the insured pseudonym ('' when the POS sent none), the gate mode, G
+-- Gate modes: 'E' enforce (a live dispense: a binding sanction refuses the settlement before
+-- anything is read or marked, unless the settlement id is already recorded, which replays);
+-- 'N' notices (a live check: the binding entries are added to the results json as "sx");
+-- '' none (bulk jobs, the cluster: sanctions are judged by the server).
+-- A refusal is audited (t = REFUSED, n = the sanction entry that refused it) and answered with
+-- the error "TCSANCTION <json list of the binding entries>".
+-- `insured` is visible to verify.lua (an upvalue): the first dispense's pseudonym is kept in the
+-- dispense state (field fp) and on each event (p).
+local gate_n = tonumber(table.remove(ARGV))
+local gate_mode = table.remove(ARGV)
+local insured = table.remove(ARGV)
+local gate_keys = {}
+for g = gate_n, 1, -1 do gate_keys[g] = table.remove(KEYS) end
+
+-- The same rule as sanctions.Sanction.binds_now.
+local function binding(now)
+  local found = {}
+  for _, key in ipairs(gate_keys) do
+    for _, v in ipairs(redis.call('HVALS', key)) do
+      local e = cjson.decode(v)
+      if e.l == 0 and (e.f <= e.c or e.f <= now) and (e.u == 0 or now < e.u) then found[#found + 1] = v end
+    end
+  end
+  return found
+end
+
+local function verify_body()
+--@VERIFY@--
+end
+
+if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') == 0 then
+  local now = tonumber(ARGV[13])
+  local found = binding(now)
+  if #found > 0 then
+    local first = cjson.decode(found[1])
+    local why = first.j == 'SITE' and 'SITE_SANCTIONED' or 'INSURED_SANCTIONED'
+    for _, v in ipairs(found) do
+      local e = cjson.decode(v)
+      if e.j == 'SITE' then first, why = e, 'SITE_SANCTIONED'; break end
+    end
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[8]), '*', 't', 'REFUSED', 'c', '', 's', ARGV[2],
+               'i', ARGV[3], 'l', -1, 'u', 0, 'x', why, 'a', now, 'n', first.id, 'k', first.k, 'p', insured)
+    return redis.error_reply('TCSANCTION ' .. cjson.encode(found))
+  end
+end
+local res = verify_body()
+if gate_mode == 'N' then
+  local found = binding(tonumber(ARGV[13]))
+  if #found > 0 then
+    local doc = cjson.decode(res[2])
+    doc.sx = found
+    res[2] = cjson.encode(doc)
+  end
+end
+return res
