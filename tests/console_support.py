@@ -151,7 +151,9 @@ def service(console_env, console_redis):
     from tracecode.server.config import Config
 
     prefix = unique("c")
-    cfg = Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=prefix, threads=8, grace_s=0.5)
+    # The console and the server share the deployment's pseudonym key: one person, one pseudonym.
+    cfg = Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=prefix, threads=8, grace_s=0.5,
+                 pseudonym_key_file=console_env.key_file)
     store = make_store(cfg, console_redis.url)
     srv = Server(cfg, store).start()
     target = f"127.0.0.1:{srv.port}"
