@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
     d.set_defaults(func=cmd_demo)
 
-    k = sub.add_parser("console", add_help=False, help="the leads ledger web console (`tracecode console -h`)")
+    # prefix_chars: every argument after "console" is the console's own (its parser reads them).
+    k = sub.add_parser("console", add_help=False, prefix_chars="\x00",
+                       help="the leads ledger web console (`tracecode console -h`)")
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(func=cmd_console)
     return p

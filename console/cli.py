@@ -192,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]  # `tracecode console [--listen ...]` serves
     args = build_parser().parse_args(argv)
-    if not getattr(args, "func", None):
-        args = build_parser().parse_args(["serve", *(argv or [])])
     return args.func(args)
 
 

@@ -164,8 +164,22 @@ def test_lag_metric_counts_what_the_group_has_not_read(console_env, service):
     consumer.ensure_group()
     buyers = [unique("BUY")]
     _resell(service.target, 5, buyers, unique("FIRST"))
+    # One more resale by a card holder: the audit entry carries the server's pseudonym (`p`).
+    raw = unique("5101") + "x"
+    admin = AdminClient(service.target)
+    code = cn20()
+    load(admin, issuance(code, "P1"))
+    admin.close()
+    with PosClient(service.target, deadline_s=5) as pos:
+        pos.verify(unique("FIRST"), [line(code, "P1")])
+        pos.verify(buyers[0], [line(code, "P1")], insured_id=raw)
     lag, pending = consumer.update_lag()
-    assert (lag, pending) == (10, 0)  # 5 DISPENSED + 5 DUPLICATE attempts
-    assert consumer.run_once(block_ms=100) == 10
+    assert (lag, pending) == (12, 0)  # 6 DISPENSED + 6 DUPLICATE attempts
+    assert consumer.run_once(block_ms=100) == 12
     assert consumer.update_lag() == (0, 0)
-    assert _live(buyers)[0] == 5
+    assert _live(buyers)[0] == 6
+    from tracecode.console.ledger.intake import pseudonymizer
+    from tracecode.console.ledger.models import Evidence
+    ev = Evidence.objects.get(site_id=buyers[0], canonical_code=code)
+    assert ev.insured_pseudonym == pseudonymizer().pseudonym(raw)  # the console's and the server's agree
+    assert raw not in console_env.pg.dump() and raw.upper() not in console_env.pg.dump()
