@@ -7,6 +7,7 @@ shares one database; tests keep apart by their own users, subjects and regions.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -105,25 +106,52 @@ class ConsoleEnv:
     pg: PostgresProcess
 
 
-@pytest.fixture(scope="session")
-def console_env(tmp_path_factory):
+_shared: dict[str, object] = {}
+
+
+def _once(name, start, stop):
+    """One instance per test process. The fixtures below are imported by several test modules,
+    and pytest makes a session fixture imported into two modules two fixtures: without this they
+    would start two PostgreSQL servers while Django (configured once) talks to the first."""
+    if name not in _shared:
+        _shared[name] = start()
+        atexit.register(stop, _shared[name])
+    return _shared[name]
+
+
+def _start_console_env() -> ConsoleEnv:
     pg = PostgresProcess().start()
-    data = str(tmp_path_factory.mktemp("console"))
+    data = tempfile.mkdtemp(prefix="tracecode-console-")
     key = generate_key_file(os.path.join(data, "pseudonym.key"))
     env = {"TRACECODE_CONSOLE_DATABASE_URL": pg.url, "TRACECODE_CONSOLE_DATA_DIR": data,
            "TRACECODE_PSEUDONYM_KEY_FILE": key, "TRACECODE_CONSOLE_SECRET_KEY": "test-" + "k" * 50,
            "TRACECODE_CONSOLE_RETRY_INTERVAL_S": "0.5", "DJANGO_SETTINGS_MODULE": "tracecode.console.settings"}
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import django
-    django.setup()
+    django.setup()  # reads the settings now, once for the process
     from django.core.management import call_command
     call_command("migrate", interactive=False, verbosity=0)
-    try:
-        yield ConsoleEnv(env, data, key, pg)
-    finally:
-        from django.db import connections
-        connections.close_all()
-        pg.stop()
+    # The rest of the suite (servers it starts as processes read TRACECODE_* too) sees the
+    # environment it had; console processes get `env` explicitly.
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return ConsoleEnv(env, data, key, pg)
+
+
+def _stop_console_env(ce: ConsoleEnv) -> None:
+    from django.db import connections
+    connections.close_all()
+    ce.pg.stop()
+    shutil.rmtree(ce.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def console_env():
+    return _once("console_env", _start_console_env, _stop_console_env)
 
 
 @dataclass
@@ -136,9 +164,8 @@ class Service:
 
 @pytest.fixture(scope="session")
 def console_redis():
-    proc = RedisProcess(port=free_port(), appendonly=False).start()
-    yield proc
-    proc.stop()
+    return _once("console_redis", lambda: RedisProcess(port=free_port(), appendonly=False).start(),
+                 lambda proc: proc.stop())
 
 
 @pytest.fixture

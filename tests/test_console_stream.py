@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -53,13 +54,14 @@ def _metrics(port: int) -> dict[str, float]:
 class Consumer:
     def __init__(self, console_env, service, *extra, failpoints: str = ""):
         self.metrics_port = free_port()
+        self.log = tempfile.TemporaryFile()  # not a pipe: a chatty consumer must never block on it
         env = {**os.environ, **console_env.env}
         if failpoints:
             env["TRACECODE_FAILPOINTS"] = failpoints
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tracecode.console.cli", "consume", "--redis-url", service.redis.url,
              "--prefix", service.prefix, "--consumer", "console-a", "--metrics-port", str(self.metrics_port), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -73,7 +75,11 @@ class Consumer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        return self.proc.stdout.read().decode(errors="replace")
+        return self.output()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
 
 def _wait(pred, timeout: float, what: str):
@@ -109,7 +115,8 @@ def test_consumer_killed_mid_run_loses_nothing_and_duplicates_nothing(console_en
     # the window where a crash leaves committed entries unacknowledged.
     c = Consumer(console_env, service, "--max-rate", "8", failpoints="console_before_ack=30")
     try:
-        _wait(lambda: _live(buyers)[0] >= 4, 60, "the first evidence")
+        _wait(lambda: _live(buyers)[0] >= 4 or c.proc.poll() is not None, 60, "the first evidence")
+        assert c.proc.poll() is None, c.output()
     finally:
         c.kill()
     seen, _ = _live(buyers)
