@@ -128,10 +128,14 @@ def _start_console_env() -> ConsoleEnv:
            "TRACECODE_CONSOLE_RETRY_INTERVAL_S": "0.5", "DJANGO_SETTINGS_MODULE": "tracecode.console.settings"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import django
-    django.setup()  # reads the settings now, once for the process
-    from django.core.management import call_command
-    call_command("migrate", interactive=False, verbosity=0)
+    try:
+        import django
+        django.setup()  # reads the settings now, once for the process
+        from django.core.management import call_command
+        call_command("migrate", interactive=False, verbosity=0)
+    except BaseException:
+        pg.stop()
+        raise
     # The rest of the suite (servers it starts as processes read TRACECODE_* too) sees the
     # environment it had; console processes get `env` explicitly.
     for k, v in saved.items():

@@ -63,17 +63,17 @@ _client = None
 
 
 def client():
-    """One SanctionsClient per process (a gRPC channel reconnects by itself)."""
+    """One AdminClient per process (a gRPC channel reconnects by itself)."""
     global _client
     with _client_lock:
         if _client is None:
-            from tracecode.clients.admin import SanctionsClient
+            from tracecode.clients.admin import AdminClient
             metadata = ()
             if settings.TRACECODE_TOKEN_FILE:
                 with open(settings.TRACECODE_TOKEN_FILE, encoding="ascii") as fh:
                     metadata = (("authorization", f"Bearer {fh.read().strip()}"),)
-            _client = SanctionsClient(settings.TRACECODE_SERVER, metadata=metadata,
-                                      timeout_s=settings.TRACECODE_RPC_TIMEOUT_S)
+            _client = AdminClient(settings.TRACECODE_SERVER, metadata=metadata,
+                                  timeout_s=settings.TRACECODE_RPC_TIMEOUT_S)
         return _client
 
 
@@ -87,7 +87,7 @@ def reset_client() -> None:
 
 def _set(req: SanctionRequest, insured_id: str):
     return client().set_sanction(
-        request_id=str(req.request_id), kind=req.kind,
+        req.kind, request_id=str(req.request_id),
         site_id=req.subject_id if req.subject_type == "SITE" else "",
         insured_id=insured_id, valid_from=req.valid_from, valid_until=req.valid_until,
         reason=req.reason, reference=req.lead.ref,
@@ -164,8 +164,7 @@ def service_view(req: SanctionRequest) -> ServiceView:
     if not req.sanction_id:
         return ServiceView(True, None, detail="尚未下发")
     try:
-        found = client().list_sanctions(reference=req.lead.ref, include_history=True,
-                                        timeout_s=min(settings.TRACECODE_RPC_TIMEOUT_S, 2.0))
+        found = client().list_sanctions(reference=req.lead.ref, include_history=True)
     except grpc.RpcError as exc:
         return ServiceView(False, req.service_in_force, req.sanction_id, f"{exc.code().name}: {exc.details()}")
     mine = next((s for s in found if s.sanction_id == req.sanction_id), None)
