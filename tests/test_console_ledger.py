@@ -266,3 +266,43 @@ def test_pages_render_in_chinese(console_env, tmp_path):
     assert "待核查" in page
     login = http().get("/login/").content.decode()
     assert "登录" in login and 'lang="zh-Hans"' in login
+
+
+def test_parquet_leads_filters_and_sorting(console_env, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tracecode.console.ledger.intake import import_engine
+    sup = make_user("supervisor")
+    region = unique("RG")
+    a, b, c = unique("SA"), unique("SB"), unique("SC")
+    rows = [
+        dict(lead_id=unique("p"), model="ABNORMAL_SITE", model_version="1", subject_kind="SITE", subject_id=a,
+             region=region, score="inf", risk="HIGH", packs="0", lines="12", summary="异常机构"),
+        dict(lead_id=unique("p"), model="SWAP", model_version="1", subject_kind="SITE", subject_id=b,
+             region=region, score="3", risk="LOW", packs="3", lines="3", summary="串换"),
+        dict(lead_id=unique("p"), model="SWAP", model_version="1", subject_kind="SITE", subject_id=c,
+             region=region, score="5", risk="MEDIUM", packs="4", lines="4", summary="串换"),
+        dict(lead_id=unique("p"), model="SWAP", model_version="1", subject_kind="PERSON", subject_id="x",
+             region=region, score="1", risk="LOW", packs="1", lines="1", summary="bad kind"),
+    ]
+    path = tmp_path / "leads.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    rep = import_engine(str(path))
+    assert rep.leads_created == 3 and [(p.line, p.field) for p in rep.problems] == [(5, "subject_kind")]
+    assert import_engine(str(path)).unchanged == 3
+    http_c = http(sup)
+
+    def refs(query):
+        body = http_c.get(f"/?region={region}&{query}").content.decode()
+        return [s for s in (a, b, c) if s in body], body
+
+    assert refs("model=SWAP")[0] == [b, c]
+    assert refs("risk=HIGH")[0] == [a]
+    assert refs("source=MODEL&status=NEW")[0] == [a, b, c]
+    assert refs("status=CLOSED")[0] == []
+    _, body = refs("sort=risk")
+    assert body.index(a) < body.index(c) < body.index(b)  # HIGH, MEDIUM, LOW
+    _, body = refs("sort=score")
+    assert body.index(a) < body.index(c) < body.index(b)  # +inf first
+    assert http_c.get(f"/leads/{_lead_of(a).ref}/").status_code == 200

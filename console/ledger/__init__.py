@@ -13,4 +13,3 @@ May import: Django, openpyxl, redis, prometheus_client, tracecode.server.pseudon
 tracecode.server.failpoints (standard library only, for crash tests),
 tracecode.clients and tracecode.v1.
 """
-default_app_config = "tracecode.console.ledger.apps.LedgerConfig"

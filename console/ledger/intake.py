@@ -145,6 +145,16 @@ def _ts(text: str) -> datetime | None:
     return t
 
 
+def _float(text: str) -> float | None:
+    """A score: a number, `inf` (ABNORMAL_SITE's +inf when MAD and mean deviation are 0), or empty."""
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
 def _dec(text: str) -> Decimal | None:
     if text in ("", None):
         return None
@@ -333,8 +343,7 @@ def import_engine(leads_path: str, evidence_path: str | None = None, *, leads_da
             facts = LeadFacts(
                 source=Source.MODEL, model=f["model"], model_version=f.get("model_version", ""), subject_kind=kind,
                 subject_id=as_pseudonym(f["subject_id"]) if kind == "INSURED" else f["subject_id"],
-                region=f.get("region", ""), score=float(f["score"]) if f.get("score") not in (None, "", "inf") else
-                (float("inf") if f.get("score") == "inf" else None),
+                region=f.get("region", ""), score=_float(f.get("score", "")),
                 risk=f.get("risk", "").upper(), summary=f.get("summary", ""),
                 packs=int(f.get("packs") or 0), lines=int(f.get("lines") or 0), amount=_dec(f.get("amount", "")),
                 window_start=_ts(f.get("window_start", "")), window_end=_ts(f.get("window_end", "")))
@@ -375,8 +384,8 @@ def import_batch(path: str, source: Source, number: str, received_on: date, *, d
                 f[BATCH_ALIASES[k]] = v
             else:
                 unknown.add(k)
-        kind = SUBJECT_KIND_ALIASES.get((f.get("subject_kind") or ("INSURED" if f.get("insured_id") else "SITE")).upper()
-                                        if (f.get("subject_kind") or "").isascii() else f.get("subject_kind", ""))
+        named = f.get("subject_kind") or ("INSURED" if f.get("insured_id") else "SITE")
+        kind = SUBJECT_KIND_ALIASES.get(named.upper() if named.isascii() else named)
         if kind is None:
             report.problems.append(RowProblem(src, line, "subject_kind", f"{f.get('subject_kind')!r}: SITE or INSURED"))
             continue
