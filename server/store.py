@@ -28,7 +28,9 @@ log = logging.getLogger("tracecode.store")
 
 
 def _script_text(name: str) -> str:
-    text = resources.files("tracecode.server").joinpath("lua", name).read_text()
+    lua = resources.files("tracecode.server").joinpath("lua")
+    text = lua.joinpath(name).read_text()
+    text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -632,7 +634,8 @@ class Store:
     @_wrap_errors
     def upsert_issuance(self, records: Sequence[tuple], *, replace: bool) -> list[int]:
         """records: (code, product, gtin, batch, expiry YYYYMMDD|0, pack_units, manufacturer, status|'').
-        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict. One script call per
+        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict, 4 fewer pack units than
+        already dispensed (lua/issue.lua). One script call per
         chunk; the batch index (for recalls) is written in the same round trip."""
         if not records:
             return []
@@ -642,7 +645,7 @@ class Store:
             keys, args = [], ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
-                keys.append(self.keys.issuance(code))
+                keys += self.keys.code_keys(code)[:2]
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
         out = [0] * len(records)

@@ -21,6 +21,8 @@
 -- Returns {results-json, part state, changed}: state 'F' done as decided, 'E' a commit refused as
 -- above; changed 0 when the part was already final (a repeated commit or abort).
 
+--@HISTORY@--
+
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu')
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
@@ -86,9 +88,8 @@ if decision == 'K' then
     if e[2] > 0 then
       local c = index[e[1]]
       local hkey = KEYS[2 + 3 * (c - 1) + 3]
-      redis.call('RPUSH', hkey, cjson.encode({t = 'DISPENSED', a = at, s = site, i = sid, l = e[4], u = e[2], x = ''}))
-      redis.call('LTRIM', hkey, -hist_max, -1)
-      redis.call('HINCRBY', KEYS[2 + 3 * (c - 1) + 2], 'ev', 1)
+      history_push(hkey, KEYS[2 + 3 * (c - 1) + 2], {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4], u = e[2],
+                                                     x = ''}, hist_max)
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'DISPENSED', 'c', e[1], 's', site,
                  'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at)
     end

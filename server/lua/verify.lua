@@ -43,6 +43,8 @@
 -- ('pu'), so commit.lua can tell whether committing after the reservation expired is still safe.
 -- Errors: "TCCONFLICT ..." when the settlement id was used with another body.
 
+--@HISTORY@--
+
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
 
@@ -242,10 +244,8 @@ if writes then
     local code = ARGV[CODE0 + u - 1]
     local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
     if rec[u] then
-      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = li,
-                                                     u = units, x = detail}))
-      redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
-      redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
+      history_push(KEYS[k + 3], KEYS[k + 2], {t = etype, a = at, s = site, i = sid, l = li, u = units,
+                                              x = detail}, hist_max)
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
                'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at)
