@@ -24,10 +24,11 @@
 --@HISTORY@--
 
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu')
+local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
 if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
 local site, sid, at = p[4], p[5], tonumber(p[6])
+local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
 local me = site .. '\31' .. sid
 local ledger = cjson.decode(p[2])
 local results = cjson.decode(p[1])
@@ -77,6 +78,7 @@ for code, units in pairs(take) do
     local used = tonumber(d[1]) or 0
     if used == 0 then
       redis.call('HSET', dkey, 'u', units, 'fs', site, 'fi', sid, 'fa', at, 'at', 0)
+      if insured ~= '' then redis.call('HSET', dkey, 'fp', insured) else redis.call('HDEL', dkey, 'fp') end
     else
       redis.call('HSET', dkey, 'u', used + units)
     end
@@ -89,9 +91,9 @@ if decision == 'K' then
       local c = index[e[1]]
       local hkey = KEYS[2 + 3 * (c - 1) + 3]
       history_push(hkey, KEYS[2 + 3 * (c - 1) + 2], {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4], u = e[2],
-                                                     x = ''}, hist_max)
+                                                     x = '', p = insured}, hist_max)
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'DISPENSED', 'c', e[1], 's', site,
-                 'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at)
+                 'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at, 'p', insured)
     end
   end
 else

@@ -61,6 +61,8 @@ if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') =
   end
 end
 local res = verify_body()
+-- A prepared part (cluster ALL_OR_NOTHING over several slots) keeps the pseudonym for commit.lua.
+if ARGV[1] == 'P' and insured ~= '' then redis.call('HSET', KEYS[1], 'ip', insured) end
 if gate_mode == 'N' then
   local found = binding(node_now())
   if #found > 0 then
