@@ -207,3 +207,56 @@ def test_a_raw_insured_id_is_stored_logged_and_exported_nowhere(tmp_path):
     finally:
         served.close()
         rp.stop()
+
+
+# ------------------------------------------------------------------ the key file, the CLI
+
+def test_serve_generates_a_private_key_once_and_refuses_a_readable_one(tmp_path):
+    data = tmp_path / "data"
+    served = ServeProcess(["--listen", "127.0.0.1:0", "--data-dir", str(data), "--metrics-port", "0",
+                           "--workers", "1", "--grace-s", "1"], str(tmp_path / "serve.log"))
+    try:
+        served.wait_listening()
+        key = data / "pseudonym.key"
+        assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
+        assert "generated a new insured-pseudonym key" in served.log()
+        first = key.read_text()
+        served.signal()
+        assert served.wait(30) == 0
+    finally:
+        served.close()
+    again = ServeProcess(["--listen", "127.0.0.1:0", "--data-dir", str(data), "--metrics-port", "0",
+                          "--workers", "1", "--grace-s", "1"], str(tmp_path / "serve2.log"))
+    try:
+        again.wait_listening()
+        assert key.read_text() == first  # kept, not regenerated
+        assert "generated a new" not in again.log()
+    finally:
+        again.close()
+    readable = tmp_path / "open.key"
+    generate_key_file(str(readable))
+    os.chmod(readable, 0o644)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+                          "--pseudonym-key-file", str(readable), "--data-dir", str(data)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "readable by group or others" in out.stderr
+
+
+def test_sanction_cli_set_list_lift(target, capsys):
+    from tracecode.clients import cli
+    assert cli.main(["sanction", "set", "SUSPEND_SERVICE", "--server", target, "--site", "PH-CLI",
+                     "--request-id", "cli-1", "--reason", "倒卖", "--reference", "LEAD-CLI"]) == 0
+    line_out = capsys.readouterr().out.strip()
+    sanction_id = line_out.split()[0]
+    assert sanction_id.startswith("sx-") and "SITE:PH-CLI" in line_out and "in_force=True" in line_out
+    assert cli.main(["sanction", "list", "--server", target, "--site", "PH-CLI"]) == 0
+    assert sanction_id in capsys.readouterr().out
+    assert cli.main(["sanction", "lift", sanction_id, "--server", target, "--reason", "done"]) == 0
+    assert "in_force=False" in capsys.readouterr().out
+    assert cli.main(["sanction", "list", "--server", target, "--site", "PH-CLI"]) == 0
+    assert capsys.readouterr().out.strip() == ""
+    assert cli.main(["sanction", "set", "BLACKLIST", "--server", target, "--site", "PH-CLI",
+                     "--request-id", "cli-2", "--reason", "r", "--valid-until", "2099-01-01T00:00:00+08:00"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
