@@ -32,15 +32,17 @@ from tracecode.v1 import verification_pb2 as pb
 METHOD = "/tracecode.v1.Verification/VerifyDispense"
 
 
-def build(codes: list[str], lines: int, product: str, tag: str) -> list[bytes]:
-    """One serialised VerifyDispenseRequest per `lines` consecutive codes; settled_at = now."""
+def build(codes: list[str], lines: int, product: str, tag: str, insured: int = 0) -> list[bytes]:
+    """One serialised VerifyDispenseRequest per `lines` consecutive codes; settled_at = now;
+    with `insured`, each carries one of that many insured ids (benchmarks/sanctions.py)."""
     now = time.time()
     ts = timestamp_pb2.Timestamp(seconds=int(now), nanos=int((now % 1) * 1e9))
     out = []
     for n in range(len(codes) // lines):
         req = pb.VerifyDispenseRequest(
             settlement_id=f"{tag}-{n}", site_id=f"S{n % 997:05d}", settled_at=ts,
-            lines=[pb.DispenseLine(raw_code=c, product_id=product) for c in codes[n * lines:(n + 1) * lines]])
+            lines=[pb.DispenseLine(raw_code=c, product_id=product) for c in codes[n * lines:(n + 1) * lines]],
+            insured_id=f"BENCH-P-{n % insured:06d}" if insured else "")
         out.append(req.SerializeToString())
     return out
 
@@ -142,6 +144,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--deadline", type=float, default=5.0)
+    # Also from the environment, so a harness that starts generators through run.Bench (which
+    # builds their command line) can set it: benchmarks/sanctions.py.
+    ap.add_argument("--insured", type=int, default=int(os.environ.get("TRACECODE_LOADGEN_INSURED", "0")),
+                    help="insured ids to spread the settlements over (0: none)")
     args = ap.parse_args()
     if not args.target.startswith("127.0.0.1:"):
         raise SystemExit("loadgen: loopback targets only")
@@ -155,7 +161,7 @@ def main() -> int:
                 break
             if n >= args.first:
                 codes.append(line.strip())
-    requests = build(codes, args.lines, args.product, f"lg{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    requests = build(codes, args.lines, args.product, f"lg{os.getpid()}-{uuid.uuid4().hex[:8]}", args.insured)
     if not requests:
         raise SystemExit("loadgen: no codes in range")
     result = asyncio.run(run(args, requests))

@@ -15,9 +15,22 @@ from tracecode.v1 import admin_pb2 as apb
 from .errors import InvalidRequest, NotFound
 from .store import Store, now_ms
 from .verdicts import STATUS_NAME, STATUSES
+from .verifier import MAX_PRODUCT_ID, text_problem
 
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\Z")
 MAX_REPORTED_ERRORS = 100
+MAX_PACK_UNITS = 100_000
+# Free-text issuance fields: (field, most characters). The product id has the limit a settlement
+# line has, so no record can be stored that settlement would refuse to bill.
+TEXT_LIMITS = (("product_id", MAX_PRODUCT_ID), ("batch", 64), ("manufacturer", 200))
+# store.upsert_issuance outcome -> (response counter, error reason or None).
+OUTCOMES = {
+    0: ("unchanged", None),
+    1: ("created", None),
+    2: ("updated", None),
+    3: ("conflicts", "conflict: stored record has another product (kept; use --replace)"),
+    4: ("rejected", "pack_units: below the units already dispensed from this pack (record kept)"),
+}
 
 
 def parse_expiry(text: str) -> int:
@@ -50,8 +63,11 @@ class IssuanceService:
         kind, key, product, serial, batch, expiry, reason = codec.parse(rec.code, self.profile)
         if not key:
             raise ValueError(f"code: {reason}")
-        if not rec.product_id:
-            raise ValueError("product_id: required")
+        for field, limit in TEXT_LIMITS:
+            problem = text_problem(getattr(rec, field), limit, "the product the code was issued for",
+                                   required=field == "product_id")
+            if problem:
+                raise ValueError(f"{field}: {problem}")
         gtin = rec.gtin
         if kind == codec.KIND_GS1:
             if gtin and gtin.zfill(14) != product:
@@ -65,8 +81,8 @@ class IssuanceService:
         if rec.batch and batch and rec.batch != batch:
             raise ValueError(f"batch: {rec.batch} differs from the batch {batch} inside the code")
         units = rec.pack_units or 1
-        if units > 100000:
-            raise ValueError(f"pack_units: {units} is more than 100000")
+        if units > MAX_PACK_UNITS:
+            raise ValueError(f"pack_units: {units} is more than {MAX_PACK_UNITS}")
         status = STATUS_NAME.get(rec.status, "") if rec.status else ""
         if rec.status and not status:
             raise ValueError(f"status: unknown value {rec.status}")
@@ -74,7 +90,6 @@ class IssuanceService:
 
     def upsert_stream(self, requests: Iterable[apb.UpsertIssuanceRequest]) -> apb.UpsertIssuanceResponse:
         resp = apb.UpsertIssuanceResponse()
-        counters = {0: "unchanged", 1: "created", 2: "updated", 3: "conflicts"}
 
         def error(source, line, code, reason):
             resp.rejected += 1
@@ -94,10 +109,10 @@ class IssuanceService:
             for start in range(0, len(valid), self.chunk):
                 outcomes = self.store.upsert_issuance(valid[start:start + self.chunk], replace=req.replace)
                 for (line, code), outcome in zip(where[start:start + self.chunk], outcomes):
-                    setattr(resp, counters[outcome], getattr(resp, counters[outcome]) + 1)
-                    if outcome == 3 and len(resp.errors) < MAX_REPORTED_ERRORS:
-                        resp.errors.add(source=req.source, line=line, code=code,
-                                        reason="conflict: stored record has another product (kept; use --replace)")
+                    counter, why = OUTCOMES[outcome]
+                    setattr(resp, counter, getattr(resp, counter) + 1)
+                    if why and len(resp.errors) < MAX_REPORTED_ERRORS:
+                        resp.errors.add(source=req.source, line=line, code=code, reason=why)
         return resp
 
     def get(self, raw: str) -> tuple[str, dict]:

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from tracecode.v1 import admin_pb2 as apb
 from tracecode.v1 import verification_pb2 as pb
 
+from .errors import InvalidRequest
 from .sanctions import SITE, Notice, Sanction
 
 ERROR_DOMAIN = "tracecode.v1"
@@ -28,7 +29,9 @@ def _iso(ms: int) -> str:
     return _ts(ms).ToJsonString() if ms else ""
 
 
-def _ms(ts: timestamp_pb2.Timestamp) -> int:
+def _ms(ts: timestamp_pb2.Timestamp, field: str) -> int:
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidRequest([(f"{field}.nanos", f"{ts.nanos} outside 0..999999999")])
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
@@ -77,8 +80,8 @@ class SanctionAdmin:
         s = self.sanctions.set(
             request_id=request.request_id, kind=None if kind == "SANCTION_KIND_UNSPECIFIED" else kind,
             site_id=request.site_id, insured_id=request.insured_id,
-            valid_from_ms=_ms(request.valid_from) if request.HasField("valid_from") else None,
-            valid_until_ms=_ms(request.valid_until) if request.HasField("valid_until") else None,
+            valid_from_ms=_ms(request.valid_from, "valid_from") if request.HasField("valid_from") else None,
+            valid_until_ms=_ms(request.valid_until, "valid_until") if request.HasField("valid_until") else None,
             reason=request.reason, reference=request.reference, actor=request.actor or caller)
         return sanction_pb(s, self.sanctions.in_force(s))
 

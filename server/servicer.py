@@ -76,8 +76,24 @@ def _guarded(method):
     return handler
 
 
-def _ms(ts: timestamp_pb2.Timestamp) -> int:
+def _ms(ts: timestamp_pb2.Timestamp, field: str = "settled_at") -> int:
+    """A Timestamp as ms since the epoch; an invalid one (nanos outside 0..999,999,999, which
+    protobuf's own rules forbid) is INVALID_ARGUMENT naming the field."""
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidRequest([(f"{field}.nanos", f"{ts.nanos} outside 0..999999999")])
     return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+# SettlementPolicy -> all_or_nothing. A value not in this table (a newer or a broken client) is
+# INVALID_ARGUMENT: guessing a policy could record what the POS meant to hold back.
+_POLICY = {pb.SETTLEMENT_POLICY_UNSPECIFIED: False, pb.RECORD_ACCEPTED: False, pb.ALL_OR_NOTHING: True}
+
+
+def _all_or_nothing(policy: int) -> bool:
+    try:
+        return _POLICY[policy]
+    except KeyError:
+        raise InvalidRequest([("policy", f"unknown value {policy}: RECORD_ACCEPTED or ALL_OR_NOTHING")]) from None
 
 
 def _ts(ms: int) -> timestamp_pb2.Timestamp:
@@ -129,7 +145,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         if not request.insured_id:
             metrics.WITHOUT_INSURED.inc()
         out = self.verifier.dispense(site, request.settlement_id, _ms(request.settled_at),
-                                     _lines(request.lines), request.policy == pb.ALL_OR_NOTHING,
+                                     _lines(request.lines), _all_or_nothing(request.policy),
                                      insured_id=request.insured_id)
         metrics.observe_settlement("pos", out, time.perf_counter() - start)
         return pb.VerifyDispenseResponse(
@@ -150,7 +166,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
     @_guarded
     def CheckCodes(self, request: pb.CheckCodesRequest, context) -> pb.CheckCodesResponse:
         site = self._site(request.site_id, context)
-        at = _ms(request.at) if request.HasField("at") else None
+        at = _ms(request.at, "at") if request.HasField("at") else None
         out = self.verifier.check_with_sanctions(site, at, _lines(request.lines), request.insured_id)
         return pb.CheckCodesResponse(results=[_result(i, o) for i, o in enumerate(out.results)],
                                      sanctions=[notice_pb(n) for n in out.sanctions])
@@ -230,6 +246,8 @@ class AdminServicer(SanctionAdmin, admin_pb2_grpc.AdminServicer):
     @_guarded
     def RecallBatch(self, request: apb.RecallBatchRequest, context):
         actor = self.authorize(context) or "admin"
+        if request.status and request.status not in STATUS_NAME:
+            raise InvalidRequest([("status", f"unknown value {request.status}: RECALLED, LOCKED, STOLEN or DESTROYED")])
         status = STATUS_NAME.get(request.status) or "RECALLED"
         changed, unchanged = self.issuance.recall_batch(request.product_id, request.batch, status,
                                                         request.reason, actor)

@@ -29,9 +29,11 @@ log = logging.getLogger("tracecode.store")
 
 
 def _script_text(name: str) -> str:
-    text = resources.files("tracecode.server").joinpath("lua", name).read_text()
+    lua = resources.files("tracecode.server").joinpath("lua")
+    text = lua.joinpath(name).read_text()
     if name == "verify.lua":  # judged inside the sanction gate, in the same call (lua/gate.lua)
-        text = _script_text("gate.lua").replace("--@VERIFY@--", text)
+        text = lua.joinpath("gate.lua").read_text().replace("--@VERIFY@--", text)
+    text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -186,13 +188,15 @@ class Store:
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
         self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
-                         for name in ("verify", "reverse", "issue", "status", "commit", "claim", "sanction")}
+                         for name in ("verify", "reverse", "issue", "status", "commit", "claim", "decide",
+                                      "sanction")}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
         self._issue = self._scripts["issue"]
         self._status = self._scripts["status"]
         self._commit = self._scripts["commit"]
         self._claim = self._scripts["claim"]
+        self._decide = self._scripts["decide"]
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 2.0, max_connections: int = 64,
@@ -366,7 +370,7 @@ class Store:
         args = [mode, call["site"], call["settlement_id"], call["settled_at_ms"], call["settle_day"],
                 call["digest"], "A" if call["all_or_nothing"] else "R", 0 if state else lim.audit_max,
                 lim.history_max, call.get("state_ttl_s") or lim.settlement_ttl_s, len(lines), state_ttl,
-                now_ms()]
+                0]  # ARGV[13], unused (reservations use the node clock)
         for line, i in zip(lines, idx):
             args.extend(line)
             args.append(i)
@@ -434,17 +438,27 @@ class Store:
 
     def _verify_sharded(self, calls: Sequence[dict]) -> list:
         """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
-        every part in its slot, pipelined; ALL_OR_NOTHING settlements over several slots prepare
-        (reserve) their parts and then commit or release them all."""
+        every part in its slot, pipelined. An ALL_OR_NOTHING settlement over several slots is a
+        two-phase commit with the settlement's own record as its log:
+
+        1. prepare: each part is judged and, when all its lines are OK, its units reserved
+           (verify.lua mode 'P'; a part left prepared by a dead coordinator is judged afresh);
+        2. decide: commit ('K') when every part was prepared, within half the reservation's
+           life, else abort ('X'); the decision is recorded once (decide.lua, first one wins);
+        3. apply the recorded decision to every part (commit.lua), which never takes units that
+           another settlement holds or took (an expired reservation: docs/scaling.md).
+
+        A retry that finds a decision recorded applies it without judging again; one that finds
+        none prepares again. `replayed` is true only when nothing was written by this call."""
         out: list = [None] * len(calls)
         plans = [self._parts(c) for c in calls]
-        writes = [c["dispense"] for c in calls]
+        decided: dict[int, str] = {}
         claims = []
-        for n, (c, parts, w) in enumerate(zip(calls, plans, writes)):
-            if w:
+        for n, c in enumerate(calls):
+            if c["dispense"]:
                 sk = c.get("state") or self.keys
                 skey = sk.settlement(c["site"], c["settlement_id"])
-                args = [c["digest"], json.dumps([p[0] for p in parts]), c["site"], c["settlement_id"],
+                args = [c["digest"], json.dumps([p[0] for p in plans[n]]), c["site"], c["settlement_id"],
                         c["settled_at_ms"], c.get("state_ttl_s") or self.limits.settlement_ttl_s]
                 ckeys = [skey, sk.registry_for(skey)] if c.get("state") else [skey]
                 claims.append((n, (self._claim, ckeys, args)))
@@ -452,12 +466,16 @@ class Store:
             for (n, _), res in zip(claims, self._run([call for _, call in claims])):
                 if isinstance(res, Exception):
                     raise res
-                if not res:
+                mine, decision = res
+                if not mine:
                     out[n] = SettlementConflict("settlement id already used with a different request body")
-        # Phase 1: every part of every settlement still to judge, pipelined.
+                elif decision:
+                    decided[n] = decision
+        started = time.monotonic()
+        # Phase 1: every part of every undecided settlement, pipelined.
         batch, where = [], []
         for n, (c, parts) in enumerate(zip(calls, plans)):
-            if out[n] is not None:
+            if out[n] is not None or n in decided:
                 continue
             two_phase = c["dispense"] and c["all_or_nothing"] and len(parts) > 1
             mode = "P" if two_phase else ("D" if c["dispense"] else "C")
@@ -467,33 +485,57 @@ class Store:
                 where.append((n, record, idx, codes))
         results: dict[int, list] = {}
         durable = any(c["dispense"] and not c.get("state") for c in calls)
-        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable)):
+        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable) if batch else []):
             if isinstance(res, Exception):
                 out[n] = _conflict_or(res, None)
                 continue
             results.setdefault(n, []).append([record, idx, codes, bool(res[0]), json.loads(res[1]), res[2]])
         failpoint("after_prepare")
-        # Phase 2: commit or release prepared parts (all parts OK -> commit).
+        # Phase 2: record a decision for every settlement with prepared parts.
+        in_time = (time.monotonic() - started) * 1000 < self.limits.reservation_ms / 2
+        undecided = [n for n, parts in results.items()
+                     if out[n] is None and any(p[5] == "P" for p in parts)]
+        if undecided:
+            asks = []
+            for n in undecided:
+                ok = in_time and all(p[5] == "P" for p in results[n])
+                sk = calls[n].get("state") or self.keys
+                asks.append((self._decide, [sk.settlement(calls[n]["site"], calls[n]["settlement_id"])],
+                             ["K" if ok else "X"]))
+            for n, res in zip(undecided, self._run(asks, durable=durable)):
+                if isinstance(res, Exception):
+                    raise res
+                decided[n] = res
+        failpoint("after_decide")
+        for n, decision in decided.items():
+            if n not in results:  # decided by an earlier attempt: every part gets the decision
+                results[n] = [[record, idx, codes, True, None, "P"] for record, _, idx, codes in plans[n]]
+        # Phase 3: apply each recorded decision to every prepared part.
         commits = []
-        for n, parts in results.items():
-            if out[n] is not None or not any(p[5] == "P" for p in parts):
+        for n, decision in decided.items():
+            if out[n] is not None:
                 continue
-            ok = all(p[5] == "P" for p in parts)
-            for p in parts:
+            for p in results[n]:
                 if p[5] == "P":
-                    commits.append((n, p, "K" if ok else "X"))
+                    commits.append((n, p, decision))
         if commits:
             batch = []
             for n, (record, idx, codes, *_), decision in commits:
                 sk = calls[n].get("state") or self.keys
                 keys = [record, sk.audit_for(record)]
-                for code in codes:
-                    keys += sk.code_keys(code)
+                for code in codes:  # the live issuance (its pack units), the namespace's state
+                    keys += self.keys.code_keys(code, calls[n].get("state"))
                 batch.append((self._commit, keys, [decision, self.limits.history_max, self.limits.audit_max, *codes]))
             for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
                 if isinstance(res, Exception):
                     raise res
                 p[4], p[5] = json.loads(res[0]), res[1]
+                if int(res[2]):
+                    p[3] = False  # this call wrote it: not a replay
+                if res[1] == "E":
+                    log.warning("settlement %s of site %s: a part could not be committed after its "
+                                "reservation expired (packs taken meanwhile); reported as not recorded",
+                                calls[n]["settlement_id"], calls[n]["site"])
         # Merge the parts back into request order.
         for n, parts in results.items():
             if out[n] is not None:
@@ -609,7 +651,8 @@ class Store:
     @_wrap_errors
     def upsert_issuance(self, records: Sequence[tuple], *, replace: bool) -> list[int]:
         """records: (code, product, gtin, batch, expiry YYYYMMDD|0, pack_units, manufacturer, status|'').
-        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict. One script call per
+        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict, 4 fewer pack units than
+        already dispensed (lua/issue.lua). One script call per
         chunk; the batch index (for recalls) is written in the same round trip."""
         if not records:
             return []
@@ -619,7 +662,7 @@ class Store:
             keys, args = [], ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
-                keys.append(self.keys.issuance(code))
+                keys += self.keys.code_keys(code)[:2]
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
         out = [0] * len(records)

@@ -22,6 +22,24 @@ from .store import Store, now_ms
 
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
 _ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
+# Free-text fields (product ids, batches, manufacturers) take any printable text, never control
+# characters: C0, DEL and C1. Those would corrupt logs and CSV exports and, in older digests,
+# let two different bodies look alike.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_PRODUCT_ID = 64
+
+
+def text_problem(value: str, limit: int, what: str, required: bool = True) -> str | None:
+    """Why a free-text field is not acceptable, or None: required, at most `limit` characters, no
+    control character. Shared by settlement lines and issuance records (same limits)."""
+    if not value:
+        return f"required: {what}" if required else None
+    if len(value) > limit:
+        return f"{len(value)} characters, at most {limit}"
+    bad = _CONTROL.search(value)
+    if bad:
+        return f"control character U+{ord(bad.group()):04X} at position {bad.start() + 1}"
+    return None
 # Instants a settlement may carry (1970-01-01 .. 2100-01-01 UTC): a protobuf Timestamp holds far
 # more (years 1..9999 and beyond), which the calendar of the expiry check cannot represent.
 MIN_TIME_MS, MAX_TIME_MS = 0, 4_102_444_800_000
@@ -143,8 +161,9 @@ class Verifier:
         elif len(lines) > self.config.max_lines:
             bad.append(("lines", f"{len(lines)} lines, at most {self.config.max_lines} per settlement"))
         for i, ln in enumerate(lines[: self.config.max_lines]):
-            if not ln.product_id or len(ln.product_id) > 64:
-                bad.append((f"lines[{i}].product_id", "required: the billed product id, at most 64 characters"))
+            problem = text_problem(ln.product_id, MAX_PRODUCT_ID, "the billed product id")
+            if problem:
+                bad.append((f"lines[{i}].product_id", problem))
             if len(ln.raw_code) > self.config.max_code_length:
                 bad.append((f"lines[{i}].raw_code",
                             f"{len(ln.raw_code)} characters, at most {self.config.max_code_length}"))
@@ -160,11 +179,42 @@ class Verifier:
     @staticmethod
     def digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
                lines: Sequence[Line]) -> str:
+        """The idempotency digest of a settlement body: BLAKE2b over every field, each written as
+        its UTF-8 length (4 bytes) and bytes, so no two bodies share a serialisation whatever
+        bytes their fields hold (a raw scan may carry any character; it is then MALFORMED, but
+        still part of the body). Prefixed "2." to tell it from the legacy digest."""
+        h = hashlib.blake2b(digest_size=16, person=b"tracecode-body2")
+        fields = [site_id, settlement_id, str(at_ms), "A" if all_or_nothing else "R", str(len(lines))]
+        for ln in lines:
+            fields += (ln.raw_code, ln.product_id, str(ln.units))
+        for f in fields:
+            b = f.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(4, "big"))
+            h.update(b)
+        return "2." + h.hexdigest()
+
+    @staticmethod
+    def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
+                      lines: Sequence[Line]) -> str:
+        """The digest records written before "2." carry (fields joined by ASCII 30/31). Used only
+        to recognise a retry of such a record; settlement records live settlement_ttl (400 days).
+        It is unambiguous for bodies that pass today's validation except through raw codes that
+        carry ASCII 30/31, so such a body never matches a legacy record (see dispense)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{site_id}\x1f{settlement_id}\x1f{at_ms}\x1f{int(all_or_nothing)}".encode())
         for ln in lines:
             h.update(f"\x1e{ln.raw_code}\x1f{ln.product_id}\x1f{ln.units}".encode())
         return h.hexdigest()
+
+    def _legacy_replay(self, site_id, settlement_id, at_ms, all_or_nothing, lines) -> SettlementOutcome | None:
+        """The stored answer when the settlement id holds a pre-"2." record of this very body."""
+        if any("\x1e" in ln.raw_code or "\x1f" in ln.raw_code for ln in lines):
+            return None  # the old serialisation cannot tell such a body from another
+        stored = self.store.stored_settlement(site_id, settlement_id)
+        if not stored or stored[0] != self.legacy_digest(site_id, settlement_id, at_ms, all_or_nothing, lines):
+            return None
+        _, _, keys = self._plan(lines)
+        return self._outcome(stored[1], keys, replayed=True)
 
     # ------------------------------------------------------------------ operations
 
@@ -175,7 +225,7 @@ class Verifier:
         insured = self.sanctions.pseudonym(insured_id) if self.sanctions else ""
         digest = self.digest(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
         if insured:  # another person under a used settlement id is another body
-            digest = hashlib.blake2b(f"{digest}\x1f{insured}".encode(), digest_size=16).hexdigest()
+            digest = "2." + hashlib.blake2b(f"{digest}\x1f{insured}".encode(), digest_size=16).hexdigest()
         if check_skew:
             skew = abs(settled_at_ms - now_ms()) / 1000
             if skew > self.config.clock_skew_s:
@@ -184,6 +234,9 @@ class Verifier:
                 if stored and stored[0] == digest:
                     plan, _, keys = self._plan(lines)
                     return self._outcome(stored[1], keys, replayed=True)
+                legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+                if legacy is not None:
+                    return legacy
                 raise InvalidRequest([("settled_at",
                                        f"{skew:.0f} s from the server clock, at most {self.config.clock_skew_s} s")])
         plan, codes, keys = self._plan(lines)
@@ -203,6 +256,9 @@ class Verifier:
             self.sanctions.refused(exc)
             raise
         except SettlementConflict:
+            legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+            if legacy is not None:
+                return legacy
             raise SettlementConflict(
                 f"settlement {settlement_id!r} of site {site_id!r} was already recorded with a different "
                 "request body; use a new settlement id for a new sale") from None

@@ -176,7 +176,8 @@ def test_labels_are_bounded(pos, admin, scraped):
     for needle in ("SITE-UNBOUNDED-7731", "settle-unbounded-7731", code, "SITE-OTHER-7731"):
         assert needle not in s.text
     allowed = {"verdict", "channel", "outcome", "op", "kind", "version", "codec", "le",
-               "grpc_type", "grpc_service", "grpc_method", "grpc_code"}
+               "grpc_type", "grpc_service", "grpc_method", "grpc_code",
+               "reason"}  # tracecode_sanction_refusals_total: SITE_SANCTIONED | INSURED_SANCTIONED
     ours = [x for x in s.samples if x.name.startswith(("tracecode_", "grpc_server_"))]
     assert ours and {k for x in ours for k in x.labels} <= allowed
 

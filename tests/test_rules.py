@@ -453,11 +453,34 @@ def test_history_is_bounded_and_counts_every_event(admin, store, make_server):
         hist = pos.history(code)
     assert hist.events_total == 8
     assert len(hist.events) == 5
-    # The newest five are kept, oldest first.
-    assert [e.site_id for e in hist.events] == [f"SITE-{k}" for k in range(3, 8)]
+    # The first dispense and the newest four are kept, oldest first.
+    assert [e.site_id for e in hist.events] == ["SITE-A"] + [f"SITE-{k}" for k in range(4, 8)]
+    assert hist.events[0].type == pb.DISPENSED
     assert hist.first_dispense.attempts == 7
     # The audit stream is not cut down to the history limit.
     assert len(tail.new()) == 8
+
+
+def test_first_dispense_survives_any_number_of_later_attempts(admin, store, make_server):
+    code, other = cn20(), cn20()
+    load(admin, issuance(code, P), issuance(other, P))
+    bounded = make_server(history_max=4)
+    with PosClient(bounded) as pos:
+        # Flagged scans before the first dispense fill the list first: they may go, it may not.
+        for k in range(6):
+            pos.verify("SITE-X", [line(code, "OTHER-PRODUCT")], settlement_id=f"m-{k}")
+        pos.verify("SITE-A", [line(code, P)], settlement_id="first")
+        for k in range(999):
+            pos.verify(f"SITE-{k % 7}", [line(code, P)], settlement_id=f"d-{k}")
+        pos.reverse("SITE-A", "first")
+        pos.verify("SITE-B", [line(code, P)], settlement_id="second")
+        hist = pos.history(code)
+    assert hist.events_total == 6 + 1 + 999 + 2
+    assert len(hist.events) == 4
+    kinds = [(e.type, e.settlement_id) for e in hist.events]
+    assert kinds[0] == (pb.DISPENSED, "first")
+    # The newest events follow it, in order: the last attempt, the return, the new dispense.
+    assert kinds[1:] == [(pb.DUPLICATE_ATTEMPT, "d-998"), (pb.REVERSED, "first"), (pb.DISPENSED, "second")]
 
 
 def test_history_of_a_malformed_scan_is_invalid_argument(pos):

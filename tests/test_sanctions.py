@@ -151,11 +151,12 @@ def test_suspension_with_an_end_stops_binding_on_its_own(pos, admin):
     assert s.valid_until.ToDatetime(tzinfo=timezone.utc) == until.replace(microsecond=until.microsecond // 1000 * 1000)
     _, info = wait_refused(pos, site, pool)
     assert info.metadata["until"]
-    while datetime.now(timezone.utc) < until - timedelta(seconds=0.2):
+    while datetime.now(timezone.utc) < until - timedelta(seconds=0.6):
         assert settle_or_refusal(pos, site, pool[-1])[0] == "REFUSED"
         time.sleep(0.1)
     time.sleep(max((until - datetime.now(timezone.utc)).total_seconds(), 0) + 0.05)
-    assert settle_or_refusal(pos, site, pool[-1])[0] == "OK"
+    outcome, info = settle_or_refusal(pos, site, pool[-1])
+    assert outcome == "OK", (info, datetime.now(timezone.utc), until)
     assert not admin.list_sanctions(site_id=site)  # no longer in force
     assert [x.sanction_id for x in admin.list_sanctions(site_id=site, include_history=True)] == [s.sanction_id]
 
@@ -413,3 +414,19 @@ def test_a_stale_view_is_reported_and_on_a_cluster_settles_nothing(server, pos, 
     else:  # one node: the settlement's own call judges sanctions; the view only serves bulk jobs
         assert status == health_pb2.HealthCheckResponse.SERVING
         assert verdicts(pos.verify("PH-STALE", [line(code, P)])) == ["OK"]
+
+
+def test_first_buyer_pseudonym_kept_by_an_all_or_nothing_settlement_over_several_slots(pos, admin, config, store):
+    """On a cluster the codes of one settlement sit in several slots: prepare and commit
+    (two-phase) still keep the first buyer's pseudonym."""
+    from tracecode.server.keys import slot_of
+    cs = codes(admin, 12)
+    chosen = [cs[0]] + [c for c in cs[1:] if slot_of(c) != slot_of(cs[0])][:1]
+    assert len(chosen) == 2
+    resp = pos.verify("PH-AON", [line(c, P) for c in chosen], all_or_nothing=True, insured_id="AON-BUYER")
+    assert verdicts(resp) == ["OK", "OK"] and resp.recorded
+    pseudonym = Pseudonymizer.from_file(config.pseudonym_key_file).pseudonym("AON-BUYER")
+    for c in chosen:
+        hist = pos.history(c)
+        assert hist.first_insured_id == pseudonym
+        assert [e.insured_id for e in hist.events] == [pseudonym]

@@ -22,6 +22,13 @@ local insured = table.remove(ARGV)
 local gate_keys = {}
 for g = gate_n, 1, -1 do gate_keys[g] = table.remove(KEYS) end
 
+-- The node's own clock times sanctions, as it times reservations (verify.lua): every server
+-- of a deployment sees a sanction start and end at the same instant whatever its clock.
+local function node_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- The same rule as sanctions.Sanction.binds_now.
 local function binding(now)
   local found = {}
@@ -39,7 +46,7 @@ local function verify_body()
 end
 
 if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') == 0 then
-  local now = tonumber(ARGV[13])
+  local now = node_now()
   local found = binding(now)
   if #found > 0 then
     local first = cjson.decode(found[1])
@@ -54,8 +61,10 @@ if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') =
   end
 end
 local res = verify_body()
+-- A prepared part (cluster ALL_OR_NOTHING over several slots) keeps the pseudonym for commit.lua.
+if ARGV[1] == 'P' and insured ~= '' then redis.call('HSET', KEYS[1], 'ip', insured) end
 if gate_mode == 'N' then
-  local found = binding(tonumber(ARGV[13]))
+  local found = binding(node_now())
   if #found > 0 then
     local doc = cjson.decode(res[2])
     doc.sx = found

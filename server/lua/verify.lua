@@ -21,7 +21,8 @@
 -- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never);
 --          in mode 'P' the reservation's lifetime, ms
 --   An audit max of 0 writes no events (bulk REPLAY namespaces keep state, not history).
--- ARGV[13] now, ms (reservation expiry clock)
+-- ARGV[13] unused (was the caller's clock; reservations are timed by this node's own TIME, so
+--          servers with skewed clocks agree on when a reservation expires)
 -- then five per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
 --   malformed reason, the line's 0-based index in the whole settlement
 -- then the U canonical codes, in key order.
@@ -37,8 +38,15 @@
 --   {"rec": 0|1, "l": [[verdict, accepted, used_after, pack_units, status, issued_product, expiry,
 --                       first_site, first_settlement, first_at_ms, attempts, reason], ...]}
 --   used_after, first_* and attempts describe the pack after the whole settlement, on every line.
--- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua).
+-- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua). A prepared part met again
+-- in mode 'P' (a retry after its coordinator died before any decision was recorded) is judged
+-- afresh against the state as it is now, its old reservation dropped: the state may have moved
+-- on since (its reservation expired and another settlement took the pack), so its stored answer
+-- is no longer true. The part record keeps, per code, the units used as read at preparation
+-- ('pu'), so commit.lua can tell whether committing after the reservation expired is still safe.
 -- Errors: "TCCONFLICT ..." when the settlement id was used with another body.
+
+--@HISTORY@--
 
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
@@ -47,7 +55,9 @@ local mode, site, sid = ARGV[1], ARGV[2], ARGV[3]
 local at, day = tonumber(ARGV[4]), tonumber(ARGV[5])
 local digest, policy = ARGV[6], ARGV[7]
 local audit_max, hist_max, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n, state_ttl, now = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local n, state_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local log_events = audit_max > 0
 local writes = mode ~= 'C'
 local LINE0 = 14
@@ -61,8 +71,10 @@ local written = {}  -- keys to register, when there is a registry
 if writes then
   local prev = redis.call('HMGET', KEYS[1], 'd', 'r', 'ps')
   if prev[1] then
-    if prev[1] == digest then return {1, prev[2], prev[3] or 'F'} end
-    return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
+    if prev[1] ~= digest then
+      return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
+    end
+    if not (mode == 'P' and prev[3] == 'P') then return {1, prev[2], prev[3] or 'F'} end
   end
 end
 
@@ -92,6 +104,7 @@ local function load(u)
     local d = redis.call('HMGET', KEYS[k + 2], 'u', 'fs', 'fi', 'fa', 'at', 'rv')
     st[u] = {u = tonumber(d[1]) or 0, fs = d[2] or '', fi = d[3] or '', fa = tonumber(d[4]) or 0,
              at = tonumber(d[5]) or 0, rv = d[6] and cjson.decode(d[6]) or nil}
+    st[u].stored = st[u].u
     -- Units other settlements hold in reservation count as used while unexpired; on an unused
     -- pack the earliest of them stands as its first dispense.
     local s = st[u]
@@ -202,13 +215,15 @@ if writes then
     local dkey = KEYS[2 + 3 * (u - 1) + 2]
     local s = st[u]
     local wrote = true
-    if prepared and opened[u] then
+    if mode == 'P' and ((prepared and opened[u]) or (s.rv and s.rv[me])) then
+      -- Rebuilt: expired entries and this settlement's own earlier reservation dropped, its new
+      -- one added when this judgement prepared the pack.
       local rv = {}
       for key, v in pairs(s.rv or {}) do
-        if v[2] > now then rv[key] = v end
+        if v[2] > now and key ~= me then rv[key] = v end
       end
-      rv[me] = {s.u - orig_used[u], now + state_ttl, at}
-      redis.call('HSET', dkey, 'rv', cjson.encode(rv))
+      if prepared and opened[u] then rv[me] = {s.u - orig_used[u], now + state_ttl, at} end
+      if next(rv) == nil then redis.call('HDEL', dkey, 'rv') else redis.call('HSET', dkey, 'rv', cjson.encode(rv)) end
       if s.at ~= 0 or duplicated[u] then redis.call('HSET', dkey, 'at', s.at) end
     elseif recorded and opened[u] then
       -- Reserved units of others were only counted for judging: store this settlement's own,
@@ -236,10 +251,8 @@ if writes then
     local code = ARGV[CODE0 + u - 1]
     local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
     if rec[u] then
-      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = li,
-                                                     u = units, x = detail, p = insured}))
-      redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
-      redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
+      history_push(KEYS[k + 3], KEYS[k + 2], {t = etype, a = at, s = site, i = sid, l = li, u = units,
+                                              x = detail, p = insured}, hist_max)
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
                'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at, 'p', insured)
@@ -271,6 +284,13 @@ local out = cjson.encode({rec = recorded and 1 or 0, l = results})
 if writes then
   redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
              'at', at, 'ps', part_state)
+  if prepared then
+    local pu = {}
+    for u = 1, #ARGV - CODE0 + 1 do
+      if opened[u] then pu[ARGV[CODE0 + u - 1]] = st[u].stored end
+    end
+    redis.call('HSET', KEYS[1], 'pu', cjson.encode(pu))
+  end
   redis.call('EXPIRE', KEYS[1], ttl)
   if registry then
     written[#written + 1] = KEYS[1]
