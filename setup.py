@@ -74,7 +74,7 @@ setup(
     name="tracecode",
     version="0.1.0",
     description="Drug traceability-code verification at settlement: gRPC + Cython + Redis",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (server/config.py)
     package_dir={
         "tracecode": "proto/tracecode",
         "tracecode.v1": "proto/tracecode/v1",

@@ -138,6 +138,21 @@ def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> floa
     return elapsed
 
 
+def replay_ceiling(store: Store, calls: list[dict]) -> float:
+    """Seconds Redis needs for a REPLAY job's own calls, sent exactly as the job sends them: the
+    store's pipelined verify_batch, one slice of SLICE_ALONE settlements at a time on one
+    connection, over the transport the server uses (give a store on the server's Redis URL).
+    Every slice is packed before the clock starts, so nothing but Redis and the socket is timed:
+    the job does this same work plus its Python, so job / ceiling <= 1 by construction (up to
+    the machine's drift between the two runs; run.py takes the faster of a run before and after)."""
+    from tracecode.server.bulk import SLICE_ALONE
+    slices = [store.prepare_batch(calls[i:i + SLICE_ALONE]) for i in range(0, len(calls), SLICE_ALONE)]
+    start = time.perf_counter()
+    for prepared in slices:
+        store.verify_batch(prepared)
+    return time.perf_counter() - start
+
+
 def cpu_of(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc); 0 once it is gone."""
     try:

@@ -23,7 +23,7 @@ from . import auth, workers
 from .bulk import BulkServicer
 from . import metrics
 from .config import Config
-from .embedded_redis import RedisProcess
+from .embedded_redis import EmbeddedRedis
 from .errors import StoreUnavailable
 from .interceptors import DrainInterceptor, LogContextFilter, LogContextInterceptor, MetricsInterceptor
 from .issuance import IssuanceService
@@ -80,6 +80,45 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
+
+
+class MalformedMessageLog(logging.Filter):
+    """On grpc's own logger: a request that does not decode as its message type makes grpc log
+    an ERROR with a traceback, once per message, which lets any client flood the log. Each one is
+    counted (tracecode_malformed_messages_total) and at most one line a second is let through,
+    as a WARNING without traceback saying how many were held back."""
+
+    MESSAGE = "Exception deserializing"
+    INTERVAL_S = 1.0
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._last = -float("inf")
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        metrics.MALFORMED_MESSAGES.inc()
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.INTERVAL_S:
+                self._held += 1
+                return False
+            held, self._held, self._last = self._held, 0, now
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = ("a request message could not be decoded as its protobuf type "
+                                   "(answered INTERNAL); %d more since the last such line"), (held,)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def install_malformed_message_log() -> None:
+    """Idempotent: one filter on grpc's logger per process."""
+    grpc_log = logging.getLogger("grpc._common")
+    if not any(isinstance(f, MalformedMessageLog) for f in grpc_log.filters):
+        grpc_log.addFilter(MalformedMessageLog())
 
 
 def make_store(config: Config, url: str) -> Store:
@@ -157,6 +196,7 @@ class Server:
                  credentials: grpc.ServerCredentials | None = None, interceptors=()):
         self.config = config
         self.store = store
+        install_malformed_message_log()
         self.verifier = Verifier(store, config)
         # Insured pseudonyms and sanctions (sanction_service.py): one key file per deployment.
         self.sanctions = SanctionService(
@@ -270,7 +310,9 @@ def serve(config: Config) -> int:
             log.warning(warning)
         url = auth.redis_url(config, config.redis_url) if config.redis_url else ""
         if not url:
-            embedded = RedisProcess(config.data_dir, appendfsync=config.redis_appendfsync).start()
+            embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync,
+                                     backoff_s=(config.redis_restart_s, max(config.redis_restart_s, 10.0)),
+                                     on_restart=lambda _why: metrics.EMBEDDED_REDIS_RESTARTS.inc()).start()
             url = embedded.url
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         store = make_store(config, url)

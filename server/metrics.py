@@ -72,6 +72,11 @@ BULK_PROGRESS_TS = Gauge("tracecode_bulk_last_progress_timestamp_seconds",
                          multiprocess_mode="max")
 BULK_JOBS = Counter("tracecode_bulk_jobs_total", "Bulk jobs ended, by outcome", ["kind", "outcome"])
 
+MALFORMED_MESSAGES = Counter("tracecode_malformed_messages_total",
+                             "Request messages that could not be decoded as their protobuf type")
+EMBEDDED_REDIS_RESTARTS = Counter("tracecode_embedded_redis_restarts_total",
+                                  "Times the supervised embedded redis-server was restarted after it died")
+
 BUILD_INFO.labels(__version__, codec.IMPLEMENTATION).set(1)
 
 # Pre-bound children: the hot path does a dict lookup, not a label resolution.
