@@ -71,7 +71,7 @@ def cmd_consume(args) -> int:
     from tracecode.console.ledger.stream import AuditConsumer, ConsumerConfig
     consumer = AuditConsumer(ConsumerConfig(
         redis_url=args.redis_url, prefix=args.prefix, group=args.group, consumer=args.consumer or "",
-        count=args.count, max_rate=args.max_rate, metrics_port=args.metrics_port))
+        count=args.count, max_rate=args.max_rate, metrics_port=args.metrics_port, cluster=args.redis_cluster))
     if args.from_start:
         consumer.replay_from_start()
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("consume", help="consume the settlement audit streams into LIVE leads")
     c.add_argument("--redis-url", default=os.environ.get("TRACECODE_CONSOLE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    c.add_argument("--redis-cluster", action="store_true", help="--redis-url is a node of a Redis Cluster")
     c.add_argument("--prefix", default=os.environ.get("TRACECODE_KEY_PREFIX", "tc"), help="the server's key prefix")
     c.add_argument("--group", default="ledger-console")
     c.add_argument("--consumer", default=None, help="consumer name (default: host name; keep it stable)")

@@ -190,3 +190,42 @@ def test_lag_metric_counts_what_the_group_has_not_read(console_env, service):
     ev = Evidence.objects.get(site_id=buyers[0], canonical_code=code)
     assert ev.insured_pseudonym == pseudonymizer().pseudonym(raw)  # the console's and the server's agree
     assert raw not in console_env.pg.dump() and raw.upper() not in console_env.pg.dump()
+
+
+def test_consumer_on_a_redis_cluster(console_env):
+    """The same consumer over a real 3-master Redis Cluster (the audit streams spread over its
+    slots), with a tracecode server on that cluster."""
+    from tracecode.console.ledger.stream import AuditConsumer, ConsumerConfig
+    from tracecode.server.app import Server, make_store
+    from tracecode.server.config import Config
+    from tracecode.server.embedded_redis import RedisClusterProcesses
+
+    cluster = RedisClusterProcesses(masters=3, replicas=0).start()
+    prefix = unique("k")
+    cfg = Config(listen="127.0.0.1:0", metrics_port=0, key_prefix=prefix, threads=4, grace_s=0.5,
+                 redis_cluster=True, pseudonym_key_file=console_env.key_file)
+    store = make_store(cfg, cluster.url)
+    srv = Server(cfg, store).start()
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        consumer = AuditConsumer(ConsumerConfig(redis_url=cluster.url, prefix=prefix, consumer="t", cluster=True))
+        consumer.ensure_group()
+        buyers = [unique("BUY"), unique("BUY")]
+        _resell(target, 8, buyers, unique("FIRST"))
+        assert consumer.update_lag() == (16, 0)
+        seen = 0
+        deadline = time.monotonic() + 30
+        while seen < 16 and time.monotonic() < deadline:
+            seen += consumer.run_once(block_ms=100)
+        assert seen == 16 and consumer.update_lag() == (0, 0)
+        count, leads = _live(buyers)
+        assert count == 8 and leads.count() == 2
+        consumer.replay_from_start()
+        before = _snapshot(buyers)
+        while consumer.run_once(block_ms=100):
+            pass
+        assert _snapshot(buyers) == before
+    finally:
+        srv.stop(0)
+        store.close()
+        cluster.stop()

@@ -73,6 +73,21 @@ def history(code: str) -> PackHistory:
                 for e in resp.events], events_total=resp.events_total)
 
 
+# After one of these, the service is taken as away for the rest of the page: a lead with many
+# packs must not wait one deadline per pack.
+_AWAY = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def histories(codes: list[str]) -> list[PackHistory]:
+    out = []
+    for c in codes:
+        if out and not out[-1].ok and out[-1].error.startswith(_AWAY):
+            out.append(PackHistory(c, False, out[-1].error))
+            continue
+        out.append(history(c))
+    return out
+
+
 @dataclass(frozen=True)
 class Edge:
     src: str

@@ -17,8 +17,9 @@ Redis Streams consumer group:
   `lag`, summed over the streams) and `tracecode_console_audit_pending` (delivered, not yet
   acknowledged), on the consumer's /metrics.
 
-Standalone Redis only: one XREADGROUP spans every stream, which a Redis Cluster refuses across
-slots (docs/console.md).
+On a Redis Cluster (`cluster=True`) one XREADGROUP cannot span streams of several slots: the
+consumer then sends one non-blocking XREADGROUP per stream in a cluster pipeline (grouped per
+node by redis-py) and polls every `poll_ms` when nothing came.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ class ConsumerConfig:
     max_rate: float = 0.0           # entries per second at most (0: no cap), to spare the database
     metrics_port: int = 0           # 0: no /metrics server
     metrics_addr: str = "127.0.0.1"
+    cluster: bool = False           # redis_url is a node of a Redis Cluster
+    poll_ms: int = 200              # cluster: the pause between reads that found nothing
 
     @property
     def name(self) -> str:
@@ -100,7 +103,10 @@ class Metrics:
 class AuditConsumer:
     def __init__(self, cfg: ConsumerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
-        self.r = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
+        if cfg.cluster:
+            self.r = redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
+        else:
+            self.r = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
         self.streams = audit_streams(cfg.prefix)
         self.metrics = metrics or Metrics()
         self.stopping = threading.Event()
@@ -131,11 +137,25 @@ class AuditConsumer:
     # -- reading ----------------------------------------------------------------------------
 
     def _read(self, ids: str, block: int | None) -> list[AuditEntry]:
+        if self.cfg.cluster:
+            return self._read_cluster(ids, block)
         reply = self.r.xreadgroup(self.cfg.group, self.cfg.name, {s: ids for s in self.streams},
                                   count=self.cfg.count, block=block)
         # An entry trimmed away while pending comes back without fields: it is acknowledged
         # (nothing left to learn from it) rather than read again forever.
         return [AuditEntry(stream, eid, fields or {}) for stream, entries in (reply or []) for eid, fields in entries]
+
+    def _read_cluster(self, ids: str, block: int | None) -> list[AuditEntry]:
+        deadline = time.monotonic() + (block or 0) / 1000
+        while True:
+            pipe = self.r.pipeline(transaction=False)
+            for s in self.streams:
+                pipe.xreadgroup(self.cfg.group, self.cfg.name, {s: ids}, count=self.cfg.count)
+            out = [AuditEntry(stream, eid, fields or {}) for reply in pipe.execute()
+                   for stream, entries in (reply or []) for eid, fields in entries]
+            if out or not block or time.monotonic() >= deadline or self.stopping.is_set():
+                return out
+            time.sleep(self.cfg.poll_ms / 1000)
 
     def _claim(self) -> list[AuditEntry]:
         """Entries other (vanished) consumers of the group left unacknowledged for claim_idle_ms."""

@@ -135,7 +135,7 @@ def lead_detail(request, ref):
     user = request.user
     evidence = list(lead.evidence.select_related("hit").order_by("settled_at", "id"))
     codes = list(dict.fromkeys(e.canonical_code for e in evidence if e.canonical_code))
-    histories = [packs.history(c) for c in codes[:MAX_PACK_HISTORIES]]
+    histories = packs.histories(codes[:MAX_PACK_HISTORIES])
     edges = packs.chain(evidence, histories)
     sites = set(workflow.lead_sites(lead))
     hits = list(lead.hits.select_related("batch").order_by("arrived_at"))
