@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 from datetime import date
 
 

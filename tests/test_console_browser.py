@@ -87,7 +87,6 @@ def _until(pos, site, codes, want, within_s):
 
 
 def test_browser_suspend_refuses_at_the_counter_then_lift(console_env, service, console, tmp_path):
-    from openpyxl import load_workbook
 
     from tracecode.console.ledger.intake import import_engine, import_sites
     shots = artifacts_dir()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-from datetime import date
 
 import pytest
 from console_support import console_env, http, make_user, unique  # noqa: F401 (fixtures)

@@ -33,7 +33,7 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
 
     from tracecode.console.ledger import gateway, report, workflow
     from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive, import_sites
-    from tracecode.console.ledger.models import Batch, Lead
+    from tracecode.console.ledger.models import Batch
     from tracecode.console.ledger.rules import ACTION_TYPES, Party, Source, Status
     from tracecode.server.embedded_redis import free_port
 
@@ -44,7 +44,7 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     gateway.reset_client()
     rnd = random.Random(18)
     region = unique("R")
-    sup, sup2, ins = make_user("supervisor"), make_user("supervisor"), make_user("inspector")
+    sup, ins = make_user("supervisor"), make_user("inspector")
     kinds = {}
     rows = ["site_id,site_kind,region,name"]
     for i in range(14):

@@ -108,7 +108,6 @@ def test_owed_call_is_retried_until_the_service_takes_it(console_env, console_re
 def test_card_suspension_needs_the_persons_id_at_approval(console_env, service):
     from tracecode.console.ledger import workflow
     from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive, pseudonymizer
-    from tracecode.console.ledger.models import SanctionRequest
     from tracecode.console.ledger.rules import Source, Status
     raw = unique("3301") + "X"
     p = pseudonymizer().pseudonym(raw)
@@ -141,8 +140,6 @@ def test_card_suspension_needs_the_persons_id_at_approval(console_env, service):
 
 def test_the_serve_process_retries_owed_calls_by_itself(console_env, service):
     from tracecode.console.ledger import workflow
-    from tracecode.console.ledger.models import SanctionRequest
-    from django.utils import timezone
     sup, ins = make_user("supervisor"), make_user("inspector")
     site = unique("S")
     lead = _confirmed_site_lead(sup, ins, site)

@@ -11,7 +11,6 @@ import tempfile
 import time
 import urllib.request
 
-import pytest
 from console_support import console_env, console_redis, service, unique  # noqa: F401 (fixtures)
 from factories import cn20, issuance, load
 

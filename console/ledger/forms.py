@@ -4,7 +4,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth.models import User
 
-from .rules import ACTION_TYPES, CAUSES, SANCTION_ACTIONS, SOURCE_LABELS, HANDED_DOWN, Source
+from .rules import ACTION_TYPES, CAUSES, SANCTION_ACTIONS, SOURCE_LABELS, Source
 
 
 class AssignForm(forms.Form):

@@ -15,7 +15,7 @@ import io
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone as dt_timezone
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Iterable, Iterator
 from zoneinfo import ZoneInfo

@@ -19,7 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import Action, Inspection, Lead, ReportSnapshot, Site
-from .rules import ACTION_TYPES, CAUSES, HANDED_DOWN, SOURCE_LABELS, Cause, Party, Source, Status
+from .rules import ACTION_TYPES, CAUSES, HANDED_DOWN, SOURCE_LABELS, Party, Source, Status
 
 KINDS = ("INSTITUTION", "PHARMACY", "")  # 定点医疗机构, 定点药店, 类别不明
 KIND_HEADERS = ("定点医疗机构", "定点药店", "类别不明")

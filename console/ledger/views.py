@@ -3,7 +3,6 @@ roles.has); hiding a button is only a courtesy. A lead the user may not see is a
 from __future__ import annotations
 
 import logging
-from datetime import date, timedelta
 from functools import wraps
 
 from django.contrib import messages
