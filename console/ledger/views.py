@@ -416,7 +416,13 @@ def weekly(request):
     form, region, week = _report_args(request)
     content = report.build(region, week) if week else None
     snap = ReportSnapshot.objects.filter(region=region, week_start=week).first() if week else None
+    # Sheet (一) as the spreadsheet lays it out: counts per kind, then each figure per kind.
+    sheet1 = [(row["label"], [row["counts"][k] for k in report.KINDS],
+               [row["money"].get(f, {}).get(k, "") for f in report.MONEY for k in report.KINDS])
+              for row in (content["institutions"] + [content["institution_total"]] if content else [])]
     return render(request, "ledger/report.html", {
+        "sheet1": sheet1, "money_headers": [f"{report.FIGURE_HEADERS[f]}·{h}" for f in report.MONEY
+                                            for h in report.KIND_HEADERS],
         "form": form, "content": content, "snapshot": snap, "kind_headers": report.KIND_HEADERS,
         "kinds": report.KINDS, "snapshots": ReportSnapshot.objects.order_by("-week_start", "region")[:50]})
 
