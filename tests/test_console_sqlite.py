@@ -57,3 +57,14 @@ def test_console_starts_on_sqlite(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+def test_committed_migrations_match_the_models(tmp_path):
+    """makemigrations finds nothing to do, whatever the hash seed (sets ordered differently)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACECODE_CONSOLE_", "DJANGO_"))}
+    env["TRACECODE_CONSOLE_DATA_DIR"] = str(tmp_path / "data")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-m", "tracecode.console.cli", "manage", "makemigrations", "--check",
+                              "--dry-run", "ledger"], env={**env, "PYTHONHASHSEED": seed}, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from .rules import (ACTIONS, OPEN_STATUSES, SOURCE_LABELS, STATUS_LABELS, Perm, Source, Status)
+from .rules import (ACTIONS, OPEN_STATUSES, RISK_LABELS, SOURCE_LABELS, STATUS_LABELS, Perm, Source, Status)
 
 
 def _choices(labels):
@@ -84,11 +84,15 @@ class Lead(models.Model):
         permissions = [(p.value, p.value) for p in Perm]
         constraints = [models.UniqueConstraint(
             fields=["lock_key"],
-            condition=Q(status__in=[s.value for s in OPEN_STATUSES]), name="one_open_lead_per_subject")]
+            condition=Q(status__in=sorted(s.value for s in OPEN_STATUSES)), name="one_open_lead_per_subject")]
 
     @property
     def status_label(self):
         return STATUS_LABELS[Status(self.status)]
+
+    @property
+    def risk_label(self):
+        return RISK_LABELS.get(self.risk, self.risk)
 
     @property
     def source_label(self):

@@ -205,6 +205,6 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='lead',
-            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ['IN_PROGRESS', 'CONFIRMED', 'UNFOUNDED', 'NEW'])), fields=('lock_key',), name='one_open_lead_per_subject'),
+            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ['CONFIRMED', 'IN_PROGRESS', 'NEW', 'UNFOUNDED'])), fields=('lock_key',), name='one_open_lead_per_subject'),
         ),
     ]
