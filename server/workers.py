@@ -218,7 +218,8 @@ def supervise(config: Config) -> int:
         # Never supervise from inside a worker, whatever went wrong: no process avalanche.
         raise RuntimeError("tracecode worker process asked to supervise workers")
     from . import app, priority  # the parent sets up logging and the embedded Redis as a single server does
-    from .embedded_redis import RedisProcess
+    from . import metrics as tc_metrics
+    from .store import EmbeddedRedis
 
     app.setup_logging(config)
     stopping = threading.Event()
@@ -244,7 +245,9 @@ def supervise(config: Config) -> int:
         listen, reservation = reserve_port(config.listen)
         url = None
         if not config.redis_url:
-            embedded = RedisProcess(config.data_dir, appendfsync=config.redis_appendfsync).start()
+            embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync,
+                                     backoff_s=(config.redis_restart_s, max(config.redis_restart_s, 10.0)),
+                                     on_restart=lambda _why: tc_metrics.EMBEDDED_REDIS_RESTARTS.inc()).start()
             url = embedded.url
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         wconfig = _worker_config(config, listen, url)

@@ -4,6 +4,7 @@ and invalid Timestamps refused, issuance fields held to settlement's limits, and
 cannot shrink a pack below what it already dispensed."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 import grpc
@@ -149,3 +150,26 @@ def test_reload_with_fewer_pack_units_than_used_is_a_record_error(admin, pos):
     # At or above what is used, a reload goes through.
     assert admin.upsert([issuance(code, P, pack_units=6)]).updated == 1
     assert pos.verify("PROBE-A", [line(code, P, 1)]).results[0].verdict == pb.QUANTITY_EXCEEDED
+
+
+def test_malformed_messages_are_counted_and_logged_at_most_once_a_second(target, caplog):
+    from prometheus_client import REGISTRY
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("tracecode_malformed_messages_total") or 0.0
+
+    before = count()
+    call = grpc.insecure_channel(target).unary_unary("/tracecode.v1.Verification/VerifyDispense",
+                                                     request_serializer=None, response_deserializer=None)
+    caplog.set_level("INFO", logger="grpc._common")
+    started = time.monotonic()
+    for _ in range(40):
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"\xff\xff\xff\xff garbage", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    elapsed = time.monotonic() - started
+    assert count() - before == 40
+    lines = [r for r in caplog.records if r.name == "grpc._common"]
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in lines)
+    assert 1 <= len(lines) <= int(elapsed) + 1
+    assert "could not be decoded" in lines[0].getMessage()
