@@ -3,7 +3,7 @@
     tracecode            <- proto/tracecode/      (package root; the .proto files live beside it)
     tracecode.v1         <- proto/tracecode/v1/   (stubs generated here from the .proto at build time)
     tracecode.codec      <- ext/                  (Cython hot path _codec.pyx + pure-Python fallback.py)
-    tracecode.server     <- server/
+    tracecode.server     <- server/               (api/ speaks gRPC, store/ speaks Redis, the rest neither)
     tracecode.clients    <- clients/
     tracecode.console    <- console/              (the leads ledger web console: Django project + app)
 
@@ -85,9 +85,11 @@ setup(
         "tracecode.console.ledger": "console/ledger",
         "tracecode.console.ledger.migrations": "console/ledger/migrations",
     },
-    packages=["tracecode", "tracecode.v1", "tracecode.codec", "tracecode.server", "tracecode.clients",
+    packages=["tracecode", "tracecode.v1", "tracecode.codec", "tracecode.server", "tracecode.server.api",
+              "tracecode.server.store", "tracecode.clients",
               "tracecode.console", "tracecode.console.ledger", "tracecode.console.ledger.migrations"],
-    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.server": ["lua/*.lua"],
+    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.codec": ["_codec.pyi", "py.typed"],
+                  "tracecode.server.store": ["lua/*.lua"],
                   "tracecode.console.ledger": ["templates/ledger/*.html", "static/ledger/*"]},
     ext_modules=extensions(),
     cmdclass={"build_py": build_py, "build_ext": build_ext},

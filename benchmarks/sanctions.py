@@ -33,9 +33,9 @@ import run as runbench  # noqa: E402
 
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.keys import KeySpace  # noqa: E402
+from tracecode.server.store import KeySpace  # noqa: E402
 from tracecode.server.pseudonym import Pseudonymizer, generate_key_file  # noqa: E402
-from tracecode.server.sanction_store import SanctionStore  # noqa: E402
+from tracecode.server.store.sanctions import SanctionStore  # noqa: E402
 from tracecode.server.sanctions import SetRequest  # noqa: E402
 from tracecode.server.store import Store, now_ms  # noqa: E402
 

@@ -1,14 +1,14 @@
 """SanctionService: what the servicers and the verifier ask about sanctions and insured persons.
 
 It turns raw insured ids into pseudonyms (server/pseudonym.py, the one function for it), imposes,
-lifts and lists sanctions through the store (sanction_store.py), and answers the settlement
+lifts and lists sanctions through the store (store/sanctions.py), and answers the settlement
 path's questions: which gate mode the store's atomic call runs (one Redis node: the sanction
 check is in that call, lua/gate.lua), and, where no atomic check is possible (a cluster), what
 the server's SanctionView says, refusing to settle on a view older than its freshness bound.
 Bulk jobs ask for the sanctions in force at a settlement's own time.
 
-Imports: .sanctions, .sanction_store, .pseudonym, .errors, .store (now_ms), .metrics.
-No gRPC (sanction_api.py translates).
+May import: the plain modules (sanctions, pseudonym, errors, metrics) and the store (its
+sanction half, store/sanctions.py). No gRPC (api/sanctions.py translates).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 from . import metrics
 from .errors import InvalidRequest, Sanctioned, SanctionViewStale, SettlementConflict
 from .pseudonym import Pseudonymizer, generate_key_file
-from .sanction_store import SanctionStore
+from .store.sanctions import SanctionStore
 from .sanctions import (INSURED, SITE, Notice, Sanction, SanctionView, message, notices_from_json,
                         validate_insured, validate_lift, validate_set)
 from .store import now_ms
@@ -109,19 +109,24 @@ class SanctionService:
         raise exc
 
     def refused(self, exc: Sanctioned) -> None:
-        """A refusal (from gate.lua or precheck): counted, and given its pharmacist's message."""
+        """A refusal (from gate.lua or precheck): decoded, counted, given its pharmacist's message."""
+        if not exc.notices:
+            exc.notices = notices_from_json(exc.entries_json)
         exc.text = message(exc.notices, self.tz)
         metrics.sanction_refused(exc.notices[0].reason)
         log.info("settlement refused: %s (sanction %s)", exc.notices[0].reason, exc.notices[0].sanction_id)
 
-    def notices_in(self, results_json: str) -> list[Notice]:
-        """The binding entries gate.lua added to a check's results ("sx")."""
-        sx = json.loads(results_json).get("sx")
-        return notices_from_json(json.dumps(sx)) if sx else []
+    def notices_of(self, entries: list[str]) -> list[Notice]:
+        """The binding entries gate.lua added to a check's results (entry json strings)."""
+        return notices_from_json(json.dumps(entries)) if entries else []
 
     def binding_at(self, site: str, insured: str, at_ms: int) -> list[Notice]:
         """Bulk jobs: the sanctions in force when the settlement was made."""
         return self.view.binding_at(site, insured, at_ms)
+
+    def first_buyers(self, codes: Sequence[str], state=None) -> dict[str, str]:
+        """Bulk jobs: code -> the pseudonym of its first dispense's buyer (in the job's namespace)."""
+        return self.sstore.first_insured(codes, state)
 
     # ------------------------------------------------------------------ admin
 

@@ -10,8 +10,8 @@ fed by the store's change stream, with its age (the freshness bound of docs/scal
 The same rule is written once more in Lua (server/lua/gate.lua), where a single Redis node
 judges it in the settlement's own atomic call; tests run both backends over one suite.
 
-Imports: the standard library, .errors, .pseudonym. No gRPC (sanction_api.py), no Redis
-(sanction_store.py).
+May import: the standard library and errors. No gRPC (api/sanctions.py), no Redis
+(store/sanctions.py).
 """
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ class SanctionView:
     than `max_age_s` is stale (docs/scaling.md, "Sanctions on a cluster").
 
     feed: an object with `snapshot() -> (stream id, [Sanction])` and
-    `changes(after_id, block_ms) -> (last id, [Sanction])` (sanction_store.SanctionStore)."""
+    `changes(after_id, block_ms) -> (last id, [Sanction])` (store.sanctions.SanctionStore)."""
 
     def __init__(self, feed, *, max_age_s: float = 1.0, block_ms: int = 200,
                  clock: Callable[[], float] = time.monotonic):

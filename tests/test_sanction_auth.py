@@ -8,7 +8,7 @@ import pytest
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server import auth
+from tracecode.server.api import auth
 from tracecode.server.app import Server
 from tracecode.server.pseudonym import Pseudonymizer
 from tracecode.v1 import admin_pb2 as apb

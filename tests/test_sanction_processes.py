@@ -18,7 +18,7 @@ import redis
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 from tracecode.server.pseudonym import Pseudonymizer, generate_key_file
 
 from factories import cn20, issuance, load

@@ -419,7 +419,7 @@ def test_a_stale_view_is_reported_and_on_a_cluster_settles_nothing(server, pos, 
 def test_first_buyer_pseudonym_kept_by_an_all_or_nothing_settlement_over_several_slots(pos, admin, config, store):
     """On a cluster the codes of one settlement sit in several slots: prepare and commit
     (two-phase) still keep the first buyer's pseudonym."""
-    from tracecode.server.keys import slot_of
+    from tracecode.server.store import slot_of
     cs = codes(admin, 12)
     chosen = [cs[0]] + [c for c in cs[1:] if slot_of(c) != slot_of(cs[0])][:1]
     assert len(chosen) == 2

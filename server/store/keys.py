@@ -16,7 +16,7 @@ and the number of audit streams stays bounded (BUCKETS of them) for readers that
 
 BUCKETS is fixed for the life of a data set: changing it moves every key.
 
-Sanctions (sanction_store.py) share the tag of one bucket (SANCTION_TAG), so their script writes
+Sanctions (store/sanctions.py) share the tag of one bucket (SANCTION_TAG), so their script writes
 them, the change stream and that bucket's audit stream in one atomic call on a cluster too:
 
     {p}:{T}:x:all                hash    every sanction entry ever, id -> json (lifted ones too)

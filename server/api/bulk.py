@@ -20,13 +20,13 @@ from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
-from . import metrics, priority
-from .errors import InvalidRequest
-from .pseudonym import Pseudonymizer
-from .keys import KeySpace
-from .servicer import _guarded, _ms, _result
-from .sanction_api import notice_pb
-from .verifier import Line, Verifier
+from .. import metrics, priority
+from ..errors import InvalidRequest
+from ..pseudonym import Pseudonymizer
+from ..verifier import Line, Verifier
+from . import convert
+from .sanctions import notice_pb
+from .status import answer, guarded
 
 log = logging.getLogger("tracecode.bulk")
 
@@ -47,13 +47,13 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         self.job_ttl_s = job_ttl_s  # an abandoned REPLAY namespace expires by itself
         self.authorize = authorize or (lambda context: None)
 
-    def job_keys(self, job_id: str) -> KeySpace:
+    def job_keys(self, job_id: str):
         if not _JOB_ID.match(job_id):
             raise InvalidRequest([("job_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -")])
-        return KeySpace(f"{self.verifier.store.keys.prefix}-job-{job_id}")
+        return self.verifier.job_namespace(job_id)
 
     def Reverify(self, request_iterator, context):
-        # A generator handler: _guarded cannot wrap it, so errors are mapped per step.
+        # A generator handler: guarded cannot wrap it, so errors are mapped per step.
         try:
             self.authorize(context)
             first = next(request_iterator, None)
@@ -65,7 +65,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
             replay = opts.mode == bpb.REPLAY
             state = self.job_keys(opts.job_id) if replay else None
         except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
-            _guarded(_raise(exc))(self, None, context)
+            answer(context, exc, "Reverify")
             return
         log.info("bulk job %s started (%s)", opts.job_id or "-", bpb.BulkMode.Name(opts.mode))
         done = 0
@@ -115,8 +115,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                             size = SLICE_BESIDE_POS if priority.pos_traffic() else SLICE_ALONE
                             prepared = self._prepare(chunk.take(size), replay, state,
                                                      opts.insured_ids_are_pseudonyms)
-                            future = redis.submit(self.verifier.store.verify_batch,
-                                                  self.verifier.store.prepare_batch(prepared.calls))
+                            future = redis.submit(self.verifier.bulk_run, prepared)
                             future.add_done_callback(lambda _f: events.put(("done", None)))
                             chunk.running.append((prepared, time.perf_counter(), future))
                             in_redis += 1
@@ -124,7 +123,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                         break
                 if ending[0] == "finish":
                     if replay and ending[1].drop_namespace:
-                        deleted = self.verifier.store.drop_namespace(state)
+                        deleted = self.verifier.drop_job(state)
                         log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
                                  opts.job_id, done, deleted)
                     return
@@ -133,7 +132,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                          "(namespace kept)", opts.job_id or "-", done)
             except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
                 job.outcome = "failed"
-                _guarded(_raise(exc))(self, None, context)
+                answer(context, exc, "Reverify")
             finally:
                 redis.shutdown(wait=True, cancel_futures=True)
                 # Let a reader waiting for a slot run into the ended stream and exit.
@@ -162,7 +161,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         return out
 
     def _prepare(self, settlements, replay: bool, state, as_is: bool = False):
-        rows = [(s.site_id, s.settlement_id, _ms(s.settled_at),
+        rows = [(s.site_id, s.settlement_id, convert.ms(s.settled_at),
                  [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
                 for s in settlements]
         return self.verifier.bulk_prepare(rows, replay=replay, state=state, state_ttl_s=self.job_ttl_s,
@@ -173,11 +172,11 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         sanctions = self.verifier.sanctions
         codes = sorted({r.canonical_code for o in outcomes if not isinstance(o, str)
                         for r in o.results if r.verdict != "OK" and r.first_site_id})
-        return sanctions.sstore.first_insured(codes, state) if sanctions and codes else {}
+        return sanctions.first_buyers(codes, state) if sanctions and codes else {}
 
     def _fill(self, chunk: "_Chunk", prepared, start: float, future, job, state=None) -> None:
         """A finished slice's outcomes into its chunk's response, and into metrics and progress."""
-        outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
+        outcomes = self.verifier.bulk_finish(prepared, future.result())
         buyers = self._first_buyers(outcomes, state)
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
         results = chunk.resp.results
@@ -188,7 +187,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 continue
             judged.append(o)
             # OK lines carry their verdict and code only: a job reports flagged lines in full.
-            added = results.add(results=[_result(i, r) if r.verdict != "OK" else
+            added = results.add(results=[convert.line_result(i, r) if r.verdict != "OK" else
                                          pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
                                          for i, r in enumerate(o.results)], replayed=o.replayed,
                                 sanctions=[notice_pb(n) for n in o.sanctions], insured_id=o.insured)
@@ -197,10 +196,10 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     line_pb.evidence.first_insured_id = buyers[line_pb.canonical_code]
         job.progress(*metrics.observe_settlements("bulk", judged, elapsed))
 
-    @_guarded
+    @guarded
     def DropJob(self, request: bpb.DropJobRequest, context) -> bpb.DropJobResponse:
         self.authorize(context)
-        return bpb.DropJobResponse(keys_deleted=self.verifier.store.drop_namespace(self.job_keys(request.job_id)))
+        return bpb.DropJobResponse(keys_deleted=self.verifier.drop_job(self.job_keys(request.job_id)))
 
 
 class _Chunk:
@@ -246,10 +245,3 @@ def _read_requests(request_iterator, events: "queue.Queue", ahead: threading.Sem
     except Exception as exc:  # noqa: BLE001 - the client went away: end the job like eof
         log.info("bulk stream read ended: %s", exc)
         events.put(("eof", None))
-
-
-def _raise(exc: Exception):
-    """A handler that raises exc, so the shared error mapper turns it into the right status."""
-    def handler(self, request, context):
-        raise exc
-    return handler

@@ -1,8 +1,9 @@
 """gRPC side of sanctions: the Admin API's SetSanction / LiftSanction / ListSanctions (a mixin of
-servicer.AdminServicer), and proto <-> sanctions.Sanction / Notice, including the refusal's
+api/servicer.AdminServicer), and proto <-> sanctions.Sanction / Notice, including the refusal's
 FAILED_PRECONDITION with google.rpc.ErrorInfo.
 
-Imports: grpc, the generated stubs, .sanctions (types), .sanction_service (calls).
+May import: grpc, the generated stubs, the plain modules sanctions (types) and errors; it calls
+the SanctionService it is given (sanction_service.py).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from grpc_status import rpc_status
 from tracecode.v1 import admin_pb2 as apb
 from tracecode.v1 import verification_pb2 as pb
 
-from .errors import InvalidRequest
-from .sanctions import SITE, Notice, Sanction
+from ..errors import InvalidRequest
+from ..sanctions import SITE, Notice, Sanction
 
 ERROR_DOMAIN = "tracecode.v1"
 _SUBJECT = {SITE: apb.SITE, "INSURED": apb.INSURED}

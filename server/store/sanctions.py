@@ -1,13 +1,14 @@
 """The store's sanction half: sanction entries, their indexes and change stream in Redis.
 
-Part of the store layer (with store.py, the only modules that speak Redis): it runs
+Part of the store package (the only code that speaks Redis): it runs
 lua/sanction.lua through the Store's script machinery (one atomic call per change, retried
 after a failover like every other script) and reads the entries back. The rules live in
 sanctions.py; the key layout in keys.py. The settlement path's check is not here: on one node it
 is lua/gate.lua inside the settlement's own verify call; on a cluster the server's SanctionView,
 fed by `snapshot` and `changes` below.
 
-Imports: redis, .store, .sanctions, .errors, .keys.
+May import: redis, the store's own modules, and the plain modules errors and sanctions (the
+rules' typed entries).
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from typing import Sequence
 
 import redis
 
-from .errors import NotFound, StoreUnavailable
+from ..errors import NotFound, StoreUnavailable
+from ..sanctions import INSURED, SITE, Notice, Sanction, SetRequest, lifted
 from .keys import KeySpace
-from .sanctions import INSURED, SITE, Notice, Sanction, SetRequest, lifted
 from .store import Store, _wrap_errors
 
 CHANGE_STREAM_MAX = 100_000  # approximate; a view behind by more than this reloads (see changes)
