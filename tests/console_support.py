@@ -24,7 +24,7 @@ from itertools import count
 
 import pytest
 
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 from tracecode.server.pseudonym import generate_key_file
 
 ARTIFACTS = os.environ.get("TRACECODE_TEST_ARTIFACTS",

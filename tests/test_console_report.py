@@ -35,7 +35,7 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive, import_sites
     from tracecode.console.ledger.models import Batch
     from tracecode.console.ledger.rules import ACTION_TYPES, Party, Source, Status
-    from tracecode.server.embedded_redis import free_port
+    from tracecode.server.store import free_port
 
     # The current week: sanctions are decided today and closures happen now, and the report
     # counts them as the ledger stands at the week's end.

@@ -14,7 +14,7 @@ from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server.embedded_redis import free_port
+from tracecode.server.store import free_port
 
 
 def _confirmed_site_lead(sup, ins, site):

@@ -12,7 +12,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from tracecode.server.embedded_redis import free_port
+from tracecode.server.store import free_port
 
 
 def test_console_starts_on_sqlite(tmp_path):

@@ -16,7 +16,7 @@ from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server.embedded_redis import free_port
+from tracecode.server.store import free_port
 from tracecode.v1 import verification_pb2 as pb
 
 
@@ -197,7 +197,7 @@ def test_consumer_on_a_redis_cluster(console_env):
     from tracecode.console.ledger.stream import AuditConsumer, ConsumerConfig
     from tracecode.server.app import Server, make_store
     from tracecode.server.config import Config
-    from tracecode.server.embedded_redis import RedisClusterProcesses
+    from redis_cluster import RedisClusterProcesses
 
     cluster = RedisClusterProcesses(masters=3, replicas=0).start()
     prefix = unique("k")

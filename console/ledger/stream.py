@@ -1,9 +1,10 @@
 """LIVE leads: a consumer of tracecode's settlement audit streams.
 
 The server writes every flagged attempt to the audit stream of the code's bucket
-(`{prefix}:{bbbb}:audit`, keys.BUCKETS = 1024 of them; server/keys.py) as an entry
+(`{prefix}:{bbbb}:audit`, keys.BUCKETS = 1024 of them; server/store/keys.py) as an entry
 t=ATTEMPT, x=<verdict>, c=<canonical code>, s=<site>, i=<settlement id>, l=<line index>,
-u=<units>, a=<settled_at, ms> (server/lua/verify.lua). The console reads them all through one
+u=<units>, a=<settled_at, ms>, p=<insured pseudonym> (server/store/lua/verify.lua). The console
+reads them all through one
 Redis Streams consumer group:
 
 - at least once: an entry is acknowledged (XACK) only after the ledger has committed what it
@@ -39,11 +40,11 @@ from .intake import ImportReport, LiveDuplicate, add_live
 
 log = logging.getLogger("tracecode.console.stream")
 
-BUCKETS = 1024  # tracecode.server.keys.BUCKETS: the number of audit streams; fixed for a data set
+BUCKETS = 1024  # tracecode.server.store.keys.BUCKETS: the number of audit streams; fixed for a data set
 
 
 def audit_streams(prefix: str) -> list[str]:
-    """The audit stream names, as server/keys.py spells them (read only: the console writes nothing there)."""
+    """The audit stream names, as server/store/keys.py spells them (read only: the console writes nothing there)."""
     return [f"{prefix}:{{{b:04d}}}:audit" for b in range(BUCKETS)]
 
 
