@@ -228,3 +228,11 @@ def test_consumer_on_a_redis_cluster(console_env):
         srv.stop(0)
         store.close()
         cluster.stop()
+
+
+def test_the_console_reads_the_streams_the_server_writes():
+    """The console spells the audit stream names itself (it must not import the server's store);
+    this holds it to the server's key layout."""
+    from tracecode.console.ledger.stream import audit_streams
+    from tracecode.server.store import KeySpace
+    assert audit_streams("tc") == KeySpace("tc").audit_streams()

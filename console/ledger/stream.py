@@ -4,8 +4,7 @@ The server writes every flagged attempt to the audit stream of the code's bucket
 (`{prefix}:{bbbb}:audit`, keys.BUCKETS = 1024 of them; server/store/keys.py) as an entry
 t=ATTEMPT, x=<verdict>, c=<canonical code>, s=<site>, i=<settlement id>, l=<line index>,
 u=<units>, a=<settled_at, ms>, p=<insured pseudonym> (server/store/lua/verify.lua). The console
-reads them all through one
-Redis Streams consumer group:
+reads them all through one Redis Streams consumer group:
 
 - at least once: an entry is acknowledged (XACK) only after the ledger has committed what it
   means; a consumer killed in between gets the entry again when it restarts (its own pending
