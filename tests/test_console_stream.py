@@ -230,7 +230,7 @@ def test_consumer_on_a_redis_cluster(console_env):
         cluster.stop()
 
 
-def test_the_console_reads_the_streams_the_server_writes():
+def test_the_console_reads_the_streams_the_server_writes(console_env):
     """The console spells the audit stream names itself (it must not import the server's store);
     this holds it to the server's key layout."""
     from tracecode.console.ledger.stream import audit_streams
