@@ -14,6 +14,9 @@ from redis_cluster import RedisClusterProcesses
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient
 
+# The ledger console's fixtures (PostgreSQL, Django, its own Redis and server): tests/console_support.py.
+pytest_plugins = ["console_support"]
+
 _prefixes = itertools.count(1)
 
 

@@ -15,8 +15,7 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
-from console_support import (ConsoleProcess, artifacts_dir, console_env, console_redis, make_user,  # noqa: F401
-                             service, unique)
+from console_support import ConsoleProcess, artifacts_dir, make_user, unique
 from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient

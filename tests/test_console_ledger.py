@@ -6,7 +6,7 @@ import csv
 import io
 
 import pytest
-from console_support import console_env, http, make_user, unique  # noqa: F401 (fixtures)
+from console_support import http, make_user, unique
 
 RAW_ID = "11010519491231002x"  # an insured person's id as typed (check character in lower case)
 
@@ -245,11 +245,11 @@ def test_xlsx_batch_and_search_by_raw_insured_id(console_env, tmp_path):
                                 "file": fh})
     pseudonym = pseudonymizer().pseudonym(raw)
     leads = Lead.objects.filter(subject_id=pseudonym)
-    assert leads.count() == 2 and all(l.subject_kind == "INSURED" for l in leads)  # two batches, two leads
+    assert leads.count() == 2 and all(lead.subject_kind == "INSURED" for lead in leads)  # two batches, two leads
     r = c.post("/search/person", {"insured_id": raw.strip().upper()}, follow=True)
     assert r.status_code == 200
     body = r.content.decode()
-    assert all(l.ref in body for l in leads)
+    assert all(lead.ref in body for lead in leads)
     assert raw.strip() not in body and raw.strip().upper() not in body
     dump = console_env.pg.dump()
     assert raw.strip() not in dump and raw.strip().upper() not in dump

@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import date, timedelta
 from decimal import Decimal
 
-from console_support import console_env, http, make_user, unique  # noqa: F401 (fixtures)
+from console_support import http, make_user, unique
 
 
 def _this_monday() -> date:
@@ -20,9 +20,9 @@ def _this_monday() -> date:
 
 def _site_lead(site, region, sup, ins):
     from tracecode.console.ledger import workflow
-    from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive
+    from tracecode.console.ledger.intake import ImportReport, LeadFacts, arrive
     from tracecode.console.ledger.rules import Source
-    lead = _arrive(LeadFacts(Source.MODEL, "RESALE_BUYER", "SITE", site, region=region), f"T:{site}", [], ImportReport())
+    lead = arrive(LeadFacts(Source.MODEL, "RESALE_BUYER", "SITE", site, region=region), f"T:{site}", [], ImportReport())
     workflow.assign(lead, ins, sup)
     return workflow.transition(lead, workflow.Status.CONFIRMED, ins, "属实", "FRAUD_RESALE")
 
@@ -32,7 +32,7 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     from openpyxl import load_workbook
 
     from tracecode.console.ledger import gateway, report, workflow
-    from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive, import_sites
+    from tracecode.console.ledger.intake import ImportReport, LeadFacts, arrive, import_sites
     from tracecode.console.ledger.models import Batch
     from tracecode.console.ledger.rules import ACTION_TYPES, Party, Source, Status
     from tracecode.server.store import free_port
@@ -89,9 +89,9 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     recovered = Decimal(0)
     person_plain = [a for a in ACTION_TYPES if a.party == Party.PERSON and not a.sanction]
     persons = []
-    for i in range(6):
+    for _ in range(6):
         p = f"k1.{rnd.getrandbits(128):032x}"
-        lead = _arrive(LeadFacts(Source.MODEL, "STOCKPILING", "INSURED", p, region=region), f"T:{p}", [], ImportReport())
+        lead = arrive(LeadFacts(Source.MODEL, "STOCKPILING", "INSURED", p, region=region), f"T:{p}", [], ImportReport())
         workflow.assign(lead, ins, sup)
         persons.append(workflow.transition(lead, Status.CONFIRMED, ins, "属实", "FRAUD_STOCKPILING"))
     for _ in range(15):
@@ -108,9 +108,9 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
     for b_i, src in enumerate([Source.NATIONAL, Source.PROVINCIAL, Source.COMPLAINT]):
         batch = Batch.objects.create(source=src.value, number=unique("B"), received_on=WEEK - timedelta(days=b_i))
         got = closed = confirmed = 0
-        for j in range(rnd.randrange(3, 7)):
+        for _ in range(rnd.randrange(3, 7)):
             s = unique("BS")
-            lead = _arrive(LeadFacts(src, src.value, "SITE", s, region=region, batch=batch), f"TB:{s}", [], ImportReport())
+            lead = arrive(LeadFacts(src, src.value, "SITE", s, region=region, batch=batch), f"TB:{s}", [], ImportReport())
             got += 1
             fate = rnd.choice(["open", "fraud", "tech", "fraud_closed", "tech_closed"])
             if fate == "open":
@@ -134,7 +134,7 @@ def test_weekly_report_equals_an_independent_count(console_env, tmp_path):
             want = len(expected_inst[(row["code"], k)])
             assert row["counts"][k] == want, (row["code"], k)
     all_sites = defaultdict(set)
-    for (code, k), sites in expected_inst.items():
+    for (_code, k), sites in expected_inst.items():
         all_sites[k] |= sites
     assert content["institution_total"]["counts"] == {k: len(all_sites[k]) for k in kinds_order}
     for row in content["institutions"]:

@@ -8,8 +8,7 @@ import time
 
 import grpc
 import pytest
-from console_support import (ConsoleProcess, console_env, console_redis, http, make_user, service,  # noqa: F401
-                             unique)
+from console_support import ConsoleProcess, http, make_user, unique
 from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient
@@ -19,9 +18,9 @@ from tracecode.server.store import free_port
 
 def _confirmed_site_lead(sup, ins, site):
     from tracecode.console.ledger import workflow
-    from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive
+    from tracecode.console.ledger.intake import ImportReport, LeadFacts, arrive
     from tracecode.console.ledger.rules import Source, Status
-    lead = _arrive(LeadFacts(Source.MODEL, "RESALE_BUYER", "SITE", site), f"T:{site}", [], ImportReport())
+    lead = arrive(LeadFacts(Source.MODEL, "RESALE_BUYER", "SITE", site), f"T:{site}", [], ImportReport())
     workflow.assign(lead, ins, sup)
     return workflow.transition(lead, Status.CONFIRMED, ins, "属实", "FRAUD_RESALE")
 
@@ -107,12 +106,12 @@ def test_owed_call_is_retried_until_the_service_takes_it(console_env, console_re
 
 def test_card_suspension_needs_the_persons_id_at_approval(console_env, service):
     from tracecode.console.ledger import workflow
-    from tracecode.console.ledger.intake import ImportReport, LeadFacts, _arrive, pseudonymizer
+    from tracecode.console.ledger.intake import ImportReport, LeadFacts, arrive, pseudonymizer
     from tracecode.console.ledger.rules import Source, Status
     raw = unique("3301") + "X"
     p = pseudonymizer().pseudonym(raw)
     sup, ins = make_user("supervisor"), make_user("inspector")
-    lead = _arrive(LeadFacts(Source.MODEL, "RESALE_SOURCE", "INSURED", p), f"T:{p}", [], ImportReport())
+    lead = arrive(LeadFacts(Source.MODEL, "RESALE_SOURCE", "INSURED", p), f"T:{p}", [], ImportReport())
     workflow.assign(lead, ins, sup)
     lead = workflow.transition(lead, Status.CONFIRMED, ins, "倒卖", "FRAUD_RESALE")
     req = workflow.propose_sanction(lead, workflow.SanctionProposal("P_SUSPEND_CARD", "", "倒卖医保药品"), ins)

@@ -11,7 +11,7 @@ import tempfile
 import time
 import urllib.request
 
-from console_support import console_env, console_redis, service, unique  # noqa: F401 (fixtures)
+from console_support import unique
 from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient

@@ -71,7 +71,8 @@ class EngineImportForm(forms.Form):
 
 
 class BatchImportForm(forms.Form):
-    source = forms.ChoiceField(label="来源", choices=[(s.value, SOURCE_LABELS[s]) for s in (Source.NATIONAL, Source.PROVINCIAL, Source.COMPLAINT)])
+    source = forms.ChoiceField(label="来源", choices=[(s.value, SOURCE_LABELS[s])
+                                                     for s in (Source.NATIONAL, Source.PROVINCIAL, Source.COMPLAINT)])
     number = forms.CharField(label="批次号", max_length=64)
     received_on = forms.DateField(label="移交日期", widget=forms.DateInput(attrs={"type": "date"}))
     file = forms.FileField(label="文件（CSV / XLSX）")

@@ -272,7 +272,7 @@ class EvidenceLine:
     first_site_id: str = ""
 
 
-def _arrive(facts: LeadFacts, external: str, lines: list[EvidenceLine], report: ImportReport,
+def arrive(facts: LeadFacts, external: str, lines: list[EvidenceLine], report: ImportReport,
             description: str = "") -> Lead | None:
     """One arrival (a lead row with its evidence, a batch row, a live event), in one transaction."""
     with transaction.atomic():
@@ -351,7 +351,7 @@ def import_engine(leads_path: str, evidence_path: str | None = None, *, leads_da
             report.problems.append(RowProblem(src, line, "score/packs/lines/amount/window", str(exc)))
             continue
         seen_ids.add(f["lead_id"])
-        _arrive(facts, f"MODEL:{f['lead_id']}", evidence.get(f["lead_id"], []), report)
+        arrive(facts, f"MODEL:{f['lead_id']}", evidence.get(f["lead_id"], []), report)
     for orphan in sorted(set(evidence) - seen_ids):
         report.warnings.append(f"evidence for lead_id {orphan} not in {src}: not imported")
     return report
@@ -398,7 +398,7 @@ def import_batch(path: str, source: Source, number: str, received_on: date, *, d
         facts = LeadFacts(source=source, model=source.value, subject_kind=kind, subject_id=subject, region=region,
                           batch=batch, summary=description)
         digest = hashlib.sha256(f"{kind}|{subject}|{description}".encode()).hexdigest()[:24]
-        _arrive(facts, f"{source.value}:{number}:{digest}", [], report, description)
+        arrive(facts, f"{source.value}:{number}:{digest}", [], report, description)
     if unknown:
         report.warnings.append(f"{src}: unknown columns ignored: {', '.join(sorted(unknown))}")
     return report
@@ -438,7 +438,7 @@ def add_live(events: Iterable[LiveDuplicate], report: ImportReport | None = None
         line = EvidenceLine(key=ev.key, role="later", site_id=ev.site_id, settlement_id=ev.settlement_id,
                             line_no=ev.line_index + 1, settled_at=ev.settled_at, canonical_code=ev.canonical_code,
                             insured_pseudonym=ev.insured_pseudonym)
-        _arrive(facts, f"LIVE:{ev.site_id}:{day.isoformat()}", [line], report, f"{day.isoformat()} 实时重复结算")
+        arrive(facts, f"LIVE:{ev.site_id}:{day.isoformat()}", [line], report, f"{day.isoformat()} 实时重复结算")
     return report
 
 

@@ -137,8 +137,8 @@ def build(region: str, week_start: date) -> dict:
         b = group[0].batch
         batch_rows.append(BatchRow(
             b.source, SOURCE_LABELS[Source(b.source)], b.number, b.received_on.isoformat(), len(group),
-            sum(1 for l in group if l.status == Status.CLOSED.value and l.closed_at and l.closed_at < end_at),
-            sum(1 for l in group if l.cause in fraud and l.status in (Status.CONFIRMED.value, Status.CLOSED.value))))
+            sum(1 for lead in group if lead.status == Status.CLOSED.value and lead.closed_at and lead.closed_at < end_at),
+            sum(1 for lead in group if lead.cause in fraud and lead.status in (Status.CONFIRMED.value, Status.CLOSED.value))))
     report = WeeklyReport(region, week_start.isoformat(), week_end.isoformat(), inst_rows, inst_total, remarks,
                           person_rows, person_total, batch_rows)
     return asdict(report)
