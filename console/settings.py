@@ -20,7 +20,7 @@ def _secret_key() -> str:
     """The key Django signs sessions and CSRF tokens with: the setting, else a file in the data
     directory made on first start (0600), so restarts keep users logged in."""
     if env("TRACECODE_CONSOLE_SECRET_KEY"):
-        return env("TRACECODE_CONSOLE_SECRET_KEY")
+        return os.environ["TRACECODE_CONSOLE_SECRET_KEY"]
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     path = DATA_DIR / "secret_key"
     try:

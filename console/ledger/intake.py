@@ -189,6 +189,8 @@ class LeadFacts:
     @property
     def lock_key(self) -> str:
         if self.source in HANDED_DOWN:
+            if self.batch is None:
+                raise ValueError("a handed-down lead comes with its batch")
             return f"{self.source.value}|{self.batch.number}|{self.subject_kind}|{self.subject_id}"
         return f"{self.model}|{self.subject_kind}|{self.subject_id}"
 

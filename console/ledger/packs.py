@@ -79,7 +79,7 @@ _AWAY = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENI
 
 
 def histories(codes: list[str]) -> list[PackHistory]:
-    out = []
+    out: list[PackHistory] = []
     for c in codes:
         if out and not out[-1].ok and out[-1].error.startswith(_AWAY):
             out.append(PackHistory(c, False, out[-1].error))

@@ -88,7 +88,7 @@ def build(region: str, week_start: date) -> dict:
         counts = {k: len({a.subject_id for a in mine if a.site_kind == k}) for k in KINDS}
         figures = (["amount_wan"] if at.money else []) + (
             ["monthly_turnover_wan", "violation_wan", "confiscated_wan"] if at.reduced_loss else [])
-        money = {}
+        money: dict[str, dict[str, str]] = {}
         for f in figures:
             money[f] = {}
             for k in KINDS:

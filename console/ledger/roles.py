@@ -17,7 +17,7 @@ def ensure_roles() -> None:
                                                        defaults={"name": p.value})[0] for p in Perm}
     for name, role in ROLES.items():
         group, _ = Group.objects.get_or_create(name=name)
-        group.permissions.set([perms[p.value] for p in role["perms"]])
+        group.permissions.set([perms[p.value] for p in role.perms])
 
 
 def has(user, perm: Perm) -> bool:

@@ -50,17 +50,21 @@ class Perm(str, Enum):
     VIEW_REPORT = "view_report"
 
 
+@dataclass(frozen=True)
+class Role:
+    label: str
+    perms: frozenset[Perm]
+
+
 ROLES = {
     # 核查员: works the leads assigned to them, proposes sanctions, never imposes one.
-    "inspector": {"label": "核查员", "perms": {Perm.WORK, Perm.RECORD_ACTION, Perm.PROPOSE_SANCTION,
-                                                Perm.VIEW_REPORT}},
-    # 科室负责人: assigns, reviews, closes, approves (imposes) and lifts sanctions, imports, reports.
-    "supervisor": {"label": "审核人", "perms": {Perm.VIEW_ALL, Perm.WORK, Perm.ASSIGN, Perm.REVIEW,
-                                                 Perm.RECORD_ACTION, Perm.PROPOSE_SANCTION,
-                                                 Perm.APPROVE_SANCTION, Perm.IMPORT,
-                                                 Perm.SUBMIT_REPORT, Perm.VIEW_REPORT}},
+    "inspector": Role("核查员", frozenset({Perm.WORK, Perm.RECORD_ACTION, Perm.PROPOSE_SANCTION, Perm.VIEW_REPORT})),
+    # 审核人 (科室负责人): assigns, reviews, closes, approves (imposes) and lifts sanctions, imports, reports.
+    "supervisor": Role("审核人", frozenset({Perm.VIEW_ALL, Perm.WORK, Perm.ASSIGN, Perm.REVIEW, Perm.RECORD_ACTION,
+                                           Perm.PROPOSE_SANCTION, Perm.APPROVE_SANCTION, Perm.IMPORT,
+                                           Perm.SUBMIT_REPORT, Perm.VIEW_REPORT})),
     # 审计: reads everything, changes nothing.
-    "auditor": {"label": "审计（只读）", "perms": {Perm.VIEW_ALL, Perm.VIEW_REPORT}},
+    "auditor": Role("审计（只读）", frozenset({Perm.VIEW_ALL, Perm.VIEW_REPORT})),
 }
 
 

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
 import redis
@@ -103,6 +104,8 @@ class Metrics:
 class AuditConsumer:
     def __init__(self, cfg: ConsumerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
+        # Both clients answer the same stream commands; Any because their stubs differ in detail.
+        self.r: Any
         if cfg.cluster:
             self.r = redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
         else:
@@ -162,7 +165,7 @@ class AuditConsumer:
         pipe = self.r.pipeline(transaction=False)
         for s in self.streams:
             pipe.xautoclaim(s, self.cfg.group, self.cfg.name, self.cfg.claim_idle_ms, "0-0", count=self.cfg.count)
-        out = []
+        out: list[AuditEntry] = []
         for s, res in zip(self.streams, pipe.execute()):
             out.extend(AuditEntry(s, eid, fields or {}) for eid, fields in res[1])
         return out

@@ -27,7 +27,7 @@ log = logging.getLogger("tracecode.console.views")
 def roles_context(request):
     user = getattr(request, "user", None)
     role = role_of(user) if user is not None else ""
-    return {"role": role, "role_label": ROLES[role]["label"] if role else "",
+    return {"role": role, "role_label": ROLES[role].label if role else "",
             "can": {p.name: has(user, p) for p in Perm} if user is not None else {}}
 
 
