@@ -19,7 +19,6 @@ import csv
 import functools
 import gc
 import heapq
-import io
 import itertools
 import json
 import os
@@ -78,7 +77,7 @@ def _parse_time(text: str) -> int:
 def _check_row(row: Row) -> RowError | None:
     f = row.fields
     try:
-        f["_at"] = _parse_time(f["settled_at"])
+        f["_at"] = _parse_time(f["settled_at"])  # type: ignore[assignment]  # the parsed time rides on the row
     except ValueError as exc:
         return RowError(row.source, row.line, "settled_at", str(exc))
     n, units = f["line_no"], f.get("units") or "0"
@@ -104,6 +103,7 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
         last_line = item.line
         if isinstance(item, RowError) or (err := _check_row(item)) is not None:
             bad = item if isinstance(item, RowError) else err
+            assert bad is not None
             if cur is not None:
                 cur.errors.append(bad)
                 cur.last_line = bad.line
@@ -117,7 +117,8 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
             continue
         if cur is not None:
             yield cur
-        cur = Settlement(f["_at"], file_index, item.line, f["site_id"], f["settlement_id"], [item], pending)
+        cur = Settlement(f["_at"], file_index, item.line, f["site_id"], f["settlement_id"],  # type: ignore[arg-type]
+                         [item], pending)
         pending = []
     if cur is not None:
         yield cur

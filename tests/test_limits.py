@@ -5,7 +5,6 @@ per-client rate limit (RESOURCE_EXHAUSTED with RetryInfo for calls; slowed, not 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -102,8 +101,8 @@ def test_settlement_time_is_required_bounded_and_in_range(target):
     assert "settled_at" in violations(err)
     # CheckCodes' `at` may be any instant, but one the calendar can hold: not year 10000.
     for seconds in (253402300800, -62135596801, 2**62):
-        err = refusal(lambda: stub.CheckCodes(pb.CheckCodesRequest(
-            at=timestamp_pb2.Timestamp(seconds=seconds), lines=base["lines"]), timeout=5))
+        err = refusal(lambda s=seconds: stub.CheckCodes(pb.CheckCodesRequest(
+            at=timestamp_pb2.Timestamp(seconds=s), lines=base["lines"]), timeout=5))
         assert violations(err) == {"at": "outside 1970-01-01 .. 2100-01-01 UTC"}
 
 

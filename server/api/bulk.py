@@ -14,7 +14,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc

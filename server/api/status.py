@@ -15,7 +15,7 @@ from ..errors import StoreUnavailable, status_of
 log = logging.getLogger("tracecode.server")
 
 # Fixed answers whose text must not carry the error's own (internal detail, retry advice).
-_MESSAGES = {StoreUnavailable: "storage unavailable, retry with the same settlement id"}
+_MESSAGES: dict[type, str] = {StoreUnavailable: "storage unavailable, retry with the same settlement id"}
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -42,7 +42,7 @@ def answer(context: grpc.ServicerContext, exc: BaseException, where: str):
         abort(context, grpc.StatusCode.INTERNAL, "internal error; the server logged it for its operators")
     if isinstance(exc, StoreUnavailable):
         log.warning("redis unavailable: %s", exc)
-    abort(context, getattr(grpc.StatusCode, name), _MESSAGES.get(type(exc), str(exc)),
+    abort(context, getattr(grpc.StatusCode, name or "INTERNAL"), _MESSAGES.get(type(exc), str(exc)),
           getattr(exc, "violations", None))
 
 
