@@ -209,7 +209,6 @@ def test_killed_job_resumes_to_the_same_report(tmp_path, admin, target):
     assert (out / "network.csv").read_text() == (ref / "network.csv").read_text()
 
 
-@pytest.mark.backend_independent
 def test_first_message_must_be_options(target):
     stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(target))
     with pytest.raises(grpc.RpcError) as err:
