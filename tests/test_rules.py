@@ -120,7 +120,7 @@ def test_same_whole_pack_twice_in_one_settlement(pos, admin):
     load(admin, issuance(code, P))
     resp = pos.verify("SITE-A", [line(code, P), line(code, P)])
     assert verdicts(resp) == ["OK", "DUPLICATE_IN_REQUEST"] and resp.recorded
-    assert resp.results[1].reason
+    assert resp.results[1].reason == "the same pack appears on an earlier line of this settlement"
     hist = pos.history(code)
     assert hist.units_used == 1
     assert event_types(hist) == ["DISPENSED", "DUPLICATE_ATTEMPT"]
