@@ -24,9 +24,10 @@ from datetime import datetime, timedelta, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from tracecode.server.store.types import SettlementCall  # noqa: E402
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.keys import KeySpace  # noqa: E402
+from tracecode.server.store.keys import KeySpace  # noqa: E402
 from tracecode.server.verifier import Line, Verifier  # noqa: E402
 
 CST = timezone(timedelta(hours=8))
@@ -111,7 +112,7 @@ def main() -> int:
         for site, sid, at, codes_ in sub:
             lines = [Line(c, "8123456") for c in codes_]
             plan, distinct, _ = verifier._plan(lines)
-            calls.append(dict(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
+            calls.append(SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan,
                               codes=distinct, state=ceiling_keys, state_ttl_s=86400,
                               digest=verifier.digest(site, sid, at, False, lines)))

@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 import redis
 
 from tracecode import codec
-from tracecode.server.embedded_redis import RedisProcess, free_port
-from tracecode.server.keys import KeySpace
+from tracecode.server.store import RedisProcess, free_port
+from tracecode.server.store.keys import KeySpace
 from tracecode.server.store import Store
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -121,14 +121,14 @@ def encode(*args) -> bytes:
     return b"".join(out)
 
 
-def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> float:
+def ceiling(store: Store, port: int, calls: list, depth: int = 64) -> float:
     """Seconds Redis needs for these verify.lua calls when they are pipelined straight at it."""
     sha = store._verify.sha
     r = redis.Redis(port=port)
     r.script_load(store._verify.script)
     payloads = []
     for call in calls:
-        keys, args = store._verify_call(**call)
+        keys, args = store._verify_call(call)
         payloads.append(encode("EVALSHA", sha, len(keys), *keys, *args))
     pipe = RawPipeline(port)
     start = time.perf_counter()
@@ -138,14 +138,14 @@ def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> floa
     return elapsed
 
 
-def replay_ceiling(store: Store, calls: list[dict]) -> float:
+def replay_ceiling(store: Store, calls: list) -> float:
     """Seconds Redis needs for a REPLAY job's own calls, sent exactly as the job sends them: the
     store's pipelined verify_batch, one slice of SLICE_ALONE settlements at a time on one
     connection, over the transport the server uses (give a store on the server's Redis URL).
     Every slice is packed before the clock starts, so nothing but Redis and the socket is timed:
     the job does this same work plus its Python, so job / ceiling <= 1 by construction (up to
     the machine's drift between the two runs; run.py takes the faster of a run before and after)."""
-    from tracecode.server.bulk import SLICE_ALONE
+    from tracecode.server.api.bulk import SLICE_ALONE
     slices = [store.prepare_batch(calls[i:i + SLICE_ALONE]) for i in range(0, len(calls), SLICE_ALONE)]
     start = time.perf_counter()
     for prepared in slices:

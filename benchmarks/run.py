@@ -47,9 +47,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from tracecode.server.store.types import SettlementCall  # noqa: E402
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.keys import KeySpace  # noqa: E402
+from tracecode.server.store.keys import KeySpace  # noqa: E402
 from tracecode.server.store import now_ms  # noqa: E402
 from tracecode.server.verifier import Line, Verifier  # noqa: E402
 
@@ -289,7 +290,7 @@ def ceiling_phase(store, verifier: Verifier, port: int, pool: CodePool, settleme
             ls = [Line(c, PRODUCT) for c in codes[n * lines:(n + 1) * lines]]
             plan, distinct, _ = verifier._plan(ls)
             sid = f"ceil-{lines}-{n}"
-            calls.append(dict(dispense=True, site=f"S{n % 997:05d}", settlement_id=sid, settled_at_ms=at,
+            calls.append(SettlementCall(dispense=True, site=f"S{n % 997:05d}", settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
                               digest=verifier.digest(f"S{n % 997:05d}", sid, at, False, ls)))
         seconds = common.ceiling(store, port, calls)
@@ -315,7 +316,7 @@ def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_url: str, target
         for site, sid, at, cs in settlements:
             ls = [Line(c, PRODUCT) for c in cs]
             plan, distinct, _ = verifier._plan(ls)
-            calls.append(dict(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
+            calls.append(SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
                               state=keys, state_ttl_s=86400, digest=verifier.digest(site, sid, at, False, ls)))
         # On the server's own transport (the unix socket), as the job's calls travel.

@@ -28,7 +28,7 @@ def _print_results(resp) -> None:
 def cmd_serve(args) -> int:
     from tracecode.server import config as cfg
     from tracecode.server.app import serve
-    from tracecode.server.auth import from_config
+    from tracecode.server.api.auth import from_config
     try:
         config = cfg.from_args(args)
         from_config(config)  # the security settings, checked before anything starts
@@ -165,7 +165,7 @@ def _connection(args) -> dict:
 
 
 def cmd_token(args) -> int:
-    from tracecode.server.auth import issue_token, read_secret
+    from tracecode.server.api.auth import issue_token, read_secret
     print(issue_token(read_secret(args.secret_file), args.role, args.name, args.ttl_days * 86400))
     return 0
 

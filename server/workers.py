@@ -219,7 +219,7 @@ def supervise(config: Config) -> int:
         raise RuntimeError("tracecode worker process asked to supervise workers")
     from . import app, priority  # the parent sets up logging and the embedded Redis as a single server does
     from . import metrics as tc_metrics
-    from .embedded_redis import EmbeddedRedis
+    from .store import EmbeddedRedis
 
     app.setup_logging(config)
     stopping = threading.Event()

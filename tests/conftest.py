@@ -9,7 +9,8 @@ import pytest
 
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisClusterProcesses, RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
+from redis_cluster import RedisClusterProcesses
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient
 

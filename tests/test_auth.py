@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server import auth
-from tracecode.server.app import SERVICE_NAMES, Server, make_store
-from tracecode.server.embedded_redis import free_port
+from tracecode.server.api import auth
+from tracecode.server.api.server import SERVICE_NAMES
+from tracecode.server.app import Server, make_store
+from tracecode.server.store import free_port
 from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 

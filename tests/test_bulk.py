@@ -239,7 +239,8 @@ def test_a_chunk_runs_in_slices_smaller_beside_pos_traffic_with_the_same_answers
     """A job's chunk is judged in slices (small while the process serves POS calls); the answers
     must not depend on where the slices cut: a pack replayed again after a slice boundary is a
     DUPLICATE, errors stay in their settlement's place, and the chunk gets one answer, in order."""
-    from tracecode.server import bulk, priority
+    from tracecode.server import priority
+    from tracecode.server.api import bulk
     monkeypatch.setattr(bulk, "SLICE_BESIDE_POS", 7)
     monkeypatch.setattr(bulk, "SLICE_ALONE", 50)
     seen: list[bool] = []

@@ -20,8 +20,8 @@ from tracecode.clients.files import Row
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisClusterProcesses
-from tracecode.server.keys import slot_of
+from redis_cluster import RedisClusterProcesses
+from tracecode.server.store.keys import slot_of
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, load

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server.embedded_redis import PID_FILE, free_port
+from tracecode.server.store.embedded import PID_FILE, free_port
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, issuance, load

@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
-from tracecode.server import auth
+from tracecode.server.api import auth
 from tracecode.server.app import Server
 from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb

@@ -16,7 +16,7 @@ from tracecode import codec
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server import metrics
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 
 from factories import cn20, issuance, load
 from ops_support import PROM_DIR, ServeProcess, http_get, scrape, tool, wait_for

@@ -34,9 +34,9 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .config import Config
-from .errors import PermissionDenied
-from .interceptors import _rewrap
+from ..config import Config
+from ..errors import PermissionDenied
+from .interceptors import rewrap
 
 log = logging.getLogger("tracecode.auth")
 
@@ -346,7 +346,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         pass
             return handle
 
-        return _rewrap(handler, unary, generator)
+        return rewrap(handler, unary, generator)
 
 
 # --------------------------------------------------------------------------- servicer hooks
