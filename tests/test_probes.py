@@ -74,12 +74,14 @@ def test_the_reported_digest_collision_is_refused(target, admin):
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("bad", ["\x00", "\x1e", "\x7f", "\x85", "\n"])
 def test_control_characters_in_product_ids_are_invalid_argument(pos, bad):
     err = refusal(lambda: pos.verify("PROBE-A", [line(cn20(), f"P{bad}1")]))
     assert violations(err) == {"lines[0].product_id": f"control character U+{ord(bad):04X} at position 2"}
 
 
+@pytest.mark.backend_independent
 def test_control_characters_in_codes_are_malformed_with_a_reason(pos, admin):
     code = cn20()
     load(admin, issuance(code, P))
@@ -88,6 +90,7 @@ def test_control_characters_in_codes_are_malformed_with_a_reason(pos, admin):
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("policy", [3, 99, -5])
 def test_unknown_policy_is_invalid_argument_and_marks_nothing(target, admin, pos, policy):
     code = cn20()
@@ -99,6 +102,7 @@ def test_unknown_policy_is_invalid_argument_and_marks_nothing(target, admin, pos
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("nanos", [-1, 1_000_000_000, 2_000_000_000])
 def test_invalid_timestamp_nanos_is_invalid_argument(target, admin, pos, nanos):
     code = cn20()
@@ -114,6 +118,7 @@ def test_invalid_timestamp_nanos_is_invalid_argument(target, admin, pos, nanos):
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 def test_unknown_recall_status_is_invalid_argument(target):
     stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(target))
     err = refusal(lambda: stub.RecallBatch(apb.RecallBatchRequest(product_id=P, batch="B1", status=99)))
@@ -127,6 +132,7 @@ def test_unknown_recall_status_is_invalid_argument(target):
     ("batch", "B\n1", "batch: control character U+000A at position 2"),
     ("manufacturer", "M" * 100_000, "manufacturer: 100000 characters, at most 200"),
 ])
+@pytest.mark.backend_independent
 def test_issuance_fields_have_settlement_limits(admin, field, value, why):
     code = cn20()
     fields = {"product_id": P, field: value}
@@ -152,6 +158,7 @@ def test_reload_with_fewer_pack_units_than_used_is_a_record_error(admin, pos):
     assert pos.verify("PROBE-A", [line(code, P, 1)]).results[0].verdict == pb.QUANTITY_EXCEEDED
 
 
+@pytest.mark.backend_independent
 def test_malformed_messages_are_counted_and_logged_at_most_once_a_second(target, caplog):
     from prometheus_client import REGISTRY
 
