@@ -100,3 +100,22 @@ def test_mypy_is_clean(tree):
                           *packages], cwd=tree, env=dict(os.environ, MYPYPATH=tree), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_script_layout_is_one_definition():
+    """verify.lua reads its arguments and writes its rows through the spliced layout tables, and
+    the Python seam types have the same fields in the same order."""
+    from tracecode.server.store.layout import LINE_FIELDS, VERIFY_ARGV, lua_layout
+    from tracecode.server.store.store import script_text
+    from tracecode.server.store.types import PlanLine, ScriptRow
+
+    assert PlanLine._fields == LINE_FIELDS[:-1]  # the store appends line_index
+    text = script_text("verify.lua")
+    assert lua_layout() in text and "--@LAYOUT@--" not in text
+    # No bare ARGV position or row index is left in the scripts that use the layout.
+    body = text.split("local function make_row", 1)[-1]
+    assert not re.search(r"ARGV\[\d+\]", body)
+    for name in ("verify.lua", "commit.lua"):  # commit.lua rewrites rows verify.lua stored
+        assert not re.search(r"\bres\[\d+\]", script_text(name).split("local function make_row", 1)[-1]), name
+    assert f"local LINE0, STRIDE = {len(VERIFY_ARGV) + 1}, {len(LINE_FIELDS)}" in text
+    assert "make_row(t) return {" + ", ".join(f"t.{f}" for f in ScriptRow._fields) in text

@@ -21,6 +21,7 @@ from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, Stor
                      from_script_error)
 from ..failpoints import failpoint
 from .keys import KeySpace, slot_of
+from .layout import VERIFY_ARGV, lua_layout
 from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
@@ -29,10 +30,11 @@ from ..verdicts import lua_precedence
 log = logging.getLogger("tracecode.store")
 
 
-def _script_text(name: str) -> str:
+def script_text(name: str) -> str:
     lua = resources.files("tracecode.server.store").joinpath("lua")
     text = lua.joinpath(name).read_text()
     text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
+    text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -186,7 +188,7 @@ class Store:
         self.cluster = cluster
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
-        self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
+        self._scripts = {name: client.register_script(script_text(f"{name}.lua"))
                          for name in ("verify", "reverse", "issue", "status", "commit", "claim", "decide")}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
@@ -365,13 +367,15 @@ class Store:
         state_ttl = call.state_ttl_s
         if mode == "P":
             state_ttl = lim.reservation_ms
-        args = [mode, call.site, call.settlement_id, call.settled_at_ms, call.settle_day,
-                call.digest, "A" if call.all_or_nothing else "R", 0 if state else lim.audit_max,
-                lim.history_max, call.state_ttl_s or lim.settlement_ttl_s, len(lines), state_ttl,
-                0]  # ARGV[13], unused (reservations use the node clock)
+        fixed = {"mode": mode, "site": call.site, "settlement_id": call.settlement_id,
+                 "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day, "digest": call.digest,
+                 "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
+                 "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
+                 "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
+        args = [fixed[f] for f in VERIFY_ARGV]
         for line, i in zip(lines, idx):
-            args.extend(line)
-            args.append(i)
+            args.extend(line)  # a PlanLine: LINE_FIELDS but the last
+            args.append(i)  # line_index, the last of LINE_FIELDS
         args.extend(codes)
         return keys, args
 
