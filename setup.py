@@ -99,7 +99,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14", "pyyaml>=6",
-                 "cryptography>=41"],
+                 "cryptography>=41",
+                 # tests/test_architecture.py: the import contracts, lint and types
+                 "import-linter>=2.1", "ruff>=0.6", "mypy>=1.10"],
         "parquet": ["pyarrow>=14"],
         "fuzz": ["atheris>=2.3"],  # fuzz/fuzz_codec.py, run outside CI
         "bench": ["matplotlib>=3.7"],
