@@ -107,7 +107,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14", "pyyaml>=6",
-                 "cryptography>=41", *CONSOLE, "playwright>=1.40"],
+                 "cryptography>=41",
+                 # tests/test_architecture.py: the import contracts, lint and types
+                 "import-linter>=2.1", "ruff>=0.6", "mypy>=1.10",
+                 # the console's tests: its own dependencies and a browser driver (Debian's chromium)
+                 *CONSOLE, "playwright>=1.40"],
         # The leads ledger console (console/): Django (login, sessions, CSRF, forms, permissions,
         # migrations), PostgreSQL driver, XLSX in and out, a WSGI server and its static files.
         "console": CONSOLE,

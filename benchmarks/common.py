@@ -16,7 +16,6 @@ import redis
 
 from tracecode import codec
 from tracecode.server.store import RedisProcess, free_port
-from tracecode.server.store.keys import KeySpace
 from tracecode.server.store import Store
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -26,7 +25,7 @@ def machine() -> dict:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
     except OSError:
         pass
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()

@@ -196,7 +196,7 @@ class Bench:
         per = max(max_settlements // n_proc, 1)
         slices, procs = [], []
         try:
-            for k in range(n_proc):
+            for _ in range(n_proc):
                 codes = self.pool.take(per * lines)
                 self.files += 1
                 path = os.path.join(self.tmp, f"codes-{self.files}.txt")

@@ -33,7 +33,6 @@ import run as runbench  # noqa: E402
 
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.store import KeySpace  # noqa: E402
 from tracecode.server.pseudonym import Pseudonymizer, generate_key_file  # noqa: E402
 from tracecode.server.store.sanctions import SanctionStore  # noqa: E402
 from tracecode.server.sanctions import SetRequest  # noqa: E402
@@ -76,7 +75,7 @@ def rss_mb(pid: int) -> float:
     for p in common.process_tree(pid):
         try:
             with open(f"/proc/{p}/status") as fh:
-                total += next(int(l.split()[1]) for l in fh if l.startswith("VmRSS:"))
+                total += next(int(row.split()[1]) for row in fh if row.startswith("VmRSS:"))
         except (OSError, StopIteration):
             pass
     return round(total / 1024, 1)
@@ -150,7 +149,7 @@ def main() -> int:
                 self.inner.give_back(codes)
 
         bench = runbench.Bench(args, tmp, Pool(pool), rp.proc.pid)
-        for name, (proc, port, _) in servers.items():  # warm-up, not reported
+        for proc, port, _ in servers.values():  # warm-up, not reported
             bench.drive(port, proc.pid, LINES, closed=args.concurrency, duration=1.5, max_settlements=4000)
 
         runs = {"tcA": [], "tcB": []}

@@ -60,7 +60,7 @@ def cmd_load(args) -> int:
     from .admin import AdminClient
     client = AdminClient(args.server, **_connection(args))
     total = {"received": 0, "created": 0, "updated": 0, "unchanged": 0, "conflicts": 0, "rejected": 0}
-    file_errors = []
+    file_errors: list = []
     started = time.monotonic()
     for path in args.files:
         def progress(n, path=path):
@@ -216,7 +216,7 @@ def _connection(args) -> dict:
             root_certificates=_read_file(args.tls_ca) if args.tls_ca else None,
             private_key=_read_file(args.tls_key) if args.tls_key else None,
             certificate_chain=_read_file(args.tls_cert) if args.tls_cert else None)
-    metadata = ()
+    metadata: tuple[tuple[str, str], ...] = ()
     if args.token_file:
         token = _read_file(args.token_file).decode().strip()
         metadata = (("authorization", f"Bearer {token}"),)

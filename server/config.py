@@ -2,7 +2,9 @@
 
 Every field can be set as `--field-name` on `tracecode serve`, as `TRACECODE_FIELD_NAME` in the
 environment, or as `field_name = ...` in a TOML file given by `--config` / `TRACECODE_CONFIG`.
-The table in the README is generated from the help texts here.
+`tracecode serve --help` lists every field with its help text and default. The README's
+configuration table lists the main settings only, in its own words; tests/test_ops_config.py
+checks that each of its rows names a field here (as its `--flag`) and shows that field's default.
 """
 from __future__ import annotations
 

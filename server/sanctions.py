@@ -231,21 +231,21 @@ def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id:
             bad.append(("insured_id", f"{len(insured_id)} characters, at most {MAX_INSURED_ID}"))
         else:
             subject_id = pseudonym(insured_id)
-    for name, value in (("valid_from", valid_from_ms), ("valid_until", valid_until_ms)):
-        if value is not None and not 0 < value < MAX_TIME_MS:
+    for name, instant in (("valid_from", valid_from_ms), ("valid_until", valid_until_ms)):
+        if instant is not None and not 0 < instant < MAX_TIME_MS:
             bad.append((name, "outside 1970-01-01 .. 2100-01-01 UTC"))
     if valid_until_ms is not None:
         if rule is not None and not rule.may_end:
             bad.append(("valid_until", f"{kind} binds until lifted: leave valid_until unset"))
         elif valid_until_ms <= (valid_from_ms if valid_from_ms is not None else now_ms):
             bad.append(("valid_until", "must be after valid_from (unset valid_from: now)"))
-    for name, value, limit in (("reason", reason, MAX_REASON), ("reference", reference, MAX_REFERENCE),
-                               ("actor", actor, MAX_ACTOR)):
-        if len(value) > limit:
-            bad.append((name, f"{len(value)} characters, at most {limit}"))
+    for name, text, limit in (("reason", reason, MAX_REASON), ("reference", reference, MAX_REFERENCE),
+                              ("actor", actor, MAX_ACTOR)):
+        if len(text) > limit:
+            bad.append((name, f"{len(text)} characters, at most {limit}"))
     if not reason.strip():
         bad.append(("reason", "required: why (kept with the sanction and shown in its history)"))
-    if bad:
+    if bad or rule is None or kind is None:
         raise InvalidRequest(bad)
     return SetRequest(request_id, kind, rule.subject, subject_id, valid_from_ms, valid_until_ms or 0,
                       reason, reference, actor)
@@ -298,8 +298,8 @@ class SanctionView:
         self.feed, self.max_age_s, self.block_ms, self.clock = feed, max_age_s, block_ms, clock
         self._index = _Index()
         self._lock = threading.Lock()
-        self._synced = None  # monotonic time the view was last complete
-        self._cursor = None
+        self._synced: float | None = None  # monotonic time the view was last complete
+        self._cursor: str | None = None
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
 

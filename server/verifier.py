@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 from zoneinfo import ZoneInfo
 
 from tracecode import codec
@@ -22,6 +22,9 @@ from .config import Config
 from .errors import InvalidRequest, Sanctioned, SettlementConflict
 from .store import KeySpace, Store, now_ms
 from .store.types import CodeHistory, PlanLine, SettlementCall, SettlementResult
+
+if TYPE_CHECKING:  # the service holds the verifier's collaborators, not the reverse
+    from .sanction_service import SanctionService
 
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
 _ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
@@ -140,7 +143,7 @@ class Verifier:
                                      max_length=rules.max_code_length)
         # sanction_service.SanctionService (the server sets it): pseudonyms and the sanction
         # checks the store's atomic call does not make (a cluster's, bulk jobs'). None: none.
-        self.sanctions = None
+        self.sanctions: SanctionService | None = None
 
     # ------------------------------------------------------------------ parsing
 
@@ -295,7 +298,8 @@ class Verifier:
                 settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
                 lines=plan, codes=codes, insured=insured, gate=gate))
         except Sanctioned as exc:
-            self.sanctions.refused(exc)
+            if self.sanctions:
+                self.sanctions.refused(exc)
             raise
         except SettlementConflict:
             legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
@@ -323,7 +327,7 @@ class Verifier:
             dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
             settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes,
             insured=insured, gate=gate))
-        notices = []
+        notices: list = []
         if self.sanctions:
             notices = (self.sanctions.notices_of(out.sanctions) if gate else
                        self.sanctions.binding_now(site_id or "", insured))

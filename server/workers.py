@@ -155,7 +155,8 @@ class _Metrics:
 class _Worker:
     def __init__(self, index: int):
         self.index = index
-        self.proc: subprocess.Popen | None = None
+        # Set by start() before anything reads it (the supervisor only tends started workers).
+        self.proc: subprocess.Popen = None  # type: ignore[assignment]
         self.ready = threading.Event()
         self.started_at = 0.0
         self.backoff = _MIN_BACKOFF_S
@@ -171,13 +172,14 @@ class _Worker:
             [sys.executable, "-m", "tracecode.server.workers", str(self.index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
             text=True, bufsize=1)
+        assert self.proc.stdin is not None  # stdin=PIPE
         self.proc.stdin.write(doc + "\n")
         self.proc.stdin.flush()  # and kept open: its EOF tells the worker the parent is gone
         threading.Thread(target=self._read, args=(self.proc,), name=f"tracecode-worker-{self.index}-out",
                          daemon=True).start()
 
     def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             if line.startswith(READY_PREFIX):
                 if proc is self.proc:
                     self.ready.set()

@@ -15,11 +15,10 @@ from datetime import datetime, timedelta, timezone
 import grpc
 import pytest
 
-from tracecode.server.pseudonym import Pseudonymizer
-
 from tracecode.clients.files import Row
-from tracecode.clients.pos import line
+from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
+from tracecode.server.pseudonym import Pseudonymizer
 from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
@@ -43,7 +42,7 @@ def make_dataset(tmp_path, admin, seed=11):
     events = []  # (time, site, lines)
     t = start
     sites = [f"S{n:03d}" for n in range(40)]
-    for n in range(380):
+    for _ in range(380):
         t += timedelta(seconds=rnd.randint(5, 60))
         k = rnd.randint(1, 3)
         lines = [pool.pop() for _ in range(k)]
@@ -126,8 +125,10 @@ def test_replay_finds_exactly_the_planted_fraud(tmp_path, admin, target):
         errors = list(csv.DictReader(fh))
     assert len(errors) == 1 and errors[0]["field"] == "product_id" and errors[0]["file"].endswith("export-a.csv")
     assert not (out / "checkpoint.json").exists()
-    # REPLAY is isolated: live state untouched (a planted pack is still sellable live)...
-    code = expected["PRODUCT_MISMATCH"][0]
+    # REPLAY is isolated: live state untouched (the packs it replayed are still unsold live)...
+    with PosClient(target) as pos:
+        for _, code in expected["DUPLICATE"]:
+            assert pos.history(code).units_used == 0, code
     # ...and the job namespace was dropped.
     stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(target))
     assert stub.DropJob(bulk_pb2.DropJobRequest(job_id="planted-1")).keys_deleted == 0

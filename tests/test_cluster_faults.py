@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 import grpc
 import pytest
+import redis
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.files import Row
@@ -63,6 +64,7 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
     admin = AdminClient(target)
     load(admin, *(Row("t", 0, {"code": c, "product_id": P}) for c in codes))
     victim = cluster.master_of(store.keys.issuance(codes[0]))
+    on_victim = _slots_served_by(cluster, victim)
 
     acked: dict[str, str] = {}  # code -> settlement id answered OK
     statuses: list[grpc.StatusCode] = []
@@ -94,7 +96,16 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    # The kill must hit acknowledged dispenses: wait until the victim's shard has acknowledged
+    # some (codes are spread over the three shards by their hash tag), then take a snapshot.
+    wait_until = time.monotonic() + 30
+    while True:
+        with lock:
+            before_kill = {c: sid for c, sid in acked.items() if slot_of(c) in on_victim}
+        if len(before_kill) >= 5:
+            break
+        assert time.monotonic() < wait_until, f"only {len(before_kill)} OKs on the victim's shard in 30 s"
+        time.sleep(0.05)
     victim.kill()  # SIGKILL: its replica takes over
     # The promoted replica has no replica of its own, so with min_replicas_acked=1 its shard
     # answers UNAVAILABLE (nothing is acknowledged that could be lost) until the dead node comes
@@ -113,10 +124,23 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
         assert pos.verify("SITE-AFTER", [line(fresh, P)]).results[0].verdict == pb.OK
         # Every acknowledged dispense is still there, with its own settlement as first dispense.
         assert len(acked) >= 10, len(acked)  # some traffic got through (throughput on 2 shared cores varies 10x)
+        # The dispenses the killed master had acknowledged (WAIT: its replica had them) are the
+        # ones a failover could lose; they are all in `acked`, and all still there.
+        assert len(before_kill) >= 5 and before_kill.items() <= acked.items()
         for code, sid in acked.items():
             h = pos.history(code)
             assert h.units_used == 1 and h.first_dispense.first_settlement_id == sid, code
     admin.close()
+
+
+def _slots_served_by(cluster, node) -> frozenset[int]:
+    """The slots `node` serves as master now (CLUSTER SLOTS, asked of the node itself)."""
+    client = redis.Redis.from_url(node.url, decode_responses=True)
+    try:
+        return frozenset(slot for start, end, master, *_ in client.cluster("slots")
+                         if int(master[1]) == node.port for slot in range(start, end + 1))
+    finally:
+        client.close()
 
 
 def _two_slot_codes():

@@ -259,6 +259,7 @@ def test_fuzz_request_path(stub, packs):
     assert dispensed >= 3, "the fuzz never recorded a dispense: its strategies are off"
 
 
+@pytest.mark.backend_independent
 def test_raw_bytes_as_requests_never_break_the_server(target, packs):
     channel = grpc.insecure_channel(target)
     try:

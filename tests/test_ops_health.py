@@ -26,6 +26,9 @@ from tracecode.server.logs import LogContextFilter
 from factories import cn20, issuance, load
 from ops_support import Samples, scrape, wait_for
 
+# Health and reflection over the server's own Redis or the shared one: one backend.
+pytestmark = pytest.mark.backend_independent
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

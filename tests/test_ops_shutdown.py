@@ -96,7 +96,7 @@ def test_sigterm_under_load_answers_every_call_and_loses_no_acknowledged_settlem
         # Read back from Redis, under the key prefix set by the config file.
         store = make_store(Config(key_prefix="sigterm"), redis.url)
         try:
-            for site, sid, cs, _, resp, *_ in ok:
+            for site, sid, cs, _, _resp, *_ in ok:
                 assert store.stored_settlement(site, sid) is not None, (site, sid)
                 for c in cs[:3] + cs[-1:]:
                     h = store.code_history(c)

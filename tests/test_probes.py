@@ -74,12 +74,14 @@ def test_the_reported_digest_collision_is_refused(target, admin):
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("bad", ["\x00", "\x1e", "\x7f", "\x85", "\n"])
 def test_control_characters_in_product_ids_are_invalid_argument(pos, bad):
     err = refusal(lambda: pos.verify("PROBE-A", [line(cn20(), f"P{bad}1")]))
     assert violations(err) == {"lines[0].product_id": f"control character U+{ord(bad):04X} at position 2"}
 
 
+@pytest.mark.backend_independent
 def test_control_characters_in_codes_are_malformed_with_a_reason(pos, admin):
     code = cn20()
     load(admin, issuance(code, P))
@@ -88,6 +90,7 @@ def test_control_characters_in_codes_are_malformed_with_a_reason(pos, admin):
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("policy", [3, 99, -5])
 def test_unknown_policy_is_invalid_argument_and_marks_nothing(target, admin, pos, policy):
     code = cn20()
@@ -99,6 +102,7 @@ def test_unknown_policy_is_invalid_argument_and_marks_nothing(target, admin, pos
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("nanos", [-1, 1_000_000_000, 2_000_000_000])
 def test_invalid_timestamp_nanos_is_invalid_argument(target, admin, pos, nanos):
     code = cn20()
@@ -114,6 +118,7 @@ def test_invalid_timestamp_nanos_is_invalid_argument(target, admin, pos, nanos):
     assert pos.history(code).units_used == 0
 
 
+@pytest.mark.backend_independent
 def test_unknown_recall_status_is_invalid_argument(target):
     stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(target))
     err = refusal(lambda: stub.RecallBatch(apb.RecallBatchRequest(product_id=P, batch="B1", status=99)))
@@ -127,6 +132,7 @@ def test_unknown_recall_status_is_invalid_argument(target):
     ("batch", "B\n1", "batch: control character U+000A at position 2"),
     ("manufacturer", "M" * 100_000, "manufacturer: 100000 characters, at most 200"),
 ])
+@pytest.mark.backend_independent
 def test_issuance_fields_have_settlement_limits(admin, field, value, why):
     code = cn20()
     fields = {"product_id": P, field: value}
@@ -152,6 +158,7 @@ def test_reload_with_fewer_pack_units_than_used_is_a_record_error(admin, pos):
     assert pos.verify("PROBE-A", [line(code, P, 1)]).results[0].verdict == pb.QUANTITY_EXCEEDED
 
 
+@pytest.mark.backend_independent
 def test_malformed_messages_are_counted_and_logged_at_most_once_a_second(target, caplog):
     from prometheus_client import REGISTRY
 
@@ -173,3 +180,39 @@ def test_malformed_messages_are_counted_and_logged_at_most_once_a_second(target,
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in lines)
     assert 1 <= len(lines) <= int(elapsed) + 1
     assert "could not be decoded" in lines[0].getMessage()
+
+
+def test_a_settlement_stored_before_the_new_digest_replays_byte_for_byte(store, pos, admin):
+    """A record written by the previous release (legacy digest, the results JSON as it stores
+    them) answers its retry as stored: same verdicts, evidence and units, replayed, and nothing
+    is written again."""
+    import json
+
+    code, site, sid = cn20(), "PROBE-OLD", "OLD-1"
+    load(admin, issuance(code, P))
+    at = datetime.now(timezone.utc).replace(microsecond=0)
+    at_ms = int(at.timestamp() * 1000)
+    lines = [Line(code, P, 0)]
+    results = json.dumps({"rec": 1, "l": [["OK", 1, 1, 1, "ACTIVE", P, 0, site, sid, at_ms, 0, ""]]})
+    ledger = json.dumps([[code, 1, 0, 0]])
+    legacy = Verifier.legacy_digest(site, sid, at_ms, False, lines)
+    own = store.keys.settlement(site, sid)
+    if store.cluster:  # the claim names the part record in the code's slot
+        part = store.keys.settlement_part(site, sid, code)
+        store.r.hset(own, mapping={"d": legacy, "parts": json.dumps([part]), "site": site, "i": sid, "at": at_ms})
+        store.r.hset(part, mapping={"d": legacy, "r": results, "l": ledger, "site": site, "i": sid, "at": at_ms,
+                                    "ps": "F"})
+    else:
+        store.r.hset(own, mapping={"d": legacy, "r": results, "l": ledger, "site": site, "i": sid, "at": at_ms,
+                                   "ps": "F"})
+    out = pos.verify(site, [line(code, P)], settlement_id=sid, settled_at=at)
+    assert out.replayed and out.recorded
+    r = out.results[0]
+    assert (r.verdict, r.units_accepted, r.units_remaining) == (pb.OK, 1, 0)
+    assert (r.evidence.first_site_id, r.evidence.first_settlement_id) == (site, sid)
+    assert r.evidence.first_settled_at.ToMilliseconds() == at_ms
+    # The replay wrote nothing: the pack's own state was never touched by it.
+    assert pos.history(code).units_used == 0
+    # Another body under the old id is still ALREADY_EXISTS.
+    err = refusal(lambda: pos.verify(site, [line(code, "OTHER")], settlement_id=sid, settled_at=at))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -4,7 +4,9 @@ the precedence table, settlement policies, read-only checks, history and the aud
 from __future__ import annotations
 
 import itertools
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 import pytest
@@ -118,7 +120,7 @@ def test_same_whole_pack_twice_in_one_settlement(pos, admin):
     load(admin, issuance(code, P))
     resp = pos.verify("SITE-A", [line(code, P), line(code, P)])
     assert verdicts(resp) == ["OK", "DUPLICATE_IN_REQUEST"] and resp.recorded
-    assert resp.results[1].reason
+    assert resp.results[1].reason == "the same pack appears on an earlier line of this settlement"
     hist = pos.history(code)
     assert hist.units_used == 1
     assert event_types(hist) == ["DISPENSED", "DUPLICATE_ATTEMPT"]
@@ -226,8 +228,16 @@ SPEC_ORDER = ("MALFORMED", "DUPLICATE_IN_REQUEST", "UNKNOWN", "BLOCKED", "DUPLIC
               "PRODUCT_MISMATCH", "EXPIRED", "QUANTITY_EXCEEDED")
 
 
-def test_precedence_table_is_the_spec_order():
+def test_precedence_table_is_the_spec_order_and_the_readmes():
+    # The behaviour tests below judge the server against SPEC_ORDER; here the table the Lua script
+    # is built from, the README's verdict table (its row order is documented as the precedence)
+    # and the API's enum must all agree with it.
     assert PRECEDENCE == SPEC_ORDER
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What it does", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \|", section, flags=re.M)
+    assert rows == ["OK", *SPEC_ORDER]
+    assert set(pb.Verdict.keys()) - {"VERDICT_UNSPECIFIED"} == {"OK", *SPEC_ORDER}
 
 
 ISSUED_CONDITIONS = ("DUPLICATE_IN_REQUEST", "BLOCKED", "DUPLICATE", "PRODUCT_MISMATCH", "EXPIRED",

@@ -11,7 +11,6 @@ from tracecode.clients.pos import PosClient, line
 from tracecode.server.api import auth
 from tracecode.server.app import Server
 from tracecode.server.pseudonym import Pseudonymizer
-from tracecode.v1 import admin_pb2 as apb
 
 from factories import cn20, issuance, load
 

@@ -14,7 +14,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
@@ -143,7 +142,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         """Per settlement its insured pseudonym ('' for none), or the InvalidRequest that makes it
         unjudgeable; a raw id goes no further than this."""
         sanctions = self.verifier.sanctions
-        out = []
+        out: list[str | InvalidRequest] = []
         for s in settlements:
             raw = s.insured_id
             try:

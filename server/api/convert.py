@@ -23,7 +23,7 @@ EVENT_ENUM = dict(zip(EVENTS, (pb.DISPENSED, pb.DUPLICATE_ATTEMPT, pb.REVERSED, 
 
 # SettlementPolicy -> all_or_nothing. A value not in this table (a newer or a broken client) is
 # INVALID_ARGUMENT: guessing a policy could record what the POS meant to hold back.
-_POLICY = {pb.SETTLEMENT_POLICY_UNSPECIFIED: False, pb.RECORD_ACCEPTED: False, pb.ALL_OR_NOTHING: True}
+_POLICY: dict[int, bool] = {pb.SETTLEMENT_POLICY_UNSPECIFIED: False, pb.RECORD_ACCEPTED: False, pb.ALL_OR_NOTHING: True}
 
 
 def all_or_nothing(policy: int) -> bool:

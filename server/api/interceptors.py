@@ -246,8 +246,9 @@ def _non_blocking(m: _Method, behavior, request_streaming: bool):
             outcome.append(grpc.StatusCode.UNKNOWN)  # an abort's own code still wins in on_termination
             raise
 
-    handle.experimental_non_blocking = True
-    handle.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)
+    # grpc's own markers for a non-blocking handler, set as attributes on the function.
+    setattr(handle, "experimental_non_blocking", True)  # noqa: B010
+    setattr(handle, "experimental_thread_pool", getattr(behavior, "experimental_thread_pool", None))  # noqa: B010
     return handle
 
 

@@ -7,6 +7,8 @@ the SanctionService it is given (sanction_service.py).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -17,6 +19,9 @@ from tracecode.v1 import verification_pb2 as pb
 
 from ..errors import InvalidRequest
 from ..sanctions import SITE, Notice, Sanction
+
+if TYPE_CHECKING:
+    from ..sanction_service import SanctionService
 
 ERROR_DOMAIN = "tracecode.v1"
 _SUBJECT = {SITE: apb.SITE, "INSURED": apb.INSURED}
@@ -73,7 +78,8 @@ class SanctionAdmin:
     supplies `self.sanctions` (a SanctionService) and `self.authorize` (admin identities only),
     and wraps each method in its error mapper (servicer._guarded)."""
 
-    sanctions = None
+    sanctions: "SanctionService"
+    authorize: Callable[[grpc.ServicerContext], str | None]
 
     def _set_sanction(self, request: apb.SetSanctionRequest, context) -> apb.Sanction:
         caller = self.authorize(context) or "admin"

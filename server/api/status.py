@@ -16,8 +16,9 @@ from .sanctions import abort_sanctioned
 log = logging.getLogger("tracecode.server")
 
 # Fixed answers whose text must not carry the error's own (internal detail, retry advice).
-_MESSAGES = {StoreUnavailable: "storage unavailable, retry with the same settlement id",
-             SanctionViewStale: "sanctions not known to be current, retry with the same settlement id"}
+_MESSAGES: dict[type, str] = {
+    StoreUnavailable: "storage unavailable, retry with the same settlement id",
+    SanctionViewStale: "sanctions not known to be current, retry with the same settlement id"}
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -48,7 +49,7 @@ def answer(context: grpc.ServicerContext, exc: BaseException, where: str):
         log.warning("%s", exc)
     if isinstance(exc, Sanctioned) and exc.notices:
         abort_sanctioned(context, exc.notices, exc.text or str(exc))  # FAILED_PRECONDITION + ErrorInfo
-    abort(context, getattr(grpc.StatusCode, name), _MESSAGES.get(type(exc), str(exc)),
+    abort(context, getattr(grpc.StatusCode, name or "INTERNAL"), _MESSAGES.get(type(exc), str(exc)),
           getattr(exc, "violations", None))
 
 

@@ -49,9 +49,10 @@ class RedisProcess:
     def __init__(self, data_dir: str | None = None, port: int | None = None, *, appendonly: bool = True,
                  appendfsync: str = "everysec", extra: list[str] | None = None,
                  prefix: list[str] | None = None, pass_fds: tuple[int, ...] = (), umask: int = -1):
-        self.binary = shutil.which("redis-server")
-        if not self.binary:
+        binary = shutil.which("redis-server")
+        if not binary:
             raise RuntimeError(INSTALL_HINT)
+        self.binary: str = binary
         self._tmp = None
         if data_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="tracecode-redis-")
@@ -291,13 +292,14 @@ class EmbeddedRedis:
             time.sleep(0.05)
 
     def _spawn(self) -> None:
+        assert self._lock_fd is not None, "spawned before the data dir was locked"
         child = RedisProcess(self.data_dir, appendfsync=self.appendfsync, prefix=self._prefix,
                              pass_fds=(self._lock_fd,), umask=0o077)
         child.start()
         self._child = child
         pid_path = os.path.join(self.data_dir, PID_FILE)
         with open(os.open(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            fh.write(f"{child.proc.pid}\n")
+            fh.write(f"{self.pid}\n")
 
     def _watch(self) -> None:
         """Restart the redis-server whenever it dies, until stop()."""
@@ -305,6 +307,8 @@ class EmbeddedRedis:
         delay = first
         while not self._stopping.is_set():
             child = self._child
+            if child is None:
+                return
             started = time.monotonic()
             while child.alive() and not self._stopping.wait(0.1):
                 pass

@@ -12,7 +12,6 @@ rules' typed entries).
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import redis
@@ -20,7 +19,7 @@ import redis
 from ..errors import NotFound, StoreUnavailable
 from ..sanctions import INSURED, SITE, Notice, Sanction, SetRequest, lifted
 from .keys import KeySpace
-from .store import Store, _wrap_errors
+from .store import Store, wrap_errors
 
 CHANGE_STREAM_MAX = 100_000  # approximate; a view behind by more than this reloads (see changes)
 
@@ -56,7 +55,7 @@ class SanctionStore:
         return ["S", req.request_id, entry.sanction_id, entry.digest, entry.to_json(),
                 *self._audit_args(entry, now_ms, req.actor, req.reason)]
 
-    @_wrap_errors
+    @wrap_errors
     def set(self, req: SetRequest, *, now_ms: int) -> tuple[bool, Sanction]:
         """Store a new sanction; (False, the stored one) for a repeated request id with the same
         body, SettlementConflict for another body under it."""
@@ -65,7 +64,7 @@ class SanctionStore:
                                          self._set_args(req, entry, now_ms), durable=True)
         return bool(changed), Sanction.from_json(text)
 
-    @_wrap_errors
+    @wrap_errors
     def lift(self, sanction_id: str, *, now_ms: int, by: str, reason: str) -> tuple[bool, Sanction]:
         """Lift a sanction; (False, it) when already lifted or ended. NotFound when unknown."""
         for _ in range(5):
@@ -88,19 +87,19 @@ class SanctionStore:
             return True, Sanction.from_json(text)
         raise StoreUnavailable("sanction changed repeatedly while lifting it; retry")
 
-    @_wrap_errors
+    @wrap_errors
     def get(self, sanction_id: str) -> Sanction | None:
         text = self.r.hget(self.keys.sanction("all"), sanction_id)
         return Sanction.from_json(text) if text else None
 
-    @_wrap_errors
+    @wrap_errors
     def all(self) -> list[Sanction]:
         """Every entry (HSCAN, a page at a time)."""
         return [Sanction.from_json(v) for _, v in self.r.hscan_iter(self.keys.sanction("all"), count=1000)]
 
     # ------------------------------------------------------------------ the view's feed
 
-    @_wrap_errors
+    @wrap_errors
     def snapshot(self) -> tuple[str, list[Sanction]]:
         """(change stream position, every entry): the position first, so a change made while the
         entries are read is read again from the stream."""
@@ -108,7 +107,7 @@ class SanctionStore:
         cursor = last[0][0] if last else "0-0"
         return cursor, self.all()
 
-    @_wrap_errors
+    @wrap_errors
     def changes(self, cursor: str, block_ms: int) -> tuple[str, list[Sanction]]:
         """The entries changed after `cursor`, waiting up to block_ms for one; (new cursor, entries)."""
         key = self.keys.sanction("log")
@@ -128,7 +127,7 @@ class SanctionStore:
 
     # ------------------------------------------------------------------ settlements
 
-    @_wrap_errors
+    @wrap_errors
     def audit_refusal(self, site: str, settlement_id: str, insured: str, notice: Notice, now_ms: int) -> None:
         """A refusal decided by the view (cluster), in the audit stream of the settlement's slot,
         with the same fields gate.lua writes on one node."""
@@ -138,7 +137,7 @@ class SanctionStore:
                      "x": notice.reason, "a": now_ms, "n": notice.sanction_id, "k": notice.kind, "p": insured},
                     maxlen=self.store.limits.audit_max, approximate=True)
 
-    @_wrap_errors
+    @wrap_errors
     def first_insured(self, codes: Sequence[str], state: KeySpace | None = None) -> dict[str, str]:
         """code -> the pseudonym of its first dispense's buyer (codes without one left out)."""
         if not codes:
@@ -148,7 +147,7 @@ class SanctionStore:
             pipe.hget(self.keys.code_keys(code, state)[1], "fp")
         return {c: p for c, p in zip(codes, pipe.execute()) if p}
 
-    @_wrap_errors
+    @wrap_errors
     def set_many(self, reqs: Sequence[SetRequest], *, now_ms: int, batch: int = 1000) -> int:
         """SetSanction for many requests, pipelined `batch` script calls per round trip (a ledger
         import, the benchmark's 110,000 sanctions); returns how many were new."""

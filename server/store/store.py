@@ -12,15 +12,16 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import hiredis
 import redis
 
-from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreError, StoreUnavailable,
+from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
 from ..failpoints import failpoint
 from .keys import KeySpace, slot_of
+from .layout import VERIFY_ARGV, lua_layout
 from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
@@ -29,12 +30,13 @@ from ..verdicts import lua_precedence
 log = logging.getLogger("tracecode.store")
 
 
-def _script_text(name: str) -> str:
+def script_text(name: str) -> str:
     lua = resources.files("tracecode.server.store").joinpath("lua")
     text = lua.joinpath(name).read_text()
     if name == "verify.lua":  # judged inside the sanction gate, in the same call (lua/gate.lua)
         text = lua.joinpath("gate.lua").read_text().replace("--@VERIFY@--", text)
     text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
+    text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -95,6 +97,10 @@ def _wrap_errors(fn):
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
+
+
+# The store's other modules (store/sanctions.py) translate their errors the same way.
+wrap_errors = _wrap_errors
 
 
 def _pack(commands: Sequence[tuple]) -> bytes:
@@ -190,7 +196,7 @@ class Store:
         self.cluster = cluster
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
-        self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
+        self._scripts = {name: client.register_script(script_text(f"{name}.lua"))
                          for name in ("verify", "reverse", "issue", "status", "commit", "claim", "decide",
                                       "sanction")}
         self._verify = self._scripts["verify"]
@@ -208,7 +214,7 @@ class Store:
                       max_connections=max_connections)
         if cluster:
             from redis.cluster import RedisCluster
-            client = RedisCluster.from_url(url, **common)
+            client: redis.Redis | RedisCluster = RedisCluster.from_url(url, **common)
         else:
             client = redis.Redis.from_url(url, health_check_interval=30, **common)
         return cls(client, cluster=cluster, **kw)
@@ -235,7 +241,7 @@ class Store:
             for script in self._scripts.values():
                 client.script_load(script.script)
 
-    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> object:
+    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> Any:
         """One script call, one round trip."""
         res = self._run([(script, keys, args)], durable=durable)[0]
         if isinstance(res, Exception):
@@ -370,13 +376,15 @@ class Store:
         state_ttl = call.state_ttl_s
         if mode == "P":
             state_ttl = lim.reservation_ms
-        args = [mode, call.site, call.settlement_id, call.settled_at_ms, call.settle_day,
-                call.digest, "A" if call.all_or_nothing else "R", 0 if state else lim.audit_max,
-                lim.history_max, call.state_ttl_s or lim.settlement_ttl_s, len(lines), state_ttl,
-                0]  # ARGV[13], unused (reservations use the node clock)
+        fixed = {"mode": mode, "site": call.site, "settlement_id": call.settlement_id,
+                 "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day, "digest": call.digest,
+                 "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
+                 "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
+                 "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
+        args = [fixed[f] for f in VERIFY_ARGV]
         for line, i in zip(lines, idx):
-            args.extend(line)
-            args.append(i)
+            args.extend(line)  # a PlanLine: LINE_FIELDS but the last
+            args.append(i)  # line_index, the last of LINE_FIELDS
         args.extend(codes)
         # lua/gate.lua's tail: the sanction index keys it reads (on one node only), the insured
         # pseudonym, the gate mode, the number of those keys.
@@ -430,7 +438,7 @@ class Store:
         if self.cluster:
             return self._verify_sharded(prepared.calls)
         return [_conflict_or(res, lambda r: _decode(bool(r[0]), r[1]))
-                for res in self._run(prepared.batch, wire=prepared.wire)]
+                for res in self._run(prepared.batch or [], wire=prepared.wire)]
 
     def _verify_sharded(self, calls: Sequence[SettlementCall]) -> list:
         """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
@@ -479,7 +487,7 @@ class Store:
                 keys, args = self._verify_keys_args(c, mode, record, lines, idx, codes)
                 batch.append((self._verify, keys, args))
                 where.append((n, record, idx, codes))
-        results: dict[int, list] = {}
+        results: dict[int, list[list]] = {}
         durable = any(c.dispense and not c.state for c in calls)
         for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable) if batch else []):
             if isinstance(res, Exception):
@@ -503,7 +511,7 @@ class Store:
                     raise res
                 decided[n] = res
         failpoint("after_decide")
-        for n, decision in decided.items():
+        for n in decided:
             if n not in results:  # decided by an earlier attempt: every part gets the decision
                 results[n] = [[record, idx, codes, True, None, "P"] for record, _, idx, codes in plans[n]]
         # Phase 3: apply each recorded decision to every prepared part.
@@ -516,7 +524,7 @@ class Store:
                     commits.append((n, p, decision))
         if commits:
             batch = []
-            for n, (record, idx, codes, *_), decision in commits:
+            for n, (record, _, codes, *_), decision in commits:
                 sk = calls[n].state or self.keys
                 keys = [record, sk.audit_for(record)]
                 for code in codes:  # the live issuance (its pack units), the namespace's state
@@ -533,14 +541,14 @@ class Store:
                                 "reservation expired (packs taken meanwhile); reported as not recorded",
                                 calls[n].settlement_id, calls[n].site)
         # Merge the parts back into request order.
-        for n, parts in results.items():
+        for n, judged in results.items():
             if out[n] is not None:
                 continue
             merged: list = [None] * len(calls[n].lines)
-            for record, idx, codes, replayed, doc, _ in parts:
+            for _, idx, _, _, doc, _ in judged:
                 for i, row in zip(idx, doc["l"]):
                     merged[i] = row
-            out[n] = SettlementResult(all(p[3] for p in parts), any(p[4]["rec"] for p in parts),
+            out[n] = SettlementResult(all(p[3] for p in judged), any(p[4]["rec"] for p in judged),
                                       [ScriptRow(*row[:_ROW]) for row in merged])
         return out
 
@@ -596,12 +604,12 @@ class Store:
             pipe.hmget(rk, "r", "l", "ps")
         rows: dict[int, list] = {}
         rec = 0
-        for r, l, ps in pipe.execute():
+        for r, ledger, ps in pipe.execute():
             if r is None or ps != "F":
                 return None  # an interrupted settlement: only a retry can finish it
             doc = json.loads(r)
             rec |= doc["rec"]
-            for entry, row in zip(json.loads(l), doc["l"]):
+            for entry, row in zip(json.loads(ledger), doc["l"]):
                 rows[entry[3]] = row
         return digest, SettlementResult(True, bool(rec), [ScriptRow(*rows[i][:_ROW]) for i in sorted(rows)])
 
@@ -617,7 +625,7 @@ class Store:
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
             pipe.hget(rk, "l")
-        ledgers = [json.loads(l) if l else [] for l in pipe.execute()]
+        ledgers = [json.loads(raw) if raw else [] for raw in pipe.execute()]
         owner = {entry[3]: n for n, ledger in enumerate(ledgers) for entry in ledger}
         for i in line_indexes:
             if i not in owner:
@@ -655,7 +663,8 @@ class Store:
         batch = []
         groups = self._by_slot([r[0] for r in records])
         for positions in groups:
-            keys, args = [], ["1" if replace else "0"]
+            keys: list[str] = []
+            args: list = ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
                 keys += self.keys.code_keys(code)[:2]

@@ -22,6 +22,7 @@
 -- above; changed 0 when the part was already final (a repeated commit or abort).
 
 --@HISTORY@--
+--@LAYOUT@--
 
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
@@ -102,17 +103,17 @@ else
   for i, res in ipairs(results.l) do
     local code = ledger[i][1]
     local c = index[code]
-    if res[1] == 'OK' then
-      res[2] = 0
-      if refused[code] then res[1] = refused[code] end
+    if res[R.verdict] == 'OK' then
+      res[R.accepted] = 0
+      if refused[code] then res[R.verdict] = refused[code] end
     end
     if c then
       local d = redis.call('HMGET', KEYS[2 + 3 * (c - 1) + 2], 'u', 'fs', 'fi', 'fa')
-      res[3] = tonumber(d[1]) or 0
-      if res[3] > 0 then
-        res[8], res[9], res[10] = d[2], d[3], tonumber(d[4])
+      res[R.used] = tonumber(d[1]) or 0
+      if res[R.used] > 0 then
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = d[2], d[3], tonumber(d[4])
       else
-        res[8], res[9], res[10] = '', '', 0
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = '', '', 0
       end
     end
   end

@@ -45,7 +45,10 @@ local function verify_body()
 --@VERIFY@--
 end
 
-if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') == 0 then
+-- The argument layout (store/layout.py), for the gate's own reads of verify.lua's arguments.
+--@LAYOUT@--
+
+if gate_mode == 'E' and ARGV[A.mode] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') == 0 then
   local now = node_now()
   local found = binding(now)
   if #found > 0 then
@@ -55,20 +58,20 @@ if gate_mode == 'E' and ARGV[1] == 'D' and redis.call('HEXISTS', KEYS[1], 'd') =
       local e = cjson.decode(v)
       if e.j == 'SITE' then first, why = e, 'SITE_SANCTIONED'; break end
     end
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[8]), '*', 't', 'REFUSED', 'c', '', 's', ARGV[2],
-               'i', ARGV[3], 'l', -1, 'u', 0, 'x', why, 'a', now, 'n', first.id, 'k', first.k, 'p', insured)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[A.audit_max]), '*', 't', 'REFUSED', 'c', '',
+               's', ARGV[A.site], 'i', ARGV[A.settlement_id], 'l', -1, 'u', 0, 'x', why, 'a', now, 'n', first.id, 'k', first.k, 'p', insured)
     return redis.error_reply('TCSANCTION ' .. cjson.encode(found))
   end
 end
-local res = verify_body()
+local answer = verify_body()
 -- A prepared part (cluster ALL_OR_NOTHING over several slots) keeps the pseudonym for commit.lua.
-if ARGV[1] == 'P' and insured ~= '' then redis.call('HSET', KEYS[1], 'ip', insured) end
+if ARGV[A.mode] == 'P' and insured ~= '' then redis.call('HSET', KEYS[1], 'ip', insured) end
 if gate_mode == 'N' then
   local found = binding(node_now())
   if #found > 0 then
-    local doc = cjson.decode(res[2])
+    local doc = cjson.decode(answer[2])
     doc.sx = found
-    res[2] = cjson.encode(doc)
+    answer[2] = cjson.encode(doc)
   end
 end
-return res
+return answer

@@ -9,6 +9,7 @@
 --   call writes is added to it, so dropping the job unlinks what it wrote instead of scanning
 --   the whole keyspace (store.py drop_namespace)
 --
+-- The positions below are those of tracecode.server.store.layout (spliced in as A, L and R).
 -- ARGV[1]  mode: 'D' dispense (check, mark, audit, store results), 'C' check only (no writes), or
 --          'P' prepare (one part of an ALL_OR_NOTHING settlement spanning slots: judge; when every
 --          line is OK reserve the units until ARGV[12] ms from now instead of marking them;
@@ -48,20 +49,20 @@
 
 --@HISTORY@--
 
+--@LAYOUT@--
+
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
 
-local mode, site, sid = ARGV[1], ARGV[2], ARGV[3]
-local at, day = tonumber(ARGV[4]), tonumber(ARGV[5])
-local digest, policy = ARGV[6], ARGV[7]
-local audit_max, hist_max, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n, state_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local mode, site, sid = ARGV[A.mode], ARGV[A.site], ARGV[A.settlement_id]
+local at, day = tonumber(ARGV[A.settled_at_ms]), tonumber(ARGV[A.settle_day])
+local digest, policy = ARGV[A.digest], ARGV[A.policy]
+local audit_max, hist_max = tonumber(ARGV[A.audit_max]), tonumber(ARGV[A.history_max])
+local ttl, n, state_ttl = tonumber(ARGV[A.settlement_ttl_s]), tonumber(ARGV[A.n_lines]), tonumber(ARGV[A.state_ttl])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local log_events = audit_max > 0
 local writes = mode ~= 'C'
-local LINE0 = 14
-local STRIDE = 5
 local CODE0 = LINE0 + STRIDE * n
 local me = site .. '\31' .. sid
 if mode == 'P' then policy = 'A' end
@@ -131,9 +132,11 @@ local opened, duplicated = {}, {}  -- per code: took units here / got a DUPLICAT
 
 for i = 1, n do
   local a = LINE0 + STRIDE * (i - 1)
-  local u, product, units = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local u, product, units = tonumber(ARGV[a + L.code_index]), ARGV[a + L.product_id], tonumber(ARGV[a + L.units])
   if u == 0 then
-    results[i] = {'MALFORMED', 0, 0, 0, '', '', 0, '', '', 0, 0, ARGV[a + 3]}
+    results[i] = make_row{verdict = 'MALFORMED', accepted = 0, used = 0, pack_units = 0, status = '',
+                          issued_product_id = '', expiry = 0, first_site_id = '', first_settlement_id = '',
+                          first_settled_at_ms = 0, attempts = 0, reason = ARGV[a + L.malformed_reason]}
     any_flagged = true
   else
     load(u)
@@ -182,8 +185,10 @@ for i = 1, n do
         duplicated[u] = true
       end
     end
-    results[i] = {verdict, accepted, 0, r and r.n or 0, r and r.s or '', r and r.p or '',
-                  r and r.e or 0, '', '', 0, 0, '', u, want}
+    results[i] = make_row{verdict = verdict, accepted = accepted, used = 0, pack_units = r and r.n or 0,
+                          status = r and r.s or '', issued_product_id = r and r.p or '', expiry = r and r.e or 0,
+                          first_site_id = '', first_settlement_id = '', first_settled_at_ms = 0, attempts = 0,
+                          reason = '', code_index = u, want = want}
   end
 end
 
@@ -193,16 +198,18 @@ local recorded = any_ok and not (policy == 'A' and any_flagged)
 -- attempts): the in-memory state when recorded, the stored state (plus logged attempts) when not.
 for i = 1, n do
   local res = results[i]
-  local u = res[13]
+  local u = res[R.code_index]
   if u then
     local s = st[u]
     if recorded then
-      res[3], res[8], res[9], res[10] = s.u, s.fs, s.fi, s.fa
+      res[R.used], res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = s.u, s.fs, s.fi, s.fa
     else
-      res[2], res[3] = 0, orig_used[u]
-      if res[3] > 0 then res[8], res[9], res[10] = s.fs, s.fi, s.fa end
+      res[R.accepted], res[R.used] = 0, orig_used[u]
+      if res[R.used] > 0 then
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = s.fs, s.fi, s.fa
+      end
     end
-    res[11] = s.at
+    res[R.attempts] = s.at
   end
 end
 
@@ -249,7 +256,7 @@ if writes then
     if not log_events then return end
     local k = 2 + 3 * (u - 1)
     local code = ARGV[CODE0 + u - 1]
-    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
+    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
     if rec[u] then
       history_push(KEYS[k + 3], KEYS[k + 2], {t = etype, a = at, s = site, i = sid, l = li, u = units,
                                               x = detail, p = insured}, hist_max)
@@ -261,12 +268,12 @@ if writes then
   -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).
   for i = 1, n do
     local res = results[i]
-    local u = res[13]
+    local u = res[R.code_index]
     if u then
-      if res[1] ~= 'OK' then
-        event(u, i, 'ATTEMPT', res[14], res[1])
+      if res[R.verdict] ~= 'OK' then
+        event(u, i, 'ATTEMPT', res[R.want], res[R.verdict])
       elseif recorded and not prepared then
-        event(u, i, 'DISPENSED', res[2], '')
+        event(u, i, 'DISPENSED', res[R.accepted], '')
       end
     end
   end
@@ -276,9 +283,10 @@ end
 local ledger = {}
 for i = 1, n do
   local res = results[i]
-  local u = res[13]
-  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[2], 0, tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])}
-  res[13], res[14] = nil, nil
+  local u = res[R.code_index]
+  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
+               tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
+  res[R.code_index], res[R.want] = nil, nil
 end
 local out = cjson.encode({rec = recorded and 1 or 0, l = results})
 if writes then
