@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -241,4 +243,21 @@ def xlsx(content: dict, *, sha: str = "") -> bytes:
     wb.properties.created = wb.properties.modified = datetime(2024, 1, 1)
     buf = io.BytesIO()
     wb.save(buf)
-    return buf.getvalue()
+    return _fixed_zip(buf.getvalue())
+
+
+_ZIP_TIME = (2024, 1, 1, 0, 0, 0)
+
+
+def _fixed_zip(data: bytes) -> bytes:
+    """The same workbook with every zip entry dated alike: openpyxl stamps entries with the time
+    of writing, which would make a frozen report's file differ from one download to the next."""
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            body = src.read(info.filename)
+            if info.filename == "docProps/core.xml":  # openpyxl sets "modified" to now on every save
+                body = re.sub(rb"(<dcterms:modified[^>]*>)[^<]*(</dcterms:modified>)", rb"\g<1>2024-01-01T00:00:00Z\g<2>", body)
+            dst.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_TIME), body, compress_type=zipfile.ZIP_DEFLATED)
+    return out.getvalue()
