@@ -1,0 +1,127 @@
+"""The two engines behind one small interface: DuckDB embedded (default) and Apache Spark.
+
+Both run the same steps of sql.py: DuckDB as written, Spark after SQLGlot has written them in
+Spark SQL. The engine-specific part is only how tables get in and out, and where the codec runs:
+on the driver as a pre-pass (DuckDB), or in `mapInArrow` on the executors (Spark).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlglot
+
+from . import canon
+from .sql import Step
+
+
+class DuckDBEngine:
+    name = "duckdb"
+
+    def __init__(self, workdir: str, memory_limit: str = "1200MB", threads: int | None = None):
+        import duckdb
+        self.con = duckdb.connect(os.path.join(workdir, "leads.duckdb"))
+        self.workdir = workdir
+        self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        self.con.execute(f"SET temp_directory = '{os.path.join(workdir, 'spill')}'")
+        self.con.execute("SET preserve_insertion_order = false")
+        if threads:
+            self.con.execute(f"SET threads = {int(threads)}")
+
+    def register(self, name: str, table: pa.Table) -> None:
+        self.con.register("_incoming", table)
+        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _incoming")
+        self.con.unregister("_incoming")
+
+    def add_keys(self, name: str, raw_parquet: str, profile) -> None:
+        """The codec over the staged lines, batch by batch, then the table `name`."""
+        out = os.path.join(self.workdir, f"{name}.parquet")
+        pf = pq.ParquetFile(raw_parquet)
+        writer = None
+        for batch in pf.iter_batches(batch_size=262_144):
+            b = canon.with_keys(batch, profile)
+            if writer is None:
+                writer = pq.ParquetWriter(out, b.schema, compression="snappy")
+            writer.write_batch(b)
+        if writer is None:  # no lines at all: an empty table of the same shape
+            schema = pf.schema_arrow.append(pa.field("ckey", pa.string()))
+            pq.write_table(schema.empty_table(), out)
+        else:
+            writer.close()
+        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet('{out}')")
+
+    def materialise(self, step: Step) -> None:
+        self.con.execute(f"CREATE OR REPLACE TABLE {step.name} AS {step.select}")
+
+    def drop(self, *names: str) -> None:
+        for n in names:
+            self.con.execute(f"DROP TABLE IF EXISTS {n}")
+
+    def fetch(self, select: str) -> pa.Table:
+        return self.con.sql(select).to_arrow_table()
+
+    def close(self) -> None:
+        self.con.close()
+
+
+class SparkEngine:
+    name = "spark"
+
+    def __init__(self, workdir: str, master: str = "local[2]", app: str = "tracecode-leads"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from pyspark.sql import SparkSession
+        self.workdir = workdir
+        self.spark = (SparkSession.builder.master(master).appName(app)
+                      .config("spark.sql.shuffle.partitions", "4")
+                      .config("spark.ui.enabled", "false")
+                      .config("spark.driver.host", "127.0.0.1")
+                      .config("spark.driver.bindAddress", "127.0.0.1")
+                      .config("spark.sql.session.timeZone", "UTC")
+                      .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+                      .config("spark.local.dir", os.path.join(workdir, "spark"))
+                      .getOrCreate())
+        self.spark.sparkContext.setLogLevel("ERROR")
+        self.spark.sparkContext.setCheckpointDir(os.path.join(workdir, "spark-checkpoints"))
+
+    @staticmethod
+    def spark_sql(select: str) -> str:
+        return sqlglot.transpile(select, read="duckdb", write="spark")[0]
+
+    def _view(self, name: str, df) -> None:
+        df.createOrReplaceTempView(name)
+
+    def register(self, name: str, table: pa.Table) -> None:
+        path = os.path.join(self.workdir, f"spark-in-{name}.parquet")
+        pq.write_table(table, path)
+        self._view(name, self.spark.read.parquet(path))
+
+    def add_keys(self, name: str, raw_parquet: str, profile) -> None:
+        """The codec runs where the data is: mapInArrow on the executors."""
+        from pyspark.sql.types import StringType, StructField, StructType
+        df = self.spark.read.parquet(raw_parquet)
+        schema = StructType(df.schema.fields + [StructField("ckey", StringType(), True)])
+        self._view(name, df.mapInArrow(canon.map_batches(profile), schema).localCheckpoint(eager=True))
+
+    def materialise(self, step: Step) -> None:
+        self._view(step.name, self.spark.sql(self.spark_sql(step.select)).localCheckpoint(eager=True))
+
+    def drop(self, *names: str) -> None:
+        for n in names:
+            self.spark.catalog.dropTempView(n)
+
+    def fetch(self, select: str) -> pa.Table:
+        return self.spark.sql(self.spark_sql(select)).toArrow()
+
+    def close(self) -> None:
+        self.spark.stop()
+
+
+def make(kind: str, workdir: str, spark_master: str = "local[2]"):
+    if kind == "duckdb":
+        return DuckDBEngine(workdir)
+    if kind == "spark":
+        return SparkEngine(workdir, spark_master)
+    raise ValueError(f"unknown engine {kind!r}: duckdb or spark")
