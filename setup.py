@@ -70,7 +70,7 @@ def extensions():
 
 # The leads engine (leads/): DuckDB embedded, SQLGlot to write its SQL for Spark, PySpark (local
 # mode in tests; pandas for its Arrow bridge), tqdm progress, networkx + matplotlib for the picture.
-LEADS = ["duckdb>=1.1", "sqlglot>=25", "pyspark>=4.0", "pandas>=2.0", "pyarrow>=14", "tqdm>=4.66",
+LEADS = ["duckdb>=1.1", "sqlglot>=25", "pyspark>=4.0", "pandas>=2.0,<3", "pyarrow>=14", "tqdm>=4.66",
          "networkx>=3.2", "matplotlib>=3.7"]
 
 setup(

@@ -71,6 +71,7 @@ class SparkEngine:
 
     def __init__(self, workdir: str, master: str = "local[2]", app: str = "tracecode-leads"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # loopback only
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         from pyspark.sql import SparkSession
         self.workdir = workdir

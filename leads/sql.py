@@ -80,7 +80,7 @@ LEFT JOIN s3 f ON f.seq = s.first_seq
 LEFT JOIN same_lines m ON m.seq = s.seq"""),
         # Judged lines with their issuance record and the conditions that do not depend on state.
         Step("jl", f"""
-SELECT l.file_index, l.pos, l.line, l.li, s.seq, s.seq * {ORD_STRIDE} + l.li AS ord, s.site_id,
+SELECT l.file_index, l.pos, l.line, l.li, s.seq, CAST(s.seq AS BIGINT) * {ORD_STRIDE} + l.li AS ord, s.site_id,
        s.settlement_id, s.at_ms, s.day, l.line_no, l.code, l.ckey, l.product_id, l.units, l.insured,
        l.amount_fen, i.product_id AS issued, i.pack_units AS n, i.expiry AS e, i.status AS st
 FROM l2 l
