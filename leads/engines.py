@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,12 +18,23 @@ from . import canon
 from .sql import Step
 
 
+PROFILE = bool(os.environ.get("TRACECODE_LEADS_PROFILE"))
+
+
+def _profile(what: str, since: float) -> None:
+    """TRACECODE_LEADS_PROFILE=1: seconds per step on stderr (docs/leads.md, Performance)."""
+    if PROFILE:
+        print(f"[leads] {what}: {time.perf_counter() - since:.2f} s", file=sys.stderr, flush=True)
+
+
 class DuckDBEngine:
     name = "duckdb"
 
     def __init__(self, workdir: str, memory_limit: str = "1200MB", threads: int | None = None):
         import duckdb
-        self.con = duckdb.connect(os.path.join(workdir, "leads.duckdb"))
+        # In memory, spilling to the work dir past memory_limit: a database file would write
+        # every intermediate table to disk for nothing.
+        self.con = duckdb.connect(":memory:")
         self.workdir = workdir
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
         self.con.execute(f"SET temp_directory = '{os.path.join(workdir, 'spill')}'")
@@ -53,14 +65,19 @@ class DuckDBEngine:
         self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet('{out}')")
 
     def materialise(self, step: Step) -> None:
+        t = time.perf_counter()
         self.con.execute(f"CREATE OR REPLACE TABLE {step.name} AS {step.select}")
+        _profile(step.name, t)
 
     def drop(self, *names: str) -> None:
         for n in names:
             self.con.execute(f"DROP TABLE IF EXISTS {n}")
 
     def fetch(self, select: str) -> pa.Table:
-        return self.con.sql(select).to_arrow_table()
+        t = time.perf_counter()
+        out = self.con.sql(select).to_arrow_table()
+        _profile("fetch " + " ".join(select.split())[:60], t)
+        return out
 
     def close(self) -> None:
         self.con.close()

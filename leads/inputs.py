@@ -146,6 +146,40 @@ def _time_or_error(text: str):
         return str(exc)
 
 
+_CANONICAL_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$"
+
+
+def _settled_ms(col) -> pa.ChunkedArray:
+    """settled_at -> epoch ms as text, or the parser's error text. The common form
+    (YYYY-MM-DDTHH:MM:SS+HH:MM) is computed column-wise; every other value, and any the fast path
+    doubts, goes through clients/reverify.py's own parser, so the result is always its result."""
+    col = pa.chunked_array(col) if isinstance(col, pa.Array) else col
+    fast = pc.match_substring_regex(col, _CANONICAL_TIME)
+    shaped = pc.if_else(fast, col, "1970-01-01T00:00:00+00:00")  # only digits where they are cast
+    sl = lambda a, b: pc.cast(pc.utf8_slice_codeunits(shaped, a, b), pa.int64())  # noqa: E731
+    day = pc.strptime(pc.utf8_slice_codeunits(shaped, 0, 10), format="%Y-%m-%d", unit="s", error_is_null=True)
+    hh, mm, ss, oh, om = sl(11, 13), sl(14, 16), sl(17, 19), sl(20, 22), sl(23, 25)
+    # strptime rolls 2024-02-30 over into March: the day must come back as written.
+    ok = pc.and_kleene(fast, pc.equal(pc.day(day), sl(8, 10)))
+    for v, top in ((hh, 23), (mm, 59), (ss, 59), (oh, 23), (om, 59)):
+        ok = pc.and_kleene(ok, pc.less_equal(v, top))
+    ok = pc.fill_null(ok, False)
+    sign = pc.if_else(pc.equal(pc.utf8_slice_codeunits(shaped, 19, 20), "-"), -1, 1)
+    secs = pc.add(pc.cast(pc.cast(day, pa.int64(), safe=False), pa.int64()),
+                  pc.add(pc.add(pc.multiply(hh, 3600), pc.multiply(mm, 60)), ss))
+    secs = pc.subtract(secs, pc.multiply(sign, pc.add(pc.multiply(oh, 3600), pc.multiply(om, 60))))
+    ms = pc.cast(pc.multiply(secs, 1000), pa.string())
+    if pc.all(ok).as_py():
+        return ms
+    slow = _map_unique(pc.filter(col, pc.invert(ok)), _time_or_error, pa.string())
+    # Put the slow answers back in their places.
+    idx = pc.indices_nonzero(pc.invert(ok))
+    out = ms.combine_chunks().to_pylist()
+    for i, v in zip(idx.to_pylist(), slow.to_pylist()):
+        out[i] = v
+    return pa.chunked_array([pa.array(out, pa.string())])
+
+
 def _int_or_none(text: str, low: int):
     """clients.reverify._check_row's test: digits and >= low ('' counts as '0' for units)."""
     if text.isdigit():
@@ -191,7 +225,7 @@ def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudony
     from tracecode.server.pseudonym import Pseudonymizer
 
     # settled_at, line_no, units: clients/reverify.py _check_row, column-wise.
-    at = _map_unique(t["settled_at"], _time_or_error, pa.string())
+    at = _settled_ms(t["settled_at"])
     at_err = pc.invert(pc.match_substring_regex(at, r"^-?\d+$"))
     line_no = _map_unique(t["line_no"], lambda v: _int_or_none(v, 1), pa.int64())
     units_text = pc.if_else(pc.equal(t["units"], ""), "0", t["units"])

@@ -68,6 +68,7 @@ class _Stages:
 
     def done(self, name: str, note: str = "") -> None:
         now = time.perf_counter()
+        engines._profile(f"stage {name}", self.t)
         self.seconds[name] = round(now - self.t, 3)
         self.t = now
         self.bar.set_postfix_str(f"{name} {note}".strip())
