@@ -75,17 +75,19 @@ def risk_of(score: float, cutoffs) -> str:
 
 
 def assemble(ev: pa.Table, figures: dict[str, dict[str, dict]], sites: dict[str, tuple[str, str]],
-             cfg: LeadsConfig, tz: ZoneInfo) -> tuple[list[Lead], list[tuple]]:
+             cfg: LeadsConfig, tz: ZoneInfo, ring_ids: dict[str, str]) -> tuple[list[Lead], list[tuple]]:
     """ev: sql.EVIDENCE_LINES; figures: per model, per subject, the model's figures (score and
-    what its summary names); sites: site -> (kind, region) from the registry."""
+    what its summary names); sites: site -> (kind, region) from the registry; ring_ids: the
+    engine's ring numbers -> leads.md ring ids (member site ids, sorted, joined by '+')."""
     cols = {c: ev[c].to_pylist() for c in ev.column_names}
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, key in enumerate(zip(cols["model"], cols["subject_id"])):
         groups[key].append(i)
     leads, evidence = [], []
-    for (model, subject), idx in groups.items():
+    for (model, engine_subject), idx in groups.items():
         m = cfg.model(model)
-        fig = dict(figures[model][subject])
+        fig = dict(figures[model][engine_subject])
+        subject = ring_ids[engine_subject] if model == "RING" else engine_subject
         lid = lead_id(model, m.version, subject)
         at = [cols["at_ms"][i] for i in idx]
         paid_idx = [i for i in idx if cols["role"][i] == "later"] if model in RESALE_MODELS else idx

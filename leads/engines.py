@@ -47,22 +47,21 @@ class DuckDBEngine:
         self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _incoming")
         self.con.unregister("_incoming")
 
-    def add_keys(self, name: str, raw_parquet: str, profile) -> None:
-        """The codec over the staged lines, batch by batch, then the table `name`."""
-        out = os.path.join(self.workdir, f"{name}.parquet")
-        pf = pq.ParquetFile(raw_parquet)
-        writer = None
-        for batch in pf.iter_batches(batch_size=262_144):
-            b = canon.with_keys(batch, profile)
-            if writer is None:
-                writer = pq.ParquetWriter(out, b.schema, compression="snappy")
-            writer.write_batch(b)
-        if writer is None:  # no lines at all: an empty table of the same shape
-            schema = pf.schema_arrow.append(pa.field("ckey", pa.string()))
-            pq.write_table(schema.empty_table(), out)
+    def stage_lines(self, table: pa.Table, profile) -> None:
+        """One file's lines: the codec on the driver (a pre-pass), then into the table `lines`."""
+        t = time.perf_counter()
+        keyed = table.append_column("ckey", canon.canonical_keys(table["code"], profile))
+        _profile("codec", t)
+        self.con.register("_incoming", keyed)
+        if getattr(self, "_lines", False):
+            self.con.execute("INSERT INTO lines SELECT * FROM _incoming")
         else:
-            writer.close()
-        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet('{out}')")
+            self.con.execute("CREATE OR REPLACE TABLE lines AS SELECT * FROM _incoming")
+            self._lines = True
+        self.con.unregister("_incoming")
+
+    def finish_lines(self, profile) -> None:
+        pass
 
     def materialise(self, step: Step) -> None:
         t = time.perf_counter()
@@ -116,12 +115,20 @@ class SparkEngine:
         pq.write_table(table, path)
         self._view(name, self.spark.read.parquet(path))
 
-    def add_keys(self, name: str, raw_parquet: str, profile) -> None:
+    def stage_lines(self, table: pa.Table, profile) -> None:
+        """One file's lines, into the staged Parquet the executors read."""
+        if not hasattr(self, "_writer"):
+            self._raw = os.path.join(self.workdir, "lines-raw.parquet")
+            self._writer = pq.ParquetWriter(self._raw, table.schema, compression="snappy")
+        self._writer.write_table(table)
+
+    def finish_lines(self, profile) -> None:
         """The codec runs where the data is: mapInArrow on the executors."""
         from pyspark.sql.types import StringType, StructField, StructType
-        df = self.spark.read.parquet(raw_parquet)
+        self._writer.close()
+        df = self.spark.read.parquet(self._raw)
         schema = StructType(df.schema.fields + [StructField("ckey", StringType(), True)])
-        self._view(name, df.mapInArrow(canon.map_batches(profile), schema).localCheckpoint(eager=True))
+        self._view("lines", df.mapInArrow(canon.map_batches(profile), schema).localCheckpoint(eager=True))
 
     def materialise(self, step: Step) -> None:
         self._view(step.name, self.spark.sql(self.spark_sql(step.select)).localCheckpoint(eager=True))

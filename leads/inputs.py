@@ -290,8 +290,9 @@ def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudony
     line_bad = pc.or_(pc.or_(pc.greater(pc.utf8_length(t["product_id"]), 64),
                              pc.greater(pc.utf8_length(t["code"]), limits.max_code_length)),
                       pc.greater(units, limits.max_units))
+    inst, li = _settlement_index(t["site_id"], t["settlement_id"], line_no)
     return pa.table({
-        "file_index": t["file_index"], "pos": t["pos"], "line": t["line"],
+        "file_index": t["file_index"], "pos": t["pos"], "line": t["line"], "inst": inst, "li": li,
         "site_id": t["site_id"], "settlement_id": t["settlement_id"],
         "at_ms": at_ms, "day": day.cast(pa.int32()), "line_no": line_no, "code": t["code"],
         "product_id": t["product_id"], "units": units, "insured": insured, "amount_fen": amount_fen,
@@ -299,9 +300,34 @@ def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudony
     })
 
 
+def _settlement_index(site, sid, line_no) -> tuple[pa.Array, pa.Array]:
+    """Per usable row (in file order) its settlement within the file, `inst` (adjacent rows of one
+    site and settlement id: clients/reverify.py settlements_of, which bad rows do not interrupt),
+    and `li`, its line's index in that settlement by line_no (the order REPLAY sends lines in;
+    ties keep file order, as Python's stable sort does)."""
+    n = len(site)
+    if n == 0:
+        return pa.array([], pa.int64()), pa.array([], pa.int64())
+    site, sid = pa.chunked_array(site).combine_chunks(), pa.chunked_array(sid).combine_chunks()
+    same = pc.and_(pc.equal(site.slice(1), site.slice(0, n - 1)), pc.equal(sid.slice(1), sid.slice(0, n - 1)))
+    brk = pa.concat_arrays([pa.array([True]), pc.invert(same)])
+    inst = pc.cumulative_sum(pc.cast(brk, pa.int64()))
+    pos = pa.array(range(n), pa.int64())
+    order = pc.sort_indices(pa.table({"inst": inst, "line_no": line_no, "pos": pos}),
+                            sort_keys=[("inst", "ascending"), ("line_no", "ascending"), ("pos", "ascending")])
+    inst_sorted = pc.take(inst, order)
+    starts = pc.indices_nonzero(brk)
+    # Sorting by inst keeps each settlement's rows together, in the same block order as `brk`.
+    block_start = pc.take(starts, pc.subtract(inst_sorted, 1))
+    li_sorted = pc.subtract(pos, pc.cast(block_start, pa.int64()))
+    li = pc.take(li_sorted, pc.sort_indices(order))
+    return inst, li
+
+
 def _empty_lines() -> pa.Table:
     return pa.table({"file_index": pa.array([], pa.int32()), "pos": pa.array([], pa.int64()),
-                     "line": pa.array([], pa.int64()), "site_id": pa.array([], pa.string()),
+                     "line": pa.array([], pa.int64()), "inst": pa.array([], pa.int64()),
+                     "li": pa.array([], pa.int64()), "site_id": pa.array([], pa.string()),
                      "settlement_id": pa.array([], pa.string()), "at_ms": pa.array([], pa.int64()),
                      "day": pa.array([], pa.int32()), "line_no": pa.array([], pa.int64()),
                      "code": pa.array([], pa.string()), "product_id": pa.array([], pa.string()),

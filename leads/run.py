@@ -79,6 +79,8 @@ class _Stages:
 
 
 STAGES = ["read", "canonicalise", "verdicts", "models", "write"]
+# Intermediate tables no later step reads: dropped as soon as they are done with (memory).
+DROP_AFTER = {"s3": ("s1", "s2"), "settlements": ("s3",), "jl2": ("jl", "repeats", "before")}
 
 
 def run(opts: Options) -> Result:
@@ -95,20 +97,17 @@ def run(opts: Options) -> Result:
     errors: list[InputError] = []
     engine = None
     try:
-        # Read: settlement files one at a time into staged Parquet; issuance; registry.
-        raw = os.path.join(work, "lines-raw.parquet")
-        writer, n_lines = None, 0
+        # Read: settlement files one at a time (the codec runs on each: a pre-pass for DuckDB, on
+        # Spark's executors), then issuance and the registry.
+        engine = engines.make(opts.engine, work, opts.spark_master)
+        n_lines = 0
         for path, t in read_settlements(opts.files, limits, opts.pseudonyms, errors):
-            if writer is None:
-                writer = pq.ParquetWriter(raw, t.schema, compression="snappy")
-            writer.write_table(t)
+            engine.stage_lines(t, profile)
             n_lines += t.num_rows
-        writer.close()
+            del t
+        stages.done("read", f"{n_lines:,} lines")
         iss = read_issuance(opts.issuance, profile, errors)
         sites = read_sites(opts.sites, errors)
-        stages.done("read", f"{n_lines:,} lines")
-
-        engine = engines.make(opts.engine, work, opts.spark_master)
         engine.register("issuance_rows", iss)
         del iss
         for step in sql.ISSUANCE_STEPS:
@@ -116,18 +115,22 @@ def run(opts: Options) -> Result:
         for fi, line in _rows(engine.fetch(sql.ISSUANCE_CONFLICTS), "file_index", "line"):
             errors.append(InputError(opts.issuance[fi], line, "code",
                                      "conflict: an earlier record issued this code for another product (kept)"))
-        engine.add_keys("lines", raw, profile)
+        engine.drop("issuance_rows", "iss_first")
+        engine.finish_lines(profile)
         stages.done("canonicalise")
 
         for step in sql.verdict_steps(cfg.max_lines):
             engine.materialise(step)
+            engine.drop(*DROP_AFTER.get(step.name, ()))
         engine.register("split_v", splitpack.judge(engine.fetch(sql.SPLIT_LINES)))
         engine.materialise(sql.VERDICTS)
+        engine.drop("jl2", "fast_v", "split_v", "packs", "issuance")
         _rejected(engine, opts.files, cfg, errors)
         verdict_counts = dict(_rows(engine.fetch(
             "SELECT verdict, COUNT(*) AS n FROM verdicts GROUP BY verdict ORDER BY verdict"), "verdict", "n"))
         if opts.lines_out:
             _write_lines(engine.fetch(sql.ALL_LINES), opts.files, opts.out, tz)
+        engine.drop("lines", "settlements", "same_lines")
         stages.done("verdicts")
 
         models = opts.config.models
@@ -136,9 +139,11 @@ def run(opts: Options) -> Result:
         edges = list(_rows(engine.fetch("SELECT first_site, later_site, packs FROM edges "
                                         "ORDER BY first_site, later_site"), "first_site", "later_site", "packs"))
         rings = robust.rings(edges, models["RING"].params["min_sites"])
+        # Inside the engine a ring is its number (a ring id can be long: every member's id);
+        # assemble() names it as leads.md says.
         engine.register("rings", pa.table({
             "site_id": pa.array([s for r in rings for s in r], pa.string()),
-            "ring": pa.array(["+".join(r) for r in rings for _ in r], pa.string())}))
+            "ring": pa.array([f"#{n}" for n, r in enumerate(rings) for _ in r], pa.string())}))
         registry = {s: (k, r) for s, k, r in _rows(sites, "site_id", "site_kind", "region")}
         groups = {s: (r, k) for s, (k, r) in registry.items() if k and r}
         rates = list(_rows(engine.fetch("SELECT site_id, total, flagged FROM site_rates ORDER BY site_id"),
@@ -152,7 +157,8 @@ def run(opts: Options) -> Result:
         figures = _figures(engine, rings, edges, scored, models)
         stages.done("models")
 
-        leads, evidence = assemble.assemble(ev, figures, registry, opts.config, tz)
+        ring_ids = {f"#{n}": "+".join(r) for n, r in enumerate(rings)}
+        leads, evidence = assemble.assemble(ev, figures, registry, opts.config, tz, ring_ids)
         _write_outputs(opts.out, leads, evidence, errors)
         top = [ld.subject_id for ld in leads if ld.model == "RESALE_BUYER"][: opts.config.top_network_leads]
         network.draw(os.path.join(opts.out, "network.png"), edges, top, rings)
@@ -207,8 +213,8 @@ def _figures(engine, rings, edges, scored, models) -> dict[str, dict[str, dict]]
     ring_packs = dict(_rows(engine.fetch(
         "SELECT a.ring, COUNT(DISTINCT r.ckey) AS packs FROM resale r JOIN rings a ON a.site_id = r.first_site "
         "JOIN rings b ON b.site_id = r.later_site AND b.ring = a.ring GROUP BY a.ring"), "ring", "packs"))
-    for r in rings:
-        rid = "+".join(r)
+    for n, r in enumerate(rings):
+        rid = f"#{n}"
         members = set(r)
         links = sum(1 for a, b, _ in edges if a in members and b in members and a != b)
         fig["RING"][rid] = {"score": ring_packs.get(rid, 0), "sites": len(r), "packs_resold": ring_packs.get(rid, 0),

@@ -6,6 +6,7 @@ columns, then the models of leads.md. Ordering words used below:
 
     pos   a row's position in its file          inst  its settlement (adjacent rows, one id)
     li    a line's index in its settlement, by line_no (the order REPLAY sends lines in)
+          (inst and li come with the staged lines: inputs._settlement_index, in file order)
     seq   a settlement's turn in REPLAY: files merged by settled_at as heapq.merge merges them,
           i.e. sorted by (running max of settled_at within the file, file index, position)
     ord   a line's turn: seq * 1,000,000 + li
@@ -29,25 +30,12 @@ class Step:
 
 def verdict_steps(max_lines: int) -> list[Step]:
     return [
-        # Settlement instances: adjacent usable rows of one file with one (site, settlement id).
-        Step("l1", """
-SELECT *, SUM(brk) OVER (PARTITION BY file_index ORDER BY pos
-                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS inst
-FROM (SELECT *, CASE WHEN LAG(site_id) OVER (PARTITION BY file_index ORDER BY pos) = site_id
-                      AND LAG(settlement_id) OVER (PARTITION BY file_index ORDER BY pos) = settlement_id
-                     THEN 0 ELSE 1 END AS brk
-      FROM lines) b"""),
-        Step("l2", """
-SELECT file_index, pos, line, inst, site_id, settlement_id, at_ms, day, line_no, code, ckey, product_id,
-       units, insured, amount_fen, row_bad,
-       ROW_NUMBER() OVER (PARTITION BY file_index, inst ORDER BY line_no, pos) - 1 AS li
-FROM l1"""),
         # A settlement's time is its first row's; REPLAY's turn follows heapq.merge of the files.
         Step("s1", """
 SELECT file_index, inst, MIN(pos) AS first_pos, MIN_BY(site_id, pos) AS site_id,
        MIN_BY(settlement_id, pos) AS settlement_id, MIN_BY(at_ms, pos) AS at_ms, MIN_BY(day, pos) AS day,
        COUNT(*) AS n_lines, MAX(CASE WHEN row_bad THEN 1 ELSE 0 END) AS any_bad
-FROM l2 GROUP BY file_index, inst"""),
+FROM lines GROUP BY file_index, inst"""),
         Step("s2", f"""
 SELECT *, ROW_NUMBER() OVER (ORDER BY pmax, file_index, first_pos) AS seq,
        CASE WHEN any_bad = 1 OR n_lines > {max_lines} OR at_ms < 0 OR at_ms >= {MAX_TIME_MS}
@@ -63,9 +51,9 @@ FROM s2"""),
         Step("same_lines", """
 SELECT sa.seq, COUNT(*) AS matched
 FROM s3 sa
-JOIN l2 a ON a.file_index = sa.file_index AND a.inst = sa.inst
+JOIN lines a ON a.file_index = sa.file_index AND a.inst = sa.inst
 JOIN s3 sf ON sf.site_id = sa.site_id AND sf.settlement_id = sa.settlement_id AND sf.seq = sa.first_seq
-JOIN l2 b ON b.file_index = sf.file_index AND b.inst = sf.inst AND b.li = a.li
+JOIN lines b ON b.file_index = sf.file_index AND b.inst = sf.inst AND b.li = a.li
 WHERE sa.bad = 0 AND sa.seq > sa.first_seq
   AND a.code = b.code AND a.product_id = b.product_id AND a.units = b.units
 GROUP BY sa.seq"""),
@@ -83,41 +71,49 @@ LEFT JOIN same_lines m ON m.seq = s.seq"""),
 SELECT l.file_index, l.pos, l.line, l.li, s.seq, CAST(s.seq AS BIGINT) * {ORD_STRIDE} + l.li AS ord, s.site_id,
        s.settlement_id, s.at_ms, s.day, l.line_no, l.code, l.ckey, l.product_id, l.units, l.insured,
        l.amount_fen, i.product_id AS issued, i.pack_units AS n, i.expiry AS e, i.status AS st
-FROM l2 l
+FROM lines l
 JOIN settlements s ON s.file_index = l.file_index AND s.inst = l.inst AND s.kind = 'J'
 LEFT JOIN issuance i ON i.ckey = l.ckey AND l.ckey <> ''"""),
         # verify.lua's per-line conditions. DUPLICATE_IN_REQUEST: the code is on an earlier line of
         # the settlement, unless all its lines so far are split lines adding up within the pack.
+        # Only codes on two or more lines of one settlement need the window (few do).
+        Step("repeats", """
+SELECT seq, ckey FROM jl WHERE ckey <> '' GROUP BY seq, ckey HAVING COUNT(*) > 1"""),
+        Step("before", """
+SELECT ord,
+       COUNT(*) OVER (PARTITION BY seq, ckey ORDER BY li
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS n_before,
+       MIN(CASE WHEN units > 0 THEN 1 ELSE 0 END) OVER (PARTITION BY seq, ckey ORDER BY li
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS split_before,
+       SUM(units) OVER (PARTITION BY seq, ckey ORDER BY li
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS asked_before
+FROM (SELECT j.ord, j.seq, j.ckey, j.li, j.units FROM jl j
+      JOIN repeats r ON r.seq = j.seq AND r.ckey = j.ckey) x"""),
         Step("jl2", """
-SELECT *,
-       CASE WHEN ckey = '' THEN 'MALFORMED'
-            WHEN n_before > 0 AND NOT (issued IS NOT NULL AND units > 0 AND split_before = 1
-                                       AND asked_before + units <= n) THEN 'DUPLICATE_IN_REQUEST'
-            WHEN issued IS NULL THEN 'UNKNOWN'
-            WHEN st <> 'ACTIVE' THEN 'BLOCKED' END AS static_v,
-       COALESCE(product_id <> issued, FALSE) AS pm,
-       COALESCE(e > 0 AND e < day, FALSE) AS ex,
-       COALESCE(units = 0 OR units = n, FALSE) AS whole
-FROM (SELECT *,
-             COUNT(*) OVER (PARTITION BY seq, ckey ORDER BY li
-                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS n_before,
-             MIN(CASE WHEN units > 0 THEN 1 ELSE 0 END) OVER (PARTITION BY seq, ckey ORDER BY li
-                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS split_before,
-             SUM(units) OVER (PARTITION BY seq, ckey ORDER BY li
-                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS asked_before
-      FROM jl) j"""),
+SELECT j.*,
+       CASE WHEN j.ckey = '' THEN 'MALFORMED'
+            WHEN COALESCE(b.n_before, 0) > 0
+                 AND NOT (j.issued IS NOT NULL AND j.units > 0 AND b.split_before = 1
+                          AND b.asked_before + j.units <= j.n) THEN 'DUPLICATE_IN_REQUEST'
+            WHEN j.issued IS NULL THEN 'UNKNOWN'
+            WHEN j.st <> 'ACTIVE' THEN 'BLOCKED' END AS static_v,
+       COALESCE(j.product_id <> j.issued, FALSE) AS pm,
+       COALESCE(j.e > 0 AND j.e < j.day, FALSE) AS ex,
+       COALESCE(j.units = 0 OR j.units = j.n, FALSE) AS whole
+FROM jl j LEFT JOIN before b ON b.ord = j.ord"""),
         # Per pack: whether any line splits it (then the sequential pass judges it, splitpack.py),
         # and otherwise its first dispense: the first whole-pack line that passes every check.
         Step("packs", """
 SELECT ckey, MAX(CASE WHEN units > 0 AND units < n THEN 1 ELSE 0 END) AS split,
-       MIN(CASE WHEN static_v IS NULL AND NOT pm AND NOT ex AND whole THEN ord END) AS first_ok
+       MIN(ord) FILTER (WHERE static_v IS NULL AND NOT pm AND NOT ex AND whole) AS first_ok,
+       MIN_BY(site_id, ord) FILTER (WHERE static_v IS NULL AND NOT pm AND NOT ex AND whole) AS first_site
 FROM jl2 WHERE issued IS NOT NULL GROUP BY ckey"""),
         # Whole-pack codes: after the first dispense every whole-pack line is a resale, and any
         # line at another site; a line asking more than the pack holds is QUANTITY_EXCEEDED.
         Step("fast_v", """
 SELECT j.ord, j.ckey, p.first_ok AS first_ord,
        CASE WHEN j.static_v IS NOT NULL THEN j.static_v
-            WHEN p.first_ok IS NOT NULL AND j.ord > p.first_ok AND (j.site_id <> f.site_id OR j.whole)
+            WHEN p.first_ok IS NOT NULL AND j.ord > p.first_ok AND (j.site_id <> p.first_site OR j.whole)
                  THEN 'DUPLICATE'
             WHEN j.pm THEN 'PRODUCT_MISMATCH'
             WHEN j.ex THEN 'EXPIRED'
@@ -125,7 +121,6 @@ SELECT j.ord, j.ckey, p.first_ok AS first_ord,
             ELSE 'QUANTITY_EXCEEDED' END AS verdict
 FROM jl2 j
 LEFT JOIN packs p ON p.ckey = j.ckey
-LEFT JOIN jl2 f ON f.ord = p.first_ok
 WHERE COALESCE(p.split, 0) = 0"""),
     ]
 
@@ -153,7 +148,7 @@ FROM (SELECT file_index, line, seq, li, site_id, settlement_id, line_no, code, v
       UNION ALL
       SELECT l.file_index, l.line, s.seq, l.li, s.site_id, s.settlement_id, l.line_no, l.code, v.verdict,
              v.ckey, v.first_ord
-      FROM l2 l
+      FROM lines l
       JOIN settlements s ON s.file_index = l.file_index AND s.inst = l.inst AND s.kind = 'R'
       JOIN verdicts v ON v.seq = s.first_seq AND v.li = l.li) x
 LEFT JOIN verdicts f ON f.ord = x.first_ord AND x.verdict = 'DUPLICATE'
@@ -163,7 +158,7 @@ ORDER BY x.seq, x.li"""
 # other lines): each row goes to the errors file.
 REJECTED = """
 SELECT l.file_index, l.line, l.li, s.kind, s.seq, l.site_id, l.settlement_id, s.at_ms, l.code, l.product_id, l.units
-FROM l2 l JOIN settlements s ON s.file_index = l.file_index AND s.inst = l.inst AND s.kind IN ('E', 'C')
+FROM lines l JOIN settlements s ON s.file_index = l.file_index AND s.inst = l.inst AND s.kind IN ('E', 'C')
 ORDER BY s.seq, l.li"""
 
 
@@ -192,9 +187,13 @@ SELECT first_site, later_site, COUNT(DISTINCT ckey) AS packs FROM resale GROUP B
         Step("ok_person", f"""
 SELECT o.ord, o.insured, o.issued, o.at_ms, o.site_id, o.ckey
 FROM verdicts o
-JOIN (SELECT insured, issued FROM verdicts WHERE verdict = 'OK' AND insured <> ''
-      GROUP BY insured, issued
-      HAVING COUNT(DISTINCT ckey) >= {stock['min_packs']} AND COUNT(DISTINCT site_id) >= {stock['min_sites']}) g
+JOIN (SELECT v.insured, v.issued FROM verdicts v
+      JOIN (SELECT insured, issued FROM verdicts WHERE verdict = 'OK' AND insured <> ''
+            GROUP BY insured, issued HAVING COUNT(*) >= {stock['min_packs']}) c
+        ON c.insured = v.insured AND c.issued = v.issued
+      WHERE v.verdict = 'OK'
+      GROUP BY v.insured, v.issued
+      HAVING COUNT(DISTINCT v.ckey) >= {stock['min_packs']} AND COUNT(DISTINCT v.site_id) >= {stock['min_sites']}) g
   ON g.insured = o.insured AND g.issued = o.issued
 WHERE o.verdict = 'OK'"""),
         # Windows of 30 x 24 h starting at each OK line (both ends inclusive): any window holding a
