@@ -130,9 +130,14 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
+CPU = {}  # command name -> CPU seconds (user + system) of the process and its children
+
+
 def timed(cmd: list[str], watch_tree: bool = False) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MB, of the process; with watch_tree the largest process of its
-    tree, e.g. Spark's JVM), stdout."""
+    tree, e.g. Spark's JVM), stdout. Its CPU seconds go to CPU["last"]."""
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hwm = [0.0]
@@ -148,6 +153,8 @@ def timed(cmd: list[str], watch_tree: bool = False) -> tuple[float, float, str]:
     done.set()
     th.join()
     elapsed = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU["last"] = round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 2)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {err[-3000:]}")
     return elapsed, hwm[0], out.strip()
@@ -189,6 +196,7 @@ def main() -> int:
             summary = json.load(fh)
         lines = summary["lines"]
         doc["duckdb"][f"{m}M"] = {"lines": lines, "seconds": round(secs, 2), "lines_per_s": round(lines / secs),
+                                  "cpu_seconds": CPU["last"], "load_average_after": os.getloadavg()[0],
                                   "peak_rss_mb": round(rss), "stages_s": summary["seconds"],
                                   "leads_per_model": summary["leads_per_model"], "verdicts": summary["verdicts"]}
         print(f"duckdb {m}M: {lines:,} lines in {secs:.1f} s = {lines / secs:,.0f} lines/s, peak RSS {rss:.0f} MB; "
@@ -197,7 +205,9 @@ def main() -> int:
     if base:
         per_line = base["seconds"] / base["lines"]
         doc["growth"] = {k: round((v["seconds"] / v["lines"]) / per_line, 3) for k, v in doc["duckdb"].items()}
-        print(f"cost per line relative to 1M: {doc['growth']}", flush=True)
+        doc["growth_cpu"] = {k: round((v["cpu_seconds"] / v["lines"]) / (base["cpu_seconds"] / base["lines"]), 3)
+                             for k, v in doc["duckdb"].items()}
+        print(f"cost per line relative to 1M: wall {doc['growth']}, CPU {doc['growth_cpu']}", flush=True)
 
     if not args.no_spark:
         out = os.path.join(work, "spark-1M")
@@ -206,7 +216,7 @@ def main() -> int:
             summary = json.load(fh)
         same = all(open(os.path.join(out, f), "rb").read() == open(os.path.join(work, "duck-1M", f), "rb").read()
                    for f in ("leads.csv", "evidence.csv")) if base else None
-        doc["spark_local_1M"] = {"master": "local[2]", "seconds": round(secs, 2),
+        doc["spark_local_1M"] = {"master": "local[2]", "seconds": round(secs, 2), "cpu_seconds": CPU["last"],
                                  "lines_per_s": round(summary["lines"] / secs), "peak_rss_mb_largest_process": round(rss),
                                  "stages_s": summary["seconds"], "leads_identical_to_duckdb": same}
         print(f"spark local 1M: {secs:.1f} s; identical leads: {same}", flush=True)
@@ -228,6 +238,7 @@ def main() -> int:
                 rsum = json.load(fh)
             rate = rsum["records"] / secs
             doc["replay_1M"] = {"lines": rsum["records"], "seconds": round(secs, 2), "lines_per_s": round(rate),
+                                "cli_cpu_seconds": CPU["last"],
                                 "cli_peak_rss_mb": round(rss), "issuance_load_s_not_timed": round(load_s, 1),
                                 "verdicts": rsum["verdicts"],
                                 "verdicts_equal_engine": rsum["verdicts"] == base["verdicts"]}
