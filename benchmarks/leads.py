@@ -133,9 +133,21 @@ def vm_hwm_mb(pid: int) -> float:
 CPU = {}  # command name -> CPU seconds (user + system) of the process and its children
 
 
-def timed(cmd: list[str], watch_tree: bool = False) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB, of the process; with watch_tree the largest process of its
-    tree, e.g. Spark's JVM), stdout. Its CPU seconds go to CPU["last"]."""
+def vm_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def timed(cmd: list[str], watch_tree: bool = True) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS in MB (with watch_tree: the peak of the sum over the process and
+    its children, sampled every 0.1 s, e.g. the staging workers or Spark's JVM; else the process's
+    VmHWM), stdout. Its CPU seconds (children included) go to CPU["last"]."""
     import resource
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -144,9 +156,12 @@ def timed(cmd: list[str], watch_tree: bool = False) -> tuple[float, float, str]:
     done = threading.Event()
 
     def watch():
-        while not done.wait(0.2):
-            pids = [p for p in common.process_tree(proc.pid)] if watch_tree else [proc.pid]
-            hwm[0] = max([hwm[0]] + [vm_hwm_mb(p) for p in pids])
+        while not done.wait(0.1):
+            if watch_tree:
+                hwm[0] = max(hwm[0], sum(vm_rss_mb(p) for p in common.process_tree(proc.pid)),
+                             vm_hwm_mb(proc.pid))
+            else:
+                hwm[0] = max(hwm[0], vm_hwm_mb(proc.pid))
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     out, err = proc.communicate()
@@ -198,6 +213,7 @@ def main() -> int:
         doc["duckdb"][f"{m}M"] = {"lines": lines, "seconds": round(secs, 2), "lines_per_s": round(lines / secs),
                                   "cpu_seconds": CPU["last"], "load_average_after": os.getloadavg()[0],
                                   "peak_rss_mb": round(rss), "stages_s": summary["seconds"],
+                                  "peak_rss_how": "sum over the process tree (staging workers included)",
                                   "leads_per_model": summary["leads_per_model"], "verdicts": summary["verdicts"]}
         print(f"duckdb {m}M: {lines:,} lines in {secs:.1f} s = {lines / secs:,.0f} lines/s, peak RSS {rss:.0f} MB; "
               f"{line}", flush=True)
@@ -211,13 +227,13 @@ def main() -> int:
 
     if not args.no_spark:
         out = os.path.join(work, "spark-1M")
-        secs, rss, line = timed(leads_cmd([months[0][0]], [months[0][1]], sites, out, key, "spark"), watch_tree=True)
+        secs, rss, line = timed(leads_cmd([months[0][0]], [months[0][1]], sites, out, key, "spark"))
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
             summary = json.load(fh)
         same = all(open(os.path.join(out, f), "rb").read() == open(os.path.join(work, "duck-1M", f), "rb").read()
                    for f in ("leads.csv", "evidence.csv")) if base else None
         doc["spark_local_1M"] = {"master": "local[2]", "seconds": round(secs, 2), "cpu_seconds": CPU["last"],
-                                 "lines_per_s": round(summary["lines"] / secs), "peak_rss_mb_largest_process": round(rss),
+                                 "lines_per_s": round(summary["lines"] / secs), "peak_rss_mb": round(rss),
                                  "stages_s": summary["seconds"], "leads_identical_to_duckdb": same}
         print(f"spark local 1M: {secs:.1f} s; identical leads: {same}", flush=True)
 
@@ -233,7 +249,8 @@ def main() -> int:
             print(f"issuance loaded in {load_s:.0f} s ({load_line})", flush=True)
             out = os.path.join(work, "replay-1M")
             secs, rss, line = timed([common.python(), "-m", "tracecode.clients.cli", "reverify", months[0][0],
-                                     "--server", target, "--out", out, "--job-id", "bench-leads", "--quiet"])
+                                     "--server", target, "--out", out, "--job-id", "bench-leads", "--quiet"],
+                                    watch_tree=False)
             with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
                 rsum = json.load(fh)
             rate = rsum["records"] / secs

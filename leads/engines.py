@@ -47,21 +47,15 @@ class DuckDBEngine:
         self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _incoming")
         self.con.unregister("_incoming")
 
-    def stage_lines(self, table: pa.Table, profile) -> None:
-        """One file's lines: the codec on the driver (a pre-pass), then into the table `lines`."""
-        t = time.perf_counter()
-        keyed = table.append_column("ckey", canon.canonical_keys(table["code"], profile))
-        _profile("codec", t)
-        self.con.register("_incoming", keyed)
-        if getattr(self, "_lines", False):
-            self.con.execute("INSERT INTO lines SELECT * FROM _incoming")
-        else:
-            self.con.execute("CREATE OR REPLACE TABLE lines AS SELECT * FROM _incoming")
-            self._lines = True
-        self.con.unregister("_incoming")
+    keys_in_staging = True  # the codec runs as a pre-pass while staging (staging.py)
 
-    def finish_lines(self, profile) -> None:
-        pass
+    def load_lines(self, paths: list[str], profile) -> None:
+        files = ", ".join(f"'{p}'" for p in paths)
+        self.con.execute(f"CREATE OR REPLACE TABLE lines AS SELECT * FROM read_parquet([{files}])")
+
+    def load_parquet(self, name: str, paths: list[str]) -> None:
+        files = ", ".join(f"'{p}'" for p in paths)
+        self.con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM read_parquet([{files}])")
 
     def materialise(self, step: Step) -> None:
         t = time.perf_counter()
@@ -115,20 +109,17 @@ class SparkEngine:
         pq.write_table(table, path)
         self._view(name, self.spark.read.parquet(path))
 
-    def stage_lines(self, table: pa.Table, profile) -> None:
-        """One file's lines, into the staged Parquet the executors read."""
-        if not hasattr(self, "_writer"):
-            self._raw = os.path.join(self.workdir, "lines-raw.parquet")
-            self._writer = pq.ParquetWriter(self._raw, table.schema, compression="snappy")
-        self._writer.write_table(table)
+    keys_in_staging = False  # the codec runs on the executors
 
-    def finish_lines(self, profile) -> None:
+    def load_lines(self, paths: list[str], profile) -> None:
         """The codec runs where the data is: mapInArrow on the executors."""
         from pyspark.sql.types import StringType, StructField, StructType
-        self._writer.close()
-        df = self.spark.read.parquet(self._raw)
+        df = self.spark.read.parquet(*paths)
         schema = StructType(df.schema.fields + [StructField("ckey", StringType(), True)])
         self._view("lines", df.mapInArrow(canon.map_batches(profile), schema).localCheckpoint(eager=True))
+
+    def load_parquet(self, name: str, paths: list[str]) -> None:
+        self._view(name, self.spark.read.parquet(*paths))
 
     def materialise(self, step: Step) -> None:
         self._view(step.name, self.spark.sql(self.spark_sql(step.select)).localCheckpoint(eager=True))
@@ -144,9 +135,14 @@ class SparkEngine:
         self.spark.stop()
 
 
-def make(kind: str, workdir: str, spark_master: str = "local[2]"):
-    if kind == "duckdb":
-        return DuckDBEngine(workdir)
-    if kind == "spark":
-        return SparkEngine(workdir, spark_master)
-    raise ValueError(f"unknown engine {kind!r}: duckdb or spark")
+KINDS = {"duckdb": DuckDBEngine, "spark": SparkEngine}
+
+
+def kind(name: str):
+    if name not in KINDS:
+        raise ValueError(f"unknown engine {name!r}: duckdb or spark")
+    return KINDS[name]
+
+
+def make(name: str, workdir: str, spark_master: str = "local[2]"):
+    return DuckDBEngine(workdir) if kind(name) is DuckDBEngine else SparkEngine(workdir, spark_master)

@@ -213,11 +213,16 @@ def read_settlements(paths: list[str], limits: Limits, pseudonyms: Pseudonyms,
     """Per settlement file, a table of its usable lines with file index and position (one file
     in memory at a time)."""
     for fi, path in enumerate(paths):
-        t = read_table(path, LEADS_FIELDS, errors)
-        n = t.num_rows
-        t = t.append_column("file_index", pa.array([fi] * n, pa.int32()))
-        t = t.append_column("pos", pa.array(range(n), pa.int64()))
-        yield path, (_checked(t, paths, limits, pseudonyms, errors) if n else _empty_lines())
+        yield path, read_settlement_file(fi, paths, limits, pseudonyms, errors)
+
+
+def read_settlement_file(fi: int, paths: list[str], limits: Limits, pseudonyms: Pseudonyms,
+                         errors: list[InputError]) -> pa.Table:
+    t = read_table(paths[fi], LEADS_FIELDS, errors)
+    n = t.num_rows
+    t = t.append_column("file_index", pa.array([fi] * n, pa.int32()))
+    t = t.append_column("pos", pa.array(range(n), pa.int64()))
+    return _checked(t, paths, limits, pseudonyms, errors) if n else _empty_lines()
 
 
 def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudonyms,
@@ -353,14 +358,19 @@ def read_issuance(paths: list[str], profile, errors: list[InputError]) -> pa.Tab
     """Issuance files -> accepted records in load order: ckey, ord, product_id, pack_units,
     expiry (YYYYMMDD or 0), status ('' = keep). Rejections as `tracecode load` makes them: the
     client's row checks (clients/admin.py), then the server's (server/issuance.py validate)."""
+    parts = [read_issuance_file(fi, paths, profile, errors) for fi in range(len(paths))]
+    return pa.concat_tables(parts) if parts else read_issuance_file(0, [], profile, errors)
+
+
+ISSUANCE_ORD_STRIDE = 10 ** 12  # a record's load order: file index * stride + row
+
+
+def read_issuance_file(fi: int, paths: list[str], profile, errors: list[InputError]) -> pa.Table:
     from tracecode import codec
     from tracecode.server.issuance import parse_expiry
-    parts = []
-    for fi, path in enumerate(paths):
-        t = read_table(path, ISSUANCE_FIELDS, errors)
+    t = read_table(paths[fi], ISSUANCE_FIELDS, errors) if paths else None
+    if t is not None:
         t = t.append_column("file_index", pa.array([fi] * t.num_rows, pa.int32()))
-        parts.append(t)
-    t = pa.concat_tables(parts) if parts else None
     if t is None or t.num_rows == 0:
         return pa.table({"ckey": pa.array([], pa.string()), "ord": pa.array([], pa.int64()),
                          "product_id": pa.array([], pa.string()), "pack_units": pa.array([], pa.int64()),
@@ -410,7 +420,8 @@ def read_issuance(paths: list[str], profile, errors: list[InputError]) -> pa.Tab
     keep = pc.invert(bad)
     expiry = pc.if_else(exp_given, exp, inner_exp)
     status = pc.if_else(pc.equal(t["status"], ""), "", status_up)
-    out = pa.table({"ckey": key, "ord": pa.array(range(n), pa.int64()), "product_id": t["product_id"],
+    out = pa.table({"ckey": key, "ord": pa.array(range(fi * ISSUANCE_ORD_STRIDE, fi * ISSUANCE_ORD_STRIDE + n),
+                                                   pa.int64()), "product_id": t["product_id"],
                     "pack_units": units, "expiry": expiry, "status": status,
                     "file_index": t["file_index"], "line": t["line"]})
     return out.filter(keep)

@@ -22,9 +22,9 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import assemble, canon, engines, network, robust, splitpack, sql
+from . import assemble, canon, engines, network, robust, splitpack, sql, staging
 from .config import LeadsConfig
-from .inputs import InputError, Limits, Pseudonyms, read_issuance, read_settlements, read_sites, settlement_reason
+from .inputs import InputError, Limits, Pseudonyms, read_sites, settlement_reason
 
 ERROR_FIELDS = ("file", "line", "field", "reason")
 LINE_FIELDS = ("file", "line", "site_id", "settlement_id", "line_no", "code", "verdict", "canonical_code",
@@ -97,26 +97,25 @@ def run(opts: Options) -> Result:
     errors: list[InputError] = []
     engine = None
     try:
-        # Read: settlement files one at a time (the codec runs on each: a pre-pass for DuckDB, on
-        # Spark's executors), then issuance and the registry.
-        engine = engines.make(opts.engine, work, opts.spark_master)
-        n_lines = 0
-        for path, t in read_settlements(opts.files, limits, opts.pseudonyms, errors):
-            engine.stage_lines(t, profile)
-            n_lines += t.num_rows
-            del t
-        stages.done("read", f"{n_lines:,} lines")
-        iss = read_issuance(opts.issuance, profile, errors)
+        # Read: every file in a worker process (row checks, pseudonyms; for DuckDB the codec too,
+        # as a pre-pass; Spark runs it on its executors), staged as Parquet; then the registry.
+        keys_in_staging = engines.kind(opts.engine).keys_in_staging
+        staged_lines, staged_iss = staging.stage_all(opts.files, opts.issuance, work, limits, opts.pseudonyms,
+                                                     profile, keys_in_staging)
+        for st in staged_lines + staged_iss:
+            errors.extend(st.errors)
+        n_lines = sum(st.rows for st in staged_lines)
         sites = read_sites(opts.sites, errors)
-        engine.register("issuance_rows", iss)
-        del iss
+        stages.done("read", f"{n_lines:,} lines")
+        engine = engines.make(opts.engine, work, opts.spark_master)
+        engine.load_lines([st.path for st in staged_lines], profile)
+        engine.load_parquet("issuance_rows", [st.path for st in staged_iss])
         for step in sql.ISSUANCE_STEPS:
             engine.materialise(step)
         for fi, line in _rows(engine.fetch(sql.ISSUANCE_CONFLICTS), "file_index", "line"):
             errors.append(InputError(opts.issuance[fi], line, "code",
                                      "conflict: an earlier record issued this code for another product (kept)"))
         engine.drop("issuance_rows", "iss_first")
-        engine.finish_lines(profile)
         stages.done("canonicalise")
 
         for step in sql.verdict_steps(cfg.max_lines):
