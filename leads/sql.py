@@ -68,8 +68,8 @@ LEFT JOIN s3 f ON f.seq = s.first_seq
 LEFT JOIN same_lines m ON m.seq = s.seq"""),
         # Judged lines with their issuance record and the conditions that do not depend on state.
         Step("jl", f"""
-SELECT l.file_index, l.pos, l.line, l.li, s.seq, CAST(s.seq AS BIGINT) * {ORD_STRIDE} + l.li AS ord, s.site_id,
-       s.settlement_id, s.at_ms, s.day, l.line_no, l.code, l.ckey, l.product_id, l.units, l.insured,
+SELECT l.file_index, l.pos, l.li, s.seq, CAST(s.seq AS BIGINT) * {ORD_STRIDE} + l.li AS ord, s.site_id,
+       s.settlement_id, s.at_ms, s.day, l.line_no, l.ckey, l.product_id, l.units, l.insured,
        l.amount_fen, i.product_id AS issued, i.pack_units AS n, i.expiry AS e, i.status AS st
 FROM lines l
 JOIN settlements s ON s.file_index = l.file_index AND s.inst = l.inst AND s.kind = 'J'
@@ -111,7 +111,7 @@ FROM jl2 WHERE issued IS NOT NULL GROUP BY ckey"""),
         # Whole-pack codes: after the first dispense every whole-pack line is a resale, and any
         # line at another site; a line asking more than the pack holds is QUANTITY_EXCEEDED.
         Step("fast_v", """
-SELECT j.ord, j.ckey, p.first_ok AS first_ord,
+SELECT j.ord, p.first_ok AS first_ord,
        CASE WHEN j.static_v IS NOT NULL THEN j.static_v
             WHEN p.first_ok IS NOT NULL AND j.ord > p.first_ok AND (j.site_id <> p.first_site OR j.whole)
                  THEN 'DUPLICATE'
@@ -132,8 +132,8 @@ SELECT j.ord, j.ckey, j.site_id, j.units, j.n, j.static_v, j.pm, j.ex, j.whole
 FROM jl2 j JOIN packs p ON p.ckey = j.ckey WHERE p.split = 1 ORDER BY j.ckey, j.ord"""
 
 VERDICTS = Step("verdicts", """
-SELECT j.ord, j.seq, j.li, j.file_index, j.pos, j.line, j.site_id, j.settlement_id, j.at_ms, j.line_no,
-       j.code, j.ckey, j.product_id, j.issued, j.units, j.insured, j.amount_fen, v.verdict, v.first_ord
+SELECT j.ord, j.seq, j.li, j.file_index, j.pos, j.site_id, j.settlement_id, j.at_ms, j.line_no,
+       j.ckey, j.product_id, j.issued, j.units, j.insured, j.amount_fen, v.verdict, v.first_ord
 FROM jl2 j
 JOIN (SELECT ord, verdict, first_ord FROM fast_v UNION ALL SELECT ord, verdict, first_ord FROM split_v) v
   ON v.ord = j.ord""")
@@ -143,8 +143,9 @@ JOIN (SELECT ord, verdict, first_ord FROM fast_v UNION ALL SELECT ord, verdict, 
 ALL_LINES = f"""
 SELECT x.file_index, x.line, x.seq, x.li, x.site_id, x.settlement_id, x.line_no, x.code, x.verdict,
        x.ckey, f.site_id AS first_site_id, f.settlement_id AS first_settlement_id, f.at_ms AS first_at_ms
-FROM (SELECT file_index, line, seq, li, site_id, settlement_id, line_no, code, verdict, ckey, first_ord
-      FROM verdicts
+FROM (SELECT v.file_index, l.line, v.seq, v.li, v.site_id, v.settlement_id, v.line_no, l.code, v.verdict,
+             v.ckey, v.first_ord
+      FROM verdicts v JOIN lines l ON l.file_index = v.file_index AND l.pos = v.pos
       UNION ALL
       SELECT l.file_index, l.line, s.seq, l.li, s.site_id, s.settlement_id, l.line_no, l.code, v.verdict,
              v.ckey, v.first_ord
