@@ -30,7 +30,7 @@ def _profile(what: str, since: float) -> None:
 class DuckDBEngine:
     name = "duckdb"
 
-    def __init__(self, workdir: str, memory_limit: str = "1000MB", threads: int | None = None):
+    def __init__(self, workdir: str, memory_limit: str = "800MB", threads: int | None = None):
         import duckdb
         # In memory, spilling to the work dir past memory_limit: a database file would write
         # every intermediate table to disk for nothing.

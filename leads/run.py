@@ -115,7 +115,7 @@ def run(opts: Options) -> Result:
         for fi, line in _rows(engine.fetch(sql.ISSUANCE_CONFLICTS), "file_index", "line"):
             errors.append(InputError(opts.issuance[fi], line, "code",
                                      "conflict: an earlier record issued this code for another product (kept)"))
-        engine.drop("issuance_rows", "iss_first")
+        engine.drop("issuance_rows", "iss_agg", "iss_multi")
         stages.done("canonicalise")
 
         for step in sql.verdict_steps(cfg.max_lines):

@@ -263,17 +263,24 @@ ORDER BY e.model, e.subject_id, v.at_ms, e.ord, e.role"""
 # code fixes its product; later records for that product update the other fields (a status only
 # when given); records for another product are conflicts and change nothing.
 ISSUANCE_STEPS = [
-    Step("iss_first", """
-SELECT ckey, MIN_BY(product_id, ord) AS product_id FROM issuance_rows GROUP BY ckey"""),
+    # One pass over all records; a code with one record (nearly all) is that record.
+    Step("iss_agg", """
+SELECT ckey, COUNT(*) AS n, MIN_BY(product_id, ord) AS product_id, MIN_BY(pack_units, ord) AS pack_units,
+       MIN_BY(expiry, ord) AS expiry, MIN_BY(status, ord) AS status
+FROM issuance_rows GROUP BY ckey"""),
+    Step("iss_multi", """
+SELECT r.* FROM issuance_rows r JOIN iss_agg a ON a.ckey = r.ckey AND a.n > 1"""),
     Step("issuance", """
+SELECT ckey, product_id, pack_units, expiry, CASE WHEN status <> '' THEN status ELSE 'ACTIVE' END AS status
+FROM iss_agg WHERE n = 1
+UNION ALL
 SELECT r.ckey, MAX_BY(r.product_id, r.ord) AS product_id, MAX_BY(r.pack_units, r.ord) AS pack_units,
        MAX_BY(r.expiry, r.ord) AS expiry,
-       COALESCE(MAX_BY(CASE WHEN r.status <> '' THEN r.status END,
-                       CASE WHEN r.status <> '' THEN r.ord END), 'ACTIVE') AS status
-FROM issuance_rows r JOIN iss_first f ON f.ckey = r.ckey AND f.product_id = r.product_id
+       COALESCE(MAX_BY(r.status, r.ord) FILTER (WHERE r.status <> ''), 'ACTIVE') AS status
+FROM iss_multi r JOIN iss_agg f ON f.ckey = r.ckey AND f.n > 1 AND f.product_id = r.product_id
 GROUP BY r.ckey"""),
 ]
 
 ISSUANCE_CONFLICTS = """
-SELECT r.file_index, r.line FROM issuance_rows r JOIN iss_first f ON f.ckey = r.ckey
+SELECT r.file_index, r.line FROM iss_multi r JOIN iss_agg f ON f.ckey = r.ckey
 WHERE r.product_id <> f.product_id ORDER BY r.ord"""

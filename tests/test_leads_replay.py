@@ -82,6 +82,14 @@ def test_every_line_verdict_equals_bulk_replay(tmp_path, target, seed, n_lines, 
     h = synth.history(n_lines, seed=seed, noise=noise)
     _add_edges(h)
     iss = synth.write_csv(str(tmp_path / "issuance.csv"), h.issuance, synth.ISSUANCE_COLUMNS)
+    # A second upload over the first: recalls and new expiry for some packs (same product:
+    # updates), other products for others (conflicts: the first record stays).
+    again = []
+    for n, rec in enumerate(h.issuance[7::40]):
+        change = ({"status": "RECALLED"}, {"expiry": "2020-01-31", "status": ""}, {"product_id": "8999999"},
+                  {"pack_units": "3"})[n % 4]
+        again.append({**rec, **change})
+    iss2 = synth.write_csv(str(tmp_path / "issuance-2.csv"), again, synth.ISSUANCE_COLUMNS)
     files = []
     for fi, form in enumerate(forms):
         path = str(tmp_path / f"export-{fi}.{form}")
@@ -97,7 +105,9 @@ def test_every_line_verdict_equals_bulk_replay(tmp_path, target, seed, n_lines, 
     # REPLAY: issuance through the server (as `tracecode load`), then the bulk job.
     admin = AdminClient(target)
     try:
-        admin.upsert(read_rows(iss, ISSUANCE_FIELDS), source=iss)
+        for path in (iss, iss2):
+            resp = admin.upsert(read_rows(path, ISSUANCE_FIELDS), source=path)
+        assert resp.conflicts > 0 and resp.updated > 0
     finally:
         admin.close()
     replay_out = str(tmp_path / "replay")
@@ -107,7 +117,7 @@ def test_every_line_verdict_equals_bulk_replay(tmp_path, target, seed, n_lines, 
     key = str(tmp_path / "pseudonym.key")
     generate_key_file(key)
     engine_out = str(tmp_path / "leads")
-    run(Options(files=files, issuance=[iss], out=engine_out, lines_out=True, progress=False,
+    run(Options(files=files, issuance=[iss, iss2], out=engine_out, lines_out=True, progress=False,
                 pseudonyms=Pseudonyms(Pseudonymizer.from_file(key))))
 
     lines = _engine_lines(engine_out)
