@@ -66,6 +66,12 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.t = time.perf_counter()
 
+    def file_done(self, staged) -> None:
+        """A file staged: shown while the read stage runs (it is most of a long run)."""
+        self.files = getattr(self, "files", 0) + 1
+        self.rows = getattr(self, "rows", 0) + staged.rows
+        self.bar.set_postfix_str(f"read {self.files} file(s), {self.rows:,} rows")
+
     def done(self, name: str, note: str = "") -> None:
         now = time.perf_counter()
         engines._profile(f"stage {name}", self.t)
@@ -101,7 +107,7 @@ def run(opts: Options) -> Result:
         # as a pre-pass; Spark runs it on its executors), staged as Parquet; then the registry.
         keys_in_staging = engines.kind(opts.engine).keys_in_staging
         staged_lines, staged_iss = staging.stage_all(opts.files, opts.issuance, work, limits, opts.pseudonyms,
-                                                     profile, keys_in_staging)
+                                                     profile, keys_in_staging, progress=stages.file_done)
         for st in staged_lines + staged_iss:
             errors.extend(st.errors)
         n_lines = sum(st.rows for st in staged_lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -41,8 +41,9 @@ def _issuance(fi: int, paths: list[str], profile, out: str) -> Staged:
 
 
 def stage_all(files: list[str], issuance: list[str], workdir: str, limits: Limits, pseudonyms: Pseudonyms,
-              profile, keys: bool, workers: int | None = None) -> tuple[list[Staged], list[Staged]]:
-    """Every settlement and issuance file staged; results in input order."""
+              profile, keys: bool, workers: int | None = None, progress=None) -> tuple[list[Staged], list[Staged]]:
+    """Every settlement and issuance file staged; results in input order. progress(staged) is
+    called as each file is done (the run's progress bar)."""
     workers = workers or max(1, min(os.cpu_count() or 1, len(files) + len(issuance)))
     # spawn: the workers must not inherit a running engine (a JVM, DuckDB threads) by fork.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -50,4 +51,7 @@ def stage_all(files: list[str], issuance: list[str], workdir: str, limits: Limit
                              os.path.join(workdir, f"lines-{fi:05d}.parquet")) for fi in range(len(files))]
         iss = [pool.submit(_issuance, fi, issuance, profile, os.path.join(workdir, f"issuance-{fi:05d}.parquet"))
                for fi in range(len(issuance))]
+        if progress:
+            for f in as_completed(lines + iss):
+                progress(f.result())
         return [f.result() for f in lines], [f.result() for f in iss]
