@@ -3,7 +3,7 @@
     tracecode            <- proto/tracecode/      (package root; the .proto files live beside it)
     tracecode.v1         <- proto/tracecode/v1/   (stubs generated here from the .proto at build time)
     tracecode.codec      <- ext/                  (Cython hot path _codec.pyx + pure-Python fallback.py)
-    tracecode.server     <- server/
+    tracecode.server     <- server/               (api/ speaks gRPC, store/ speaks Redis, the rest neither)
     tracecode.clients    <- clients/
     tracecode.leads      <- leads/                (the leads engine: DuckDB / Spark models)
 
@@ -77,7 +77,7 @@ setup(
     name="tracecode",
     version="0.1.0",
     description="Drug traceability-code verification at settlement: gRPC + Cython + Redis",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (server/config.py)
     package_dir={
         "tracecode": "proto/tracecode",
         "tracecode.v1": "proto/tracecode/v1",
@@ -86,9 +86,10 @@ setup(
         "tracecode.clients": "clients",
         "tracecode.leads": "leads",
     },
-    packages=["tracecode", "tracecode.v1", "tracecode.codec", "tracecode.server", "tracecode.clients",
-              "tracecode.leads"],
-    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.server": ["lua/*.lua"]},
+    packages=["tracecode", "tracecode.v1", "tracecode.codec", "tracecode.server", "tracecode.server.api",
+              "tracecode.server.store", "tracecode.clients", "tracecode.leads"],
+    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.codec": ["_codec.pyi", "py.typed"],
+                  "tracecode.server.store": ["lua/*.lua"]},
     ext_modules=extensions(),
     cmdclass={"build_py": build_py, "build_ext": build_ext},
     install_requires=[
@@ -105,7 +106,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "biip>=3", "pyarrow>=14", "pyyaml>=6",
-                 "cryptography>=41", *LEADS],
+                 "cryptography>=41",
+                 # tests/test_architecture.py: the import contracts, lint and types
+                 "import-linter>=2.1", "ruff>=0.6", "mypy>=1.10", *LEADS],
         "parquet": ["pyarrow>=14"],
         "leads": LEADS,
         "fuzz": ["atheris>=2.3"],  # fuzz/fuzz_codec.py, run outside CI

@@ -24,9 +24,10 @@ from datetime import datetime, timedelta, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from tracecode.server.store.types import SettlementCall  # noqa: E402
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.keys import KeySpace  # noqa: E402
+from tracecode.server.store.keys import KeySpace  # noqa: E402
 from tracecode.server.verifier import Line, Verifier  # noqa: E402
 
 CST = timezone(timedelta(hours=8))
@@ -103,7 +104,7 @@ def main() -> int:
         print(f"issuance {len(codes):,} codes loaded in {load_s:.1f} s; export of {args.records:,} records "
               f"({len(settlements):,} settlements, {os.path.getsize(export) / 1e6:.0f} MB) in {gen_s:.1f} s", flush=True)
 
-        # Ceiling: the very calls the server makes for these settlements, pipelined at Redis.
+        # Ceiling: the very calls the server makes for these settlements, sent as its job sends them.
         verifier = Verifier(store, config)
         sub = settlements[: args.ceiling_settlements]
         ceiling_keys = KeySpace("tc-job-ceiling")
@@ -111,12 +112,12 @@ def main() -> int:
         for site, sid, at, codes_ in sub:
             lines = [Line(c, "8123456") for c in codes_]
             plan, distinct, _ = verifier._plan(lines)
-            calls.append(dict(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
+            calls.append(SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan,
                               codes=distinct, state=ceiling_keys, state_ttl_s=86400,
                               digest=verifier.digest(site, sid, at, False, lines)))
         ceil_records = sum(len(s[3]) for s in sub)
-        ceil_s = common.ceiling(store, rp.port, calls)
+        ceil_s = common.replay_ceiling(store, calls)  # the job's own calls, sent as the job sends them
         ceiling_rps = ceil_records / ceil_s
         print(f"ceiling: {ceil_records:,} records in {ceil_s:.2f} s = {ceiling_rps:,.0f} records/s", flush=True)
         store.drop_namespace(ceiling_keys)

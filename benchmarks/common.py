@@ -15,8 +15,7 @@ from datetime import datetime, timezone
 import redis
 
 from tracecode import codec
-from tracecode.server.embedded_redis import RedisProcess, free_port
-from tracecode.server.keys import KeySpace
+from tracecode.server.store import RedisProcess, free_port
 from tracecode.server.store import Store
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -26,7 +25,7 @@ def machine() -> dict:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), "")
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
     except OSError:
         pass
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
@@ -121,14 +120,14 @@ def encode(*args) -> bytes:
     return b"".join(out)
 
 
-def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> float:
+def ceiling(store: Store, port: int, calls: list, depth: int = 64) -> float:
     """Seconds Redis needs for these verify.lua calls when they are pipelined straight at it."""
     sha = store._verify.sha
     r = redis.Redis(port=port)
     r.script_load(store._verify.script)
     payloads = []
     for call in calls:
-        keys, args = store._verify_call(**call)
+        keys, args = store._verify_call(call)
         payloads.append(encode("EVALSHA", sha, len(keys), *keys, *args))
     pipe = RawPipeline(port)
     start = time.perf_counter()
@@ -136,6 +135,21 @@ def ceiling(store: Store, port: int, calls: list[dict], depth: int = 64) -> floa
     elapsed = time.perf_counter() - start
     pipe.close()
     return elapsed
+
+
+def replay_ceiling(store: Store, calls: list) -> float:
+    """Seconds Redis needs for a REPLAY job's own calls, sent exactly as the job sends them: the
+    store's pipelined verify_batch, one slice of SLICE_ALONE settlements at a time on one
+    connection, over the transport the server uses (give a store on the server's Redis URL).
+    Every slice is packed before the clock starts, so nothing but Redis and the socket is timed:
+    the job does this same work plus its Python, so job / ceiling <= 1 by construction (up to
+    the machine's drift between the two runs; run.py takes the faster of a run before and after)."""
+    from tracecode.server.api.bulk import SLICE_ALONE
+    slices = [store.prepare_batch(calls[i:i + SLICE_ALONE]) for i in range(0, len(calls), SLICE_ALONE)]
+    start = time.perf_counter()
+    for prepared in slices:
+        store.verify_batch(prepared)
+    return time.perf_counter() - start
 
 
 def cpu_of(pid: int) -> float:

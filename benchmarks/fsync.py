@@ -21,7 +21,7 @@ from common import cn20_codes, load_issuance, machine, write_results  # noqa: E4
 from tracecode.clients.pos import PosClient, line  # noqa: E402
 from tracecode.server.app import Server, make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.embedded_redis import RedisProcess, free_port  # noqa: E402
+from tracecode.server.store import RedisProcess, free_port  # noqa: E402
 
 
 def run(policy: str, n: int, threads: int, lines: int, seed: int) -> dict:

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from tracecode import codec  # noqa: E402
+from tracecode.server.store.types import SettlementCall  # noqa: E402
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
 from tracecode.server.verifier import Line, Verifier  # noqa: E402
@@ -53,9 +54,9 @@ def main() -> int:
         for n, code in enumerate(cn + gs):
             lines = [Line(code, "8123456" if n < half else "P-AMOX-500")]
             plan, codes, _ = verifier._plan(lines)
-            store.verify(dispense=True, site=f"S{n % 5000:05d}", settlement_id=f"T{n:09d}", settled_at_ms=now,
+            store.verify(SettlementCall(dispense=True, site=f"S{n % 5000:05d}", settlement_id=f"T{n:09d}", settled_at_ms=now,
                          settle_day=day, digest=verifier.digest("s", str(n), now, False, lines),
-                         all_or_nothing=False, lines=plan, codes=codes)
+                         all_or_nothing=False, lines=plan, codes=codes))
         dispensed = used(r)
         sample_cn, sample_gs = cn[0], gs[0]
         usage = {}

@@ -27,7 +27,7 @@ from bulk import generate  # noqa: E402
 
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.embedded_redis import free_port  # noqa: E402
+from tracecode.server.store import free_port  # noqa: E402
 
 POS_CODES = 300_000  # fresh packs for the load generator (5 per settlement)
 JOB_RECORDS = 300_000  # long enough to outlast a phase at full speed beside POS traffic

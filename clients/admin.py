@@ -21,7 +21,7 @@ class _FieldError(ValueError):
 def _record(f: dict[str, str]) -> apb.IssuanceInput:
     """One file row -> IssuanceInput; a value the message cannot carry is a _FieldError naming its
     field (the server validates everything else)."""
-    status = 0
+    status = pb.CODE_STATUS_UNSPECIFIED
     if f.get("status"):
         names = [n for n in pb.CodeStatus.keys() if n != "CODE_STATUS_UNSPECIFIED"]
         if f["status"].upper() not in names:

@@ -28,7 +28,7 @@ def _print_results(resp) -> None:
 def cmd_serve(args) -> int:
     from tracecode.server import config as cfg
     from tracecode.server.app import serve
-    from tracecode.server.auth import from_config
+    from tracecode.server.api.auth import from_config
     try:
         config = cfg.from_args(args)
         from_config(config)  # the security settings, checked before anything starts
@@ -57,7 +57,7 @@ def cmd_load(args) -> int:
     from .admin import AdminClient
     client = AdminClient(args.server, **_connection(args))
     total = {"received": 0, "created": 0, "updated": 0, "unchanged": 0, "conflicts": 0, "rejected": 0}
-    file_errors = []
+    file_errors: list = []
     started = time.monotonic()
     for path in args.files:
         def progress(n, path=path):
@@ -157,7 +157,7 @@ def _connection(args) -> dict:
             root_certificates=_read_file(args.tls_ca) if args.tls_ca else None,
             private_key=_read_file(args.tls_key) if args.tls_key else None,
             certificate_chain=_read_file(args.tls_cert) if args.tls_cert else None)
-    metadata = ()
+    metadata: tuple[tuple[str, str], ...] = ()
     if args.token_file:
         token = _read_file(args.token_file).decode().strip()
         metadata = (("authorization", f"Bearer {token}"),)
@@ -165,7 +165,7 @@ def _connection(args) -> dict:
 
 
 def cmd_token(args) -> int:
-    from tracecode.server.auth import issue_token, read_secret
+    from tracecode.server.api.auth import issue_token, read_secret
     print(issue_token(read_secret(args.secret_file), args.role, args.name, args.ttl_days * 86400))
     return 0
 

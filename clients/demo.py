@@ -13,7 +13,7 @@ import tempfile
 from tracecode import codec
 from tracecode.server.config import Config
 from tracecode.server.app import Server, make_store
-from tracecode.server.embedded_redis import RedisProcess
+from tracecode.server.store import RedisProcess
 from tracecode.v1 import verification_pb2 as pb
 
 from .admin import AdminClient

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import typing
 import json
 import logging
 import operator
@@ -67,9 +68,9 @@ class _Counting(io.RawIOBase):
 
 def _open_text(path: str, counter: ByteCounter | None = None) -> io.TextIOBase:
     raw = open(path, "rb", buffering=0)
-    binary = io.BufferedReader(_Counting(raw, counter) if counter else raw, 1 << 16)
+    binary: typing.BinaryIO = io.BufferedReader(_Counting(raw, counter) if counter else raw, 1 << 16)
     if path.endswith(".gz"):
-        binary = gzip.GzipFile(fileobj=binary, mode="rb")
+        binary = gzip.GzipFile(fileobj=binary, mode="rb")  # type: ignore[assignment]
     return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
 
 
@@ -167,7 +168,7 @@ def _csv_rows(path: str, fh, schema: dict[str, bool], check) -> Iterator[Row | R
         if len(row) > width:  # more cells than header columns
             yield RowError(path, line, "-", f"{len(row) - width} cell(s) beyond the header")
             continue
-        if fast and not first and len(row) == width:
+        if fast and cells and required_of and not first and len(row) == width:
             fields = dict(zip(names, map(strip, cells(row))))
             if all(required_of(fields)):
                 yield Row(path, line, fields)

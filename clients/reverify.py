@@ -7,6 +7,11 @@
 Memory is bounded: rows are read lazily, at most `window` chunks are in flight, flagged rows go
 straight to disk; what grows is one counter per site and per (first site -> later site) pair.
 
+The report's pieces, one job each: a `Recorder` turns answers into a `Tally` (counts per verdict,
+site and duplicate pair) and rows for a `FlaggedWriter` and an `ErrorWriter`; at the end a
+`DuplicateNetwork` over the tally's pairs ranks them and finds the rings, and `write_network` /
+`write_summary` write network.csv and summary.json; a `Checkpoint` is what resumes a job.
+
 Interruption: after acknowledged chunks the job writes `checkpoint.json` (per-file position, the
 byte length of each output, the counters). `--resume` truncates the outputs to those lengths,
 restores the counters, skips the rows already answered and resends the rest; a REPLAY job's
@@ -19,7 +24,6 @@ import csv
 import functools
 import gc
 import heapq
-import io
 import itertools
 import json
 import os
@@ -29,7 +33,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from typing import Iterator, Mapping, NamedTuple, TextIO
 
 import grpc
 
@@ -78,7 +82,7 @@ def _parse_time(text: str) -> int:
 def _check_row(row: Row) -> RowError | None:
     f = row.fields
     try:
-        f["_at"] = _parse_time(f["settled_at"])
+        f["_at"] = _parse_time(f["settled_at"])  # type: ignore[assignment]  # the parsed time rides on the row
     except ValueError as exc:
         return RowError(row.source, row.line, "settled_at", str(exc))
     n, units = f["line_no"], f.get("units") or "0"
@@ -104,6 +108,7 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
         last_line = item.line
         if isinstance(item, RowError) or (err := _check_row(item)) is not None:
             bad = item if isinstance(item, RowError) else err
+            assert bad is not None
             if cur is not None:
                 cur.errors.append(bad)
                 cur.last_line = bad.line
@@ -117,7 +122,8 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
             continue
         if cur is not None:
             yield cur
-        cur = Settlement(f["_at"], file_index, item.line, f["site_id"], f["settlement_id"], [item], pending)
+        cur = Settlement(f["_at"], file_index, item.line, f["site_id"], f["settlement_id"],  # type: ignore[arg-type]
+                         [item], pending)
         pending = []
     if cur is not None:
         yield cur
@@ -156,91 +162,61 @@ def _chunk_pb(seq: int, batch: list[Settlement]) -> bpb.ReverifyRequest:
     return req
 
 
-class Report:
-    """Counters of the job, and its output files (flagged rows, bad rows)."""
+# --- the report's pieces: counting, the duplicate network, the files ------------------------
+# A job's answers go to a Recorder, which counts them in a Tally and writes the flagged and bad
+# rows through their writers; at the end the Tally and the DuplicateNetwork over its pairs make
+# summary.json and network.csv. A Checkpoint holds what resumes the job: file positions, the
+# Tally, the writers' byte offsets.
 
-    def __init__(self, out_dir: str, fmt: str, state: dict | None = None):
-        self.out_dir, self.fmt = out_dir, fmt
-        state = state or {}
-        self.records = state.get("records", 0)
-        self.settlements = state.get("settlements", 0)
-        self.bad_records = state.get("bad_records", 0)
-        self.verdicts = Counter(state.get("verdicts", {}))
-        self.per_site: dict[str, Counter] = defaultdict(Counter, {k: Counter(v) for k, v in state.get("per_site", {}).items()})
-        self.pairs = Counter({tuple(k.split("\x1f", 1)): v for k, v in state.get("pairs", {}).items()})
-        offsets = state.get("offsets", {})
-        self.flagged_path = os.path.join(out_dir, f"flagged.{fmt}")
-        self.errors_path = os.path.join(out_dir, "errors.csv")
-        self.flagged = self._open(self.flagged_path, offsets.get("flagged"), FLAGGED_FIELDS, fmt)
-        self.errors = self._open(self.errors_path, offsets.get("errors"), ERROR_FIELDS, "csv")
-        self.flagged_writer = csv.DictWriter(self.flagged, FLAGGED_FIELDS, extrasaction="ignore") if fmt == "csv" else None
-        self.errors_writer = csv.writer(self.errors)
+_PAIR_SEP = "\x1f"  # joins a pair's two site ids into one JSON key in a checkpoint
 
-    @staticmethod
-    def _open(path: str, offset: int | None, header, fmt: str):
-        if offset is None:
-            fh = open(path, "w", newline="", encoding="utf-8")
-            if fmt == "csv":
-                csv.writer(fh).writerow(header)
-            return fh
-        fh = open(path, "r+", newline="", encoding="utf-8")
-        fh.truncate(offset)
-        fh.seek(offset)
-        return fh
 
-    def bad(self, e: RowError) -> None:
-        self.bad_records += 1
-        self.errors_writer.writerow([e.source, e.line, e.field, e.reason])
+@dataclass(slots=True)
+class Tally:
+    """The job's counters: rows judged (`records`), settlements answered, bad rows, and per
+    verdict, per site and per (first site, later site) duplicate pair."""
+    records: int = 0
+    settlements: int = 0
+    bad_records: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    per_site: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def settlement(self, s: Settlement, result: bpb.BulkSettlementResult) -> None:
-        self.settlements += 1
-        if result.error:
-            for r in s.rows:
-                self.bad(RowError(r.source, r.line, "settlement", result.error))
-            return
-        ok = 0  # OK rows (most of them) are counted once per settlement
-        for row, res in zip(s.rows, result.results):
-            if res.verdict == _OK:
-                ok += 1
-                continue
-            self.records += 1
-            verdict = pb.Verdict.Name(res.verdict)
-            self.verdicts[verdict] += 1
-            self.per_site[s.site_id][verdict] += 1
-            ev = res.evidence
-            first_at = ""
-            if res.verdict == pb.DUPLICATE and ev.first_site_id:
-                self.pairs[ev.first_site_id, s.site_id] += 1
-                first_at = datetime.fromtimestamp(ev.first_settled_at.seconds).astimezone().isoformat()
-            out = {k: v for k, v in row.fields.items() if not k.startswith("_")}
-            out.update(verdict=verdict, canonical_code=res.canonical_code, reason=res.reason,
-                       first_site_id=ev.first_site_id if res.verdict == pb.DUPLICATE else "",
-                       first_settlement_id=ev.first_settlement_id if res.verdict == pb.DUPLICATE else "",
-                       first_settled_at=first_at)
-            if self.flagged_writer:
-                self.flagged_writer.writerow(out)
-            else:
-                self.flagged.write(json.dumps(out, ensure_ascii=False) + "\n")
-        if ok:
-            self.records += ok
-            self.verdicts["OK"] += ok
-            self.per_site[s.site_id]["OK"] += ok
+    @classmethod
+    def from_state(cls, state: dict) -> "Tally":
+        """The inverse of state(), from a checkpoint."""
+        return cls(state.get("records", 0), state.get("settlements", 0), state.get("bad_records", 0),
+                   Counter(state.get("verdicts", {})),
+                   defaultdict(Counter, {k: Counter(v) for k, v in state.get("per_site", {}).items()}),
+                   Counter({tuple(k.split(_PAIR_SEP, 1)): v for k, v in state.get("pairs", {}).items()}))
 
     def state(self) -> dict:
-        self.flagged.flush()
-        self.errors.flush()
         return {"records": self.records, "settlements": self.settlements, "bad_records": self.bad_records,
                 "verdicts": dict(self.verdicts), "per_site": {k: dict(v) for k, v in self.per_site.items()},
-                "pairs": {"\x1f".join(k): v for k, v in self.pairs.items()},
-                "offsets": {"flagged": self.flagged.tell(), "errors": self.errors.tell()}}
+                "pairs": {_PAIR_SEP.join(k): v for k, v in self.pairs.items()}}
 
-    def close(self) -> None:
-        self.flagged.close()
-        self.errors.close()
+
+class Pair(NamedTuple):
+    """One edge of the duplicate network: packs first dispensed at one site, then at another."""
+    first_site_id: str
+    later_site_id: str
+    duplicates: int
+
+
+class DuplicateNetwork:
+    """The (first site -> later site) duplicate pairs as a directed graph: its edges ranked by
+    weight, and its rings (groups of sites that resell to each other)."""
+
+    def __init__(self, pairs: Mapping[tuple[str, str], int]):
+        self.pairs = pairs
+
+    def ranked(self) -> list[Pair]:
+        """Every pair, most duplicates first, then by site ids."""
+        return [Pair(a, b, n) for (a, b), n in sorted(self.pairs.items(), key=lambda kv: (-kv[1], kv[0]))]
 
     def rings(self, min_count: int = 2) -> list[list[str]]:
-        """Groups of sites that resell to each other: strongly connected components (size >= 2)
-        of the duplicate network, keeping pairs seen at least min_count times."""
+        """Strongly connected components (size >= 2) of the network, keeping pairs seen at least
+        min_count times; each ring's sites sorted, the rings sorted."""
         graph: dict[str, list[str]] = defaultdict(list)
         for (a, b), n in self.pairs.items():
             if n >= min_count and a != b:
@@ -288,21 +264,172 @@ class Report:
                         out.append(sorted(comp))
         return sorted(out)
 
-    def write_final(self, meta: dict) -> dict:
-        ranked = sorted(self.pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        with open(os.path.join(self.out_dir, "network.csv"), "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["first_site_id", "later_site_id", "duplicates"])
-            for (a, b), n in ranked:
-                w.writerow([a, b, n])
-        summary = {**meta, "records": self.records, "settlements": self.settlements,
-                   "bad_records": self.bad_records, "verdicts": dict(sorted(self.verdicts.items())),
-                   "per_site": {k: dict(sorted(v.items())) for k, v in sorted(self.per_site.items())},
-                   "top_pairs": [{"first_site_id": a, "later_site_id": b, "duplicates": n} for (a, b), n in ranked[:50]],
-                   "rings": self.rings()}
-        with open(os.path.join(self.out_dir, "summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, ensure_ascii=False, indent=2)
-        return summary
+
+def _open_resumable(path: str, offset: int | None, header: tuple[str, ...] | None) -> TextIO:
+    """A new output file (with its CSV header, if any), or, resuming, the old one cut back to the
+    byte length a checkpoint recorded, positioned at its end."""
+    if offset is None:
+        fh = open(path, "w", newline="", encoding="utf-8")
+        if header is not None:
+            csv.writer(fh).writerow(header)
+        return fh
+    fh = open(path, "r+", newline="", encoding="utf-8")
+    fh.truncate(offset)
+    fh.seek(offset)
+    return fh
+
+
+class FlaggedWriter:
+    """flagged.csv or flagged.jsonl: one row per line that did not get OK, the export's own
+    fields (in their order) then FLAGGED_EXTRA."""
+
+    def __init__(self, out_dir: str, fmt: str, offset: int | None = None):
+        self.path = os.path.join(out_dir, f"flagged.{fmt}")
+        self.fh = _open_resumable(self.path, offset, FLAGGED_FIELDS if fmt == "csv" else None)
+        self._csv = csv.DictWriter(self.fh, FLAGGED_FIELDS, extrasaction="ignore") if fmt == "csv" else None
+
+    def write(self, row: dict[str, str]) -> None:
+        if self._csv:
+            self._csv.writerow(row)
+        else:
+            self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def offset(self) -> int:
+        self.fh.flush()
+        return self.fh.tell()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class ErrorWriter:
+    """errors.csv: one row per bad row of the files or refused settlement (ERROR_FIELDS)."""
+
+    def __init__(self, out_dir: str, offset: int | None = None):
+        self.path = os.path.join(out_dir, "errors.csv")
+        self.fh = _open_resumable(self.path, offset, ERROR_FIELDS)
+        self._csv = csv.writer(self.fh)
+
+    def write(self, e: RowError) -> None:
+        self._csv.writerow([e.source, e.line, e.field, e.reason])
+
+    def offset(self) -> int:
+        self.fh.flush()
+        return self.fh.tell()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def write_network(path: str, ranked: list[Pair]) -> None:
+    """network.csv: every duplicate pair, ranked."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["first_site_id", "later_site_id", "duplicates"])
+        for p in ranked:
+            w.writerow(p)
+
+
+def summary_of(meta: dict, tally: Tally, network: DuplicateNetwork, top: int = 50) -> dict:
+    """summary.json's content: the job's meta, the counts (sorted), the top pairs, the rings."""
+    return {**meta, "records": tally.records, "settlements": tally.settlements,
+            "bad_records": tally.bad_records, "verdicts": dict(sorted(tally.verdicts.items())),
+            "per_site": {k: dict(sorted(v.items())) for k, v in sorted(tally.per_site.items())},
+            "top_pairs": [p._asdict() for p in network.ranked()[:top]],
+            "rings": network.rings()}
+
+
+def write_summary(path: str, summary: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, ensure_ascii=False, indent=2)
+
+
+class Recorder:
+    """Turns the server's answers into the Tally and the flagged and bad rows."""
+
+    def __init__(self, tally: Tally, flagged: FlaggedWriter, errors: ErrorWriter):
+        self.tally, self.flagged, self.errors = tally, flagged, errors
+
+    def bad(self, e: RowError) -> None:
+        self.tally.bad_records += 1
+        self.errors.write(e)
+
+    def settlement(self, s: Settlement, result: bpb.BulkSettlementResult) -> None:
+        t = self.tally
+        t.settlements += 1
+        if result.error:
+            for r in s.rows:
+                self.bad(RowError(r.source, r.line, "settlement", result.error))
+            return
+        ok = 0  # OK rows (most of them) are counted once per settlement
+        for row, res in zip(s.rows, result.results):
+            if res.verdict == _OK:
+                ok += 1
+                continue
+            t.records += 1
+            verdict = pb.Verdict.Name(res.verdict)
+            t.verdicts[verdict] += 1
+            t.per_site[s.site_id][verdict] += 1
+            ev = res.evidence
+            first_at = ""
+            duplicate = res.verdict == pb.DUPLICATE
+            if duplicate and ev.first_site_id:
+                t.pairs[ev.first_site_id, s.site_id] += 1
+                first_at = datetime.fromtimestamp(ev.first_settled_at.seconds).astimezone().isoformat()
+            out = {k: v for k, v in row.fields.items() if not k.startswith("_")}
+            out.update(verdict=verdict, canonical_code=res.canonical_code, reason=res.reason,
+                       first_site_id=ev.first_site_id if duplicate else "",
+                       first_settlement_id=ev.first_settlement_id if duplicate else "",
+                       first_settled_at=first_at)
+            self.flagged.write(out)
+        if ok:
+            t.records += ok
+            t.verdicts["OK"] += ok
+            t.per_site[s.site_id]["OK"] += ok
+
+    def close(self) -> None:
+        self.flagged.close()
+        self.errors.close()
+
+
+class Offsets(NamedTuple):
+    """Byte lengths of flagged and errors when a checkpoint was taken (None: not begun)."""
+    flagged: int | None = None
+    errors: int | None = None
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """checkpoint.json: which job over which files, how far each file was answered, the Tally so
+    far and the byte length of flagged and errors then. On disk the tally and the offsets share
+    one "report" object (the layout of every earlier version, which still resumes)."""
+    job_id: str
+    files: list[str]
+    mode: str
+    positions: list[int]
+    tally: Tally = field(default_factory=Tally)
+    offsets: Offsets = Offsets()
+
+    @classmethod
+    def load(cls, path: str) -> "Checkpoint":
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        report = state["report"]
+        offsets = report.get("offsets", {})
+        return cls(state["job_id"], state["files"], state["mode"], state["positions"],
+                   Tally.from_state(report), Offsets(offsets.get("flagged"), offsets.get("errors")))
+
+    def save(self, path: str) -> None:
+        """Atomically: written to a temporary file, synced, renamed over the old one."""
+        report = {**self.tally.state(), "offsets": self.offsets._asdict()}
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            # dumps, not dump: json.dump encodes in pure Python, several times slower.
+            fh.write(json.dumps({"job_id": self.job_id, "files": self.files, "mode": self.mode,
+                                 "positions": self.positions, "report": report}))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 class Progress:
@@ -347,16 +474,17 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
     job leaves Redis to the live POS traffic (0: no cap)."""
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    state = None
     if os.path.exists(ckpt_path):
         if not resume:
             raise RuntimeError(f"{out_dir} holds an interrupted job ({CHECKPOINT}): pass --resume, or use another --out")
-        with open(ckpt_path, encoding="utf-8") as fh:
-            state = json.load(fh)
-        if state["job_id"] != job_id or state["files"] != files or state["mode"] != mode:
-            raise RuntimeError(f"{ckpt_path} is for job {state['job_id']!r} over {state['files']} ({state['mode']})")
-    positions = state["positions"] if state else [0] * len(files)
-    report = Report(out_dir, fmt, state["report"] if state else None)
+        ckpt = Checkpoint.load(ckpt_path)
+        if ckpt.job_id != job_id or ckpt.files != files or ckpt.mode != mode:
+            raise RuntimeError(f"{ckpt_path} is for job {ckpt.job_id!r} over {ckpt.files} ({ckpt.mode})")
+    else:
+        ckpt = Checkpoint(job_id, files, mode, [0] * len(files))
+    positions, tally = ckpt.positions, ckpt.tally
+    recorder = Recorder(tally, FlaggedWriter(out_dir, fmt, ckpt.offsets.flagged),
+                        ErrorWriter(out_dir, ckpt.offsets.errors))
     counter = ByteCounter()
     bar = Progress(sum(os.path.getsize(f) for f in files), counter, progress)
     sources = [settlements_of(p, i, positions[i], counter) for i, p in enumerate(files)]
@@ -412,14 +540,8 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
             failure.append(exc)
 
     def checkpoint() -> None:
-        tmp = ckpt_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            # dumps, not dump: json.dump encodes in pure Python, several times slower.
-            fh.write(json.dumps({"job_id": job_id, "files": files, "mode": mode, "positions": positions,
-                                 "report": report.state()}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, ckpt_path)
+        ckpt.offsets = Offsets(recorder.flagged.offset(), recorder.errors.offset())
+        ckpt.save(ckpt_path)
 
     next_ckpt = 0.0  # the first answer writes one: from then on the job is resumable
     try:
@@ -429,29 +551,32 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
                 results = iter(resp.results)
                 for s in batch:
                     for e in s.errors:
-                        report.bad(e)
+                        recorder.bad(e)
                     if s.rows:
-                        report.settlement(s, next(results))
+                        recorder.settlement(s, next(results))
                     positions[s.file_index] = max(positions[s.file_index], s.last_line)
                 slots.release()
-                bar.show(report.records + report.bad_records)
+                bar.show(tally.records + tally.bad_records)
                 if (now := time.monotonic()) >= next_ckpt:
                     checkpoint()
                     done = time.monotonic()
                     next_ckpt = done + max(CHECKPOINT_EVERY, CHECKPOINT_COST_SHARE * (done - now))
     except grpc.RpcError:
         checkpoint()
-        report.close()
+        recorder.close()
         raise
     if failure:
         checkpoint()
-        report.close()
+        recorder.close()
         raise failure[0]
-    bar.show(report.records + report.bad_records, final=True)
+    bar.show(tally.records + tally.bad_records, final=True)
     elapsed = time.monotonic() - started
-    summary = report.write_final({"job_id": job_id, "mode": mode, "files": files,
-                                  "seconds_this_run": round(elapsed, 3)})
-    report.close()
+    network = DuplicateNetwork(tally.pairs)
+    write_network(os.path.join(out_dir, "network.csv"), network.ranked())
+    summary = summary_of({"job_id": job_id, "mode": mode, "files": files, "seconds_this_run": round(elapsed, 3)},
+                         tally, network)
+    write_summary(os.path.join(out_dir, "summary.json"), summary)
+    recorder.close()
     os.remove(ckpt_path) if os.path.exists(ckpt_path) else None
     if isinstance(target, str):
         channel.close()

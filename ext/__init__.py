@@ -1,7 +1,14 @@
 """Scan-code codec: every form a pharmacy scanner sends -> one canonical key per pack.
 
-    from tracecode.codec import parse, parse_many, Profile
-    kind, key, product, serial, batch, expiry, reason = parse("]d2010690123456789221SN1")
+    from tracecode.codec import parse, parse_many, Profile, KEY, REASON
+    parsed = parse("]d2010690123456789221SN1")
+    parsed[KEY], parsed[REASON]          # '010690123456789221SN1', ''
+
+A result is a plain 7-tuple (`Parsed`), built in C on the hot path; read it by the named indexes
+KIND, KEY, PRODUCT, SERIAL, BATCH, EXPIRY, REASON (or unpack it whole), never by bare numbers.
+KIND is KIND_CN20, KIND_GS1 or KIND_MALFORMED; KEY the canonical key ('' when malformed);
+PRODUCT the GTIN-14 or the 7-digit product of a 20-digit code; EXPIRY YYYYMMDD or 0; REASON
+why it is malformed ('' otherwise). The compiled module's signatures are in `_codec.pyi`.
 
 Two implementations with identical behaviour: the compiled `_codec` (default) and the pure-Python
 `fallback` (TRACECODE_NO_EXTENSIONS=1, or when the extension is not built: then a WARNING is
@@ -10,12 +17,21 @@ one is active: "compiled" or "python".
 """
 import logging
 import os
+from typing import Tuple
 
 from .profile import DEFAULT_PROFILE, Profile
 from .tables import KIND_CN20, KIND_GS1, KIND_MALFORMED
 
 __all__ = [
+    "BATCH",
+    "EXPIRY",
     "IMPLEMENTATION",
+    "KEY",
+    "KIND",
+    "PRODUCT",
+    "Parsed",
+    "REASON",
+    "SERIAL",
     "KIND_CN20",
     "KIND_GS1",
     "KIND_MALFORMED",
@@ -25,6 +41,10 @@ __all__ = [
     "parse",
     "parse_many",
 ]
+
+# The parse result: (kind, key, product, serial, batch, expiry, reason), and its named indexes.
+Parsed = Tuple[int, str, str, str, str, int, str]
+KIND, KEY, PRODUCT, SERIAL, BATCH, EXPIRY, REASON = range(7)
 
 _log = logging.getLogger("tracecode.codec")
 

@@ -62,7 +62,6 @@ K_SET82 = 1  # GS1 character set 82
 K_DATE = 2  # YYMMDD, DD 00 = day not given (GS1 Gen Specs 7.12)
 K_CHECKED = 3  # numeric, last digit a GS1 mod-10 check digit
 
-KIND_NAMES = {K_DIGITS: "digits", K_SET82: "set82", K_DATE: "date", K_CHECKED: "checked"}
 
 # Two-digit AI prefixes whose AIs have a predefined length and so are never followed by FNC1
 # (GS1 Gen Specs figure 7.8.5-2). Value: length of the data after the AI. 03/04/14/18/19 are

@@ -2,7 +2,9 @@
 
 Every field can be set as `--field-name` on `tracecode serve`, as `TRACECODE_FIELD_NAME` in the
 environment, or as `field_name = ...` in a TOML file given by `--config` / `TRACECODE_CONFIG`.
-The table in the README is generated from the help texts here.
+`tracecode serve --help` lists every field with its help text and default. The README's
+configuration table lists the main settings only, in its own words; tests/test_ops_config.py
+checks that each of its rows names a field here (as its `--flag`) and shows that field's default.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class Config:
     redis_url: str = _opt("", "Redis URL (redis://, rediss://, unix://); empty starts an embedded redis-server")
     data_dir: str = _opt("./tracecode-data", "directory of the embedded redis-server's AOF files")
     redis_appendfsync: str = _opt("everysec", "embedded Redis AOF fsync: always (safest), everysec, no")
+    redis_restart_s: float = _opt(0.5, "embedded Redis: wait before restarting it after it died, seconds; "
+                                       "doubles on each quick death, up to 10 s")
     redis_timeout_s: float = _opt(2.0, "socket timeout of each Redis call, seconds")
     redis_cluster: bool = _opt(False, "--redis-url names a node of a Redis Cluster (keys are hash-tagged per code)")
     min_replicas_acked: int = _opt(0, "acknowledge a dispense only once this many replicas have it (Redis WAIT); 0 = async")

@@ -1,45 +1,113 @@
-"""Domain errors. Each maps to exactly one gRPC status in servicer._guarded."""
+"""Domain errors, in one registry: each error class declares the gRPC status it is answered with
+(by name, so this module needs no grpc) and, where a Lua script raises it, its script error code
+(the `TC...` prefix of the script's error reply). The store turns script errors into these
+classes through `from_script_error`; the API maps them to statuses through `status_of`; neither
+has a chain of ifs (asyncpg keeps its SQLSTATE-to-exception map the same way).
+
+May import: the standard library only.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
 
 
-class InvalidRequest(Exception):
+class TracecodeError(Exception):
+    """Base of every domain error. `status`: the gRPC status name it is answered with."""
+    status: ClassVar[str] = "INTERNAL"
+    script_code: ClassVar[str | None] = None  # e.g. "TCCONFLICT", when a Lua script raises it
+
+    @classmethod
+    def from_script(cls, detail: str) -> "TracecodeError":
+        """The error a script reply `<CODE> <detail>` stands for (subclasses with arguments parse
+        them from detail)."""
+        return cls(detail)
+
+
+class InvalidRequest(TracecodeError):
     """The request is wrong as a whole or in named fields: [(field path, description), ...]."""
+    status = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[tuple[str, str]]):
         super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
         self.violations = violations
 
 
-class PermissionDenied(Exception):
-    pass
+class PermissionDenied(TracecodeError):
+    status = "PERMISSION_DENIED"
 
 
-class StoreError(Exception):
+class StoreError(TracecodeError):
     """Base of the errors the store raises."""
 
 
 class StoreUnavailable(StoreError):
     """Redis cannot be reached or did not answer in time: retryable, nothing was half-applied."""
+    status = "UNAVAILABLE"
 
 
 class SettlementConflict(StoreError):
     """The settlement id was already used with a different request body."""
+    status = "ALREADY_EXISTS"
+    script_code = "TCCONFLICT"
 
 
 class NotFound(StoreError):
-    pass
+    status = "NOT_FOUND"
 
 
 class SettlementNotFound(NotFound):
-    pass
+    script_code = "TCNOTFOUND"
 
 
 class ReturnWindowClosed(StoreError):
+    status = "FAILED_PRECONDITION"
+    script_code = "TCWINDOW"
+
     def __init__(self, age_ms: int):
-        super().__init__(f"settlement is {age_ms / 86_400_000:.1f} days old")
+        super().__init__(f"return window closed: settlement is {age_ms / 86_400_000:.1f} days old")
         self.age_ms = age_ms
+
+    @classmethod
+    def from_script(cls, detail: str) -> "ReturnWindowClosed":
+        return cls(int(detail.split()[0]))
 
 
 class BadLineIndex(StoreError):
+    status = "INVALID_ARGUMENT"
+    script_code = "TCBADLINE"
+
     def __init__(self, index: int):
         super().__init__(f"line index {index} is not in the settlement")
         self.index = index
+        self.violations = [("line_indexes", str(self))]
+
+    @classmethod
+    def from_script(cls, detail: str) -> "BadLineIndex":
+        return cls(int(detail.split()[0]))
+
+
+def _registry() -> dict[str, type[TracecodeError]]:
+    found: dict[str, type[TracecodeError]] = {}
+    todo: list[type[TracecodeError]] = [TracecodeError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.script_code:
+            found[cls.script_code] = cls
+    return found
+
+
+# Script error code -> error class, every class that declares one.
+BY_SCRIPT_CODE = _registry()
+
+
+def from_script_error(message: str) -> TracecodeError | None:
+    """The domain error of a script's error reply ('TCCONFLICT detail ...'), None for any other."""
+    code, _, detail = message.partition(" ")
+    cls = BY_SCRIPT_CODE.get(code)
+    return cls.from_script(detail) if cls else None
+
+
+def status_of(error: BaseException) -> str | None:
+    """The gRPC status name a domain error is answered with; None for anything else (a bug)."""
+    return error.status if isinstance(error, TracecodeError) else None

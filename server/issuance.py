@@ -1,23 +1,41 @@
 """Issuance records: validation of what issuers upload, and status changes (locks, recalls).
 
 Validation happens here, once, for every path that writes issuance (the Admin RPCs and therefore
-`tracecode load`); the store only stores.
+`tracecode load`); the store only stores. Its seams are plain typed objects: the API turns
+protobuf into `IssuanceInput` / `UpsertBatch` and `UpsertSummary` back into protobuf.
+
+May import: the codec and the plain modules (errors, verdicts, verifier's field rules) and the
+store; never grpc or the generated stubs.
 """
 from __future__ import annotations
 
 import re
 from datetime import date
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from tracecode import codec
-from tracecode.v1 import admin_pb2 as apb
 
 from .errors import InvalidRequest, NotFound
 from .store import Store, now_ms
-from .verdicts import STATUS_NAME, STATUSES
+from .store.types import IssuanceRecord
+from .verdicts import STATUSES
+from .verifier import MAX_PRODUCT_ID, text_problem
 
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})\Z")
 MAX_REPORTED_ERRORS = 100
+MAX_PACK_UNITS = 100_000
+# Free-text issuance fields: (field, most characters). The product id has the limit a settlement
+# line has, so no record can be stored that settlement would refuse to bill.
+TEXT_LIMITS = (("product_id", MAX_PRODUCT_ID), ("batch", 64), ("manufacturer", 200))
+# store.upsert_issuance outcome -> (response counter, error reason or None).
+OUTCOMES = {
+    0: ("unchanged", None),
+    1: ("created", None),
+    2: ("updated", None),
+    3: ("conflicts", "conflict: stored record has another product (kept; use --replace)"),
+    4: ("rejected", "pack_units: below the units already dispensed from this pack (record kept)"),
+}
 
 
 def parse_expiry(text: str) -> int:
@@ -33,6 +51,47 @@ def parse_expiry(text: str) -> int:
     return y * 10000 + mo * 100 + d
 
 
+@dataclass(slots=True)
+class IssuanceInput:
+    """One record as an issuer sent it. `status`: a status name, '' for none, or the text of a
+    value the API could not name (then it is a record error)."""
+    code: str
+    product_id: str
+    gtin: str = ""
+    batch: str = ""
+    expiry: str = ""
+    pack_units: int = 0
+    manufacturer: str = ""
+    status: str = ""
+
+
+@dataclass(slots=True)
+class UpsertBatch:
+    records: list[IssuanceInput]
+    replace: bool = False
+    source: str = ""
+    first_line: int = 0  # line of records[0] in the source, 0 when unknown
+
+
+@dataclass(slots=True)
+class RecordError:
+    source: str
+    line: int
+    code: str
+    reason: str
+
+
+@dataclass(slots=True)
+class UpsertSummary:
+    received: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    errors: list[RecordError] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS
+
+
 class IssuanceService:
     def __init__(self, store: Store, profile=None, chunk: int = 500):
         self.store = store
@@ -41,17 +100,20 @@ class IssuanceService:
 
     def _canonical(self, raw: str) -> tuple[str, tuple]:
         parsed = codec.parse(raw, self.profile)
-        if not parsed[1]:
-            raise InvalidRequest([("raw_code", parsed[6])])
-        return parsed[1], parsed
+        if not parsed[codec.KEY]:
+            raise InvalidRequest([("raw_code", parsed[codec.REASON])])
+        return parsed[codec.KEY], parsed
 
-    def validate(self, rec: apb.IssuanceInput) -> tuple:
+    def validate(self, rec: IssuanceInput) -> tuple:
         """An IssuanceInput -> the store's record tuple, or ValueError naming the field."""
         kind, key, product, serial, batch, expiry, reason = codec.parse(rec.code, self.profile)
         if not key:
             raise ValueError(f"code: {reason}")
-        if not rec.product_id:
-            raise ValueError("product_id: required")
+        for name, limit in TEXT_LIMITS:
+            problem = text_problem(getattr(rec, name), limit, "the product the code was issued for",
+                                   required=name == "product_id")
+            if problem:
+                raise ValueError(f"{name}: {problem}")
         gtin = rec.gtin
         if kind == codec.KIND_GS1:
             if gtin and gtin.zfill(14) != product:
@@ -65,21 +127,23 @@ class IssuanceService:
         if rec.batch and batch and rec.batch != batch:
             raise ValueError(f"batch: {rec.batch} differs from the batch {batch} inside the code")
         units = rec.pack_units or 1
-        if units > 100000:
-            raise ValueError(f"pack_units: {units} is more than 100000")
-        status = STATUS_NAME.get(rec.status, "") if rec.status else ""
-        if rec.status and not status:
-            raise ValueError(f"status: unknown value {rec.status}")
+        if units > MAX_PACK_UNITS:
+            raise ValueError(f"pack_units: {units} is more than {MAX_PACK_UNITS}")
+        status = rec.status
+        if status and status not in STATUSES:
+            raise ValueError(f"status: unknown value {status}")
         return (key, rec.product_id, gtin, rec.batch or batch, exp or 0, units, rec.manufacturer, status)
 
-    def upsert_stream(self, requests: Iterable[apb.UpsertIssuanceRequest]) -> apb.UpsertIssuanceResponse:
-        resp = apb.UpsertIssuanceResponse()
-        counters = {0: "unchanged", 1: "created", 2: "updated", 3: "conflicts"}
+    def upsert_stream(self, requests: Iterable[UpsertBatch]) -> UpsertSummary:
+        resp = UpsertSummary()
+
+        def report(source, line, code, reason):
+            if len(resp.errors) < MAX_REPORTED_ERRORS:
+                resp.errors.append(RecordError(source, line, code, reason))
 
         def error(source, line, code, reason):
             resp.rejected += 1
-            if len(resp.errors) < MAX_REPORTED_ERRORS:
-                resp.errors.add(source=source, line=line, code=code, reason=reason)
+            report(source, line, code, reason)
 
         for req in requests:
             valid, where = [], []
@@ -94,13 +158,13 @@ class IssuanceService:
             for start in range(0, len(valid), self.chunk):
                 outcomes = self.store.upsert_issuance(valid[start:start + self.chunk], replace=req.replace)
                 for (line, code), outcome in zip(where[start:start + self.chunk], outcomes):
-                    setattr(resp, counters[outcome], getattr(resp, counters[outcome]) + 1)
-                    if outcome == 3 and len(resp.errors) < MAX_REPORTED_ERRORS:
-                        resp.errors.add(source=req.source, line=line, code=code,
-                                        reason="conflict: stored record has another product (kept; use --replace)")
+                    counter, why = OUTCOMES[outcome]
+                    setattr(resp, counter, getattr(resp, counter) + 1)
+                    if why:
+                        report(req.source, line, code, why)
         return resp
 
-    def get(self, raw: str) -> tuple[str, dict]:
+    def get(self, raw: str) -> tuple[str, IssuanceRecord]:
         code, _ = self._canonical(raw)
         record = self.store.get_issuance(code)
         if record is None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service (the gRPC server metrics live in interceptors.py).
+"""Prometheus metrics of the service (the gRPC server metrics live in api/interceptors.py).
 
 Names follow the Prometheus conventions: base units (seconds), `_total` on counters, `_info` for
 constant build labels. Labels have bounded values only: a verdict, a channel, an outcome, a Redis
@@ -7,6 +7,8 @@ served by the API, not by label cardinality). Every child a dashboard or alert n
 import, so a series exists at 0 before its first event and `increase()` sees that first event.
 
 docs/operations.md lists every metric and the alerts built on them.
+
+May import: prometheus-client and the plain modules (errors, verdicts); never redis or grpc.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-import redis
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from tracecode import __version__, codec
 
-from .errors import StoreUnavailable
-from .verdicts import VERDICT_ENUM
+from .errors import TracecodeError, StoreUnavailable
+from .verdicts import VERDICTS
 
 # The `_created` companion series double the series count and Prometheus does not use them.
 disable_created_metrics()
@@ -72,10 +73,15 @@ BULK_PROGRESS_TS = Gauge("tracecode_bulk_last_progress_timestamp_seconds",
                          multiprocess_mode="max")
 BULK_JOBS = Counter("tracecode_bulk_jobs_total", "Bulk jobs ended, by outcome", ["kind", "outcome"])
 
+MALFORMED_MESSAGES = Counter("tracecode_malformed_messages_total",
+                             "Request messages that could not be decoded as their protobuf type")
+EMBEDDED_REDIS_RESTARTS = Counter("tracecode_embedded_redis_restarts_total",
+                                  "Times the supervised embedded redis-server was restarted after it died")
+
 BUILD_INFO.labels(__version__, codec.IMPLEMENTATION).set(1)
 
 # Pre-bound children: the hot path does a dict lookup, not a label resolution.
-_VERDICT = {(v, c): VERIFICATIONS.labels(v, c) for v in VERDICT_ENUM for c in CHANNELS}
+_VERDICT = {(v, c): VERIFICATIONS.labels(v, c) for v in VERDICTS for c in CHANNELS}
 _OUTCOME = {(o, c): SETTLEMENTS.labels(o, c) for o in SETTLEMENT_OUTCOMES for c in CHANNELS}
 _LATENCY = {c: VERIFY_SECONDS.labels(c) for c in CHANNELS}
 _REDIS = {op: (REDIS_SECONDS.labels(op), REDIS_CALL_ERRORS.labels(op)) for op in REDIS_OPS}
@@ -142,9 +148,13 @@ def _measured(op: str, fn):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
-        except (StoreUnavailable, redis.RedisError):
-            # Domain answers the store raises (conflict, not found, window closed) are not failures.
+        except StoreUnavailable:
             errors.inc()
+            raise
+        except TracecodeError:
+            raise  # domain answers the store raises (conflict, not found, window closed) are not failures
+        except Exception:
+            errors.inc()  # any other Redis error reply the store let through (e.g. an ACL's NOPERM)
             raise
         finally:
             seconds.observe(time.perf_counter() - start)

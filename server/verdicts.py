@@ -1,9 +1,11 @@
-"""Verdicts, their precedence and their wire names: data the verifier and the Lua script share.
+"""Verdicts, their precedence, issuance statuses and event types, as strings: data the verifier,
+the store's Lua scripts and the API share (the API maps the names to its enums).
 
 The Lua script receives PRECEDENCE at load time (it is spliced into the script text), so the
 order in which checks win lives in exactly one place: here.
+
+May import: nothing (plain data).
 """
-from tracecode.v1 import verification_pb2 as pb
 
 # When several checks fail for one line, the first in this list is the verdict.
 # A resold pack is the stronger signal than a product mismatch, hence DUPLICATE before it.
@@ -18,19 +20,13 @@ PRECEDENCE = (
     "QUANTITY_EXCEEDED",
 )
 
-VERDICT_ENUM = {name: pb.Verdict.Value(name) for name in ("OK",) + PRECEDENCE}
+VERDICTS = ("OK",) + PRECEDENCE
 
 # Issuance statuses; every status but ACTIVE blocks dispensing.
 STATUSES = ("ACTIVE", "RECALLED", "LOCKED", "STOLEN", "DESTROYED")
-STATUS_ENUM = {name: pb.CodeStatus.Value(name) for name in STATUSES}
-STATUS_NAME = {v: k for k, v in STATUS_ENUM.items()}
 
-EVENT_ENUM = {
-    "DISPENSED": pb.DISPENSED,
-    "ATTEMPT": pb.DUPLICATE_ATTEMPT,
-    "REVERSED": pb.REVERSED,
-    "STATUS_CHANGED": pb.STATUS_CHANGED,
-}
+# Event types as the scripts write them in a code's history and the audit stream.
+EVENTS = ("DISPENSED", "ATTEMPT", "REVERSED", "STATUS_CHANGED")
 
 
 def lua_precedence() -> str:

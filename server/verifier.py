@@ -1,13 +1,15 @@
 """The verifier: the rules of docs/verification.md between the servicer and the store.
 
 It validates a settlement, canonicalises every scan with the codec (one batch call), hands the
-distinct codes to the store for one atomic judge-and-mark, and turns the store's facts into
-verdicts with reasons a pharmacist can act on. It knows nothing of gRPC.
+distinct codes to the store for one atomic judge-and-mark (a `SettlementCall`), and turns the
+store's decoded rows into verdicts with reasons a pharmacist can act on.
+
+May import: the codec, the plain modules (errors, verdicts) and the store; never grpc or the
+generated stubs. It is given the rule settings it needs (`RulesSettings`), not the whole Config.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,13 +20,49 @@ from tracecode import codec
 
 from .config import Config
 from .errors import InvalidRequest, SettlementConflict
-from .store import Store, now_ms
+from .store import KeySpace, Store, now_ms
+from .store.types import CodeHistory, PlanLine, SettlementCall, SettlementResult
 
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
 _ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
+# Free-text fields (product ids, batches, manufacturers) take any printable text, never control
+# characters: C0, DEL and C1. Those would corrupt logs and CSV exports and, in older digests,
+# let two different bodies look alike.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_PRODUCT_ID = 64
+
+
+def text_problem(value: str, limit: int, what: str, required: bool = True) -> str | None:
+    """Why a free-text field is not acceptable, or None: required, at most `limit` characters, no
+    control character. Shared by settlement lines and issuance records (same limits)."""
+    if not value:
+        return f"required: {what}" if required else None
+    if len(value) > limit:
+        return f"{len(value)} characters, at most {limit}"
+    bad = _CONTROL.search(value)
+    if bad:
+        return f"control character U+{ord(bad.group()):04X} at position {bad.start() + 1}"
+    return None
 # Instants a settlement may carry (1970-01-01 .. 2100-01-01 UTC): a protobuf Timestamp holds far
 # more (years 1..9999 and beyond), which the calendar of the expiry check cannot represent.
 MIN_TIME_MS, MAX_TIME_MS = 0, 4_102_444_800_000
+
+
+@dataclass(frozen=True, slots=True)
+class RulesSettings:
+    """What the rules depend on (docs/verification.md), taken from Config by from_config."""
+    timezone: str = "Asia/Shanghai"
+    clock_skew_s: int = 600
+    return_window_days: float = 10.0
+    max_lines: int = 200
+    max_code_length: int = 512
+    max_units: int = 100_000
+    cn_prefixes: str = "8"
+    gs_substitutes: str = ""
+
+    @classmethod
+    def from_config(cls, config: Config) -> "RulesSettings":
+        return cls(**{f: getattr(config, f) for f in cls.__dataclass_fields__})
 
 
 @dataclass(slots=True)
@@ -59,9 +97,9 @@ class BulkChunk:
     """A prepared bulk chunk: per settlement its outcome or error (filled in by bulk_finish), the
     store calls, and where each call's answer goes."""
     out: list
-    calls: list
-    where: list
-    keys_of: list
+    calls: list[SettlementCall]
+    where: list[int]
+    keys_of: list[list[str]]
 
 
 @dataclass(slots=True)
@@ -81,36 +119,58 @@ def _fmt_day(day: int) -> str:
 
 
 class Verifier:
-    def __init__(self, store: Store, config: Config):
+    def __init__(self, store: Store, rules: RulesSettings | Config):
         self.store = store
-        self.config = config
-        self.tz = ZoneInfo(config.timezone)
-        subs = tuple(s for s in config.gs_substitutes.split(",") if s)
-        self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=config.cn_prefixes,
-                                     max_length=config.max_code_length)
+        if not isinstance(rules, RulesSettings):
+            rules = RulesSettings.from_config(rules)
+        self.rules = rules
+        self.tz = ZoneInfo(rules.timezone)
+        subs = tuple(s for s in rules.gs_substitutes.split(",") if s)
+        self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=rules.cn_prefixes,
+                                     max_length=rules.max_code_length)
 
     # ------------------------------------------------------------------ parsing
 
     def canonical(self, raw: str) -> str:
         """The canonical key of one scan, or InvalidRequest naming why it is malformed."""
-        kind, key, *_, reason = codec.parse(raw, self.profile)
-        if not key:
-            raise InvalidRequest([("raw_code", reason)])
-        return key
+        parsed = codec.parse(raw, self.profile)
+        if not parsed[codec.KEY]:
+            raise InvalidRequest([("raw_code", parsed[codec.REASON])])
+        return parsed[codec.KEY]
 
-    def _plan(self, lines: Sequence[Line], parsed=None):
+    def history(self, raw: str) -> tuple[str, CodeHistory]:
+        """A code's canonical key, issuance record, dispense state and events, from any scan form."""
+        code = self.canonical(raw)
+        return code, self.store.code_history(code)
+
+    # ------------------------------------------------------------------ bulk jobs' store access
+
+    def job_namespace(self, job_id: str):
+        """The key namespace of a bulk REPLAY job (its own dispense state)."""
+        return KeySpace(f"{self.store.keys.prefix}-job-{job_id}")
+
+    def bulk_run(self, prepared: "BulkChunk") -> list:
+        """The store's answers to a prepared chunk's calls, one pipelined round trip."""
+        return self.store.verify_batch(self.store.prepare_batch(prepared.calls)) if prepared.calls else []
+
+    def drop_job(self, namespace) -> int:
+        return self.store.drop_namespace(namespace)
+
+    def _plan(self, lines: Sequence[Line], parsed=None) -> tuple[list[PlanLine], list[str], list[str]]:
+        """(the script's lines, the distinct canonical codes, each line's code or '')."""
         if parsed is None:
             parsed = codec.parse_many([ln.raw_code for ln in lines], self.profile)
         index: dict[str, int] = {}
         plan, keys = [], []
-        for ln, (kind, key, _product, _serial, _batch, _expiry, reason) in zip(lines, parsed):
+        for ln, p in zip(lines, parsed):
+            key = p[codec.KEY]
             if key:
                 u = index.get(key)
                 if u is None:
                     u = index[key] = len(index) + 1
-                plan.append((u, ln.product_id, ln.units, ""))
+                plan.append(PlanLine(u, ln.product_id, ln.units, ""))
             else:
-                plan.append((0, ln.product_id, ln.units, reason))
+                plan.append(PlanLine(0, ln.product_id, ln.units, p[codec.REASON]))
             keys.append(key)
         return plan, list(index), keys
 
@@ -127,16 +187,17 @@ class Verifier:
             bad.append(("settlement_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
         if not lines:
             bad.append(("lines", "at least one line is required"))
-        elif len(lines) > self.config.max_lines:
-            bad.append(("lines", f"{len(lines)} lines, at most {self.config.max_lines} per settlement"))
-        for i, ln in enumerate(lines[: self.config.max_lines]):
-            if not ln.product_id or len(ln.product_id) > 64:
-                bad.append((f"lines[{i}].product_id", "required: the billed product id, at most 64 characters"))
-            if len(ln.raw_code) > self.config.max_code_length:
+        elif len(lines) > self.rules.max_lines:
+            bad.append(("lines", f"{len(lines)} lines, at most {self.rules.max_lines} per settlement"))
+        for i, ln in enumerate(lines[: self.rules.max_lines]):
+            problem = text_problem(ln.product_id, MAX_PRODUCT_ID, "the billed product id")
+            if problem:
+                bad.append((f"lines[{i}].product_id", problem))
+            if len(ln.raw_code) > self.rules.max_code_length:
                 bad.append((f"lines[{i}].raw_code",
-                            f"{len(ln.raw_code)} characters, at most {self.config.max_code_length}"))
-            if ln.units < 0 or ln.units > self.config.max_units:
-                bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{self.config.max_units}"))
+                            f"{len(ln.raw_code)} characters, at most {self.rules.max_code_length}"))
+            if ln.units < 0 or ln.units > self.rules.max_units:
+                bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{self.rules.max_units}"))
         if bad:
             raise InvalidRequest(bad)
 
@@ -147,11 +208,42 @@ class Verifier:
     @staticmethod
     def digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
                lines: Sequence[Line]) -> str:
+        """The idempotency digest of a settlement body: BLAKE2b over every field, each written as
+        its UTF-8 length (4 bytes) and bytes, so no two bodies share a serialisation whatever
+        bytes their fields hold (a raw scan may carry any character; it is then MALFORMED, but
+        still part of the body). Prefixed "2." to tell it from the legacy digest."""
+        h = hashlib.blake2b(digest_size=16, person=b"tracecode-body2")
+        fields = [site_id, settlement_id, str(at_ms), "A" if all_or_nothing else "R", str(len(lines))]
+        for ln in lines:
+            fields += (ln.raw_code, ln.product_id, str(ln.units))
+        for f in fields:
+            b = f.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(4, "big"))
+            h.update(b)
+        return "2." + h.hexdigest()
+
+    @staticmethod
+    def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
+                      lines: Sequence[Line]) -> str:
+        """The digest records written before "2." carry (fields joined by ASCII 30/31). Used only
+        to recognise a retry of such a record; settlement records live settlement_ttl (400 days).
+        It is unambiguous for bodies that pass today's validation except through raw codes that
+        carry ASCII 30/31, so such a body never matches a legacy record (see dispense)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{site_id}\x1f{settlement_id}\x1f{at_ms}\x1f{int(all_or_nothing)}".encode())
         for ln in lines:
             h.update(f"\x1e{ln.raw_code}\x1f{ln.product_id}\x1f{ln.units}".encode())
         return h.hexdigest()
+
+    def _legacy_replay(self, site_id, settlement_id, at_ms, all_or_nothing, lines) -> SettlementOutcome | None:
+        """The stored answer when the settlement id holds a pre-"2." record of this very body."""
+        if any("\x1e" in ln.raw_code or "\x1f" in ln.raw_code for ln in lines):
+            return None  # the old serialisation cannot tell such a body from another
+        stored = self.store.stored_settlement(site_id, settlement_id)
+        if not stored or stored[0] != self.legacy_digest(site_id, settlement_id, at_ms, all_or_nothing, lines):
+            return None
+        _, _, keys = self._plan(lines)
+        return self._outcome(stored[1], keys)
 
     # ------------------------------------------------------------------ operations
 
@@ -161,53 +253,50 @@ class Verifier:
         digest = self.digest(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
         if check_skew:
             skew = abs(settled_at_ms - now_ms()) / 1000
-            if skew > self.config.clock_skew_s:
+            if skew > self.rules.clock_skew_s:
                 # A late retry of a settlement already recorded still gets its stored answer.
                 stored = self.store.stored_settlement(site_id, settlement_id)
                 if stored and stored[0] == digest:
-                    plan, _, keys = self._plan(lines)
-                    return self._outcome(stored[1], keys, replayed=True)
+                    _, _, keys = self._plan(lines)
+                    return self._outcome(stored[1], keys)
+                legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+                if legacy is not None:
+                    return legacy
                 raise InvalidRequest([("settled_at",
-                                       f"{skew:.0f} s from the server clock, at most {self.config.clock_skew_s} s")])
+                                       f"{skew:.0f} s from the server clock, at most {self.rules.clock_skew_s} s")])
         plan, codes, keys = self._plan(lines)
         try:
-            replayed, out = self.store.verify(
+            out = self.store.verify(SettlementCall(
                 dispense=True, site=site_id, settlement_id=settlement_id, settled_at_ms=settled_at_ms,
                 settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
-                lines=plan, codes=codes)
+                lines=plan, codes=codes))
         except SettlementConflict:
+            legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
+            if legacy is not None:
+                return legacy
             raise SettlementConflict(
                 f"settlement {settlement_id!r} of site {site_id!r} was already recorded with a different "
                 "request body; use a new settlement id for a new sale") from None
-        return self._outcome(out, keys, replayed)
+        return self._outcome(out, keys)
 
     def check(self, site_id: str, at_ms: int | None, lines: Sequence[Line]) -> list[LineOutcome]:
         """The verdicts lines would get now, marking nothing (site_id may be empty)."""
         at_ms = now_ms() if at_ms is None else at_ms
         self._validate(site_id or "-", None, lines, at_ms, "at")
         plan, codes, keys = self._plan(lines)
-        _, out = self.store.verify(
+        out = self.store.verify(SettlementCall(
             dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
-            settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes)
-        return self._outcome(out, keys, False).results
+            settle_day=self.settle_day(at_ms), digest="", all_or_nothing=False, lines=plan, codes=codes))
+        return self._outcome(out, keys).results
 
     def reverse(self, site_id: str, settlement_id: str, line_indexes: Sequence[int], note: str = ""):
         self._validate(site_id, settlement_id, [Line("-", "-")])
         if any(i < 0 for i in line_indexes):
             raise InvalidRequest([("line_indexes", "indexes are 0-based and non-negative")])
-        window_ms = int(self.config.return_window_days * 86_400_000)
+        window_ms = int(self.rules.return_window_days * 86_400_000)
         return self.store.reverse(site=site_id, settlement_id=settlement_id, now_ms=now_ms(),
                                   window_ms=window_ms, line_indexes=sorted(set(line_indexes)),
                                   note=note[:200])
-
-    def bulk(self, settlements: Sequence[tuple[str, str, int, Sequence[Line]]], *, replay: bool,
-             state=None, state_ttl_s: int = 0) -> list[SettlementOutcome | str]:
-        """Judge a chunk of historical settlements (site, id, settled_at ms, lines) in one
-        pipelined round trip, each at its own settled_at (no clock-skew check). REPLAY marks them
-        in the `state` namespace; CHECK marks nothing. A settlement that cannot be judged as a
-        whole comes back as its error text, in its place."""
-        prepared = self.bulk_prepare(settlements, replay=replay, state=state, state_ttl_s=state_ttl_s)
-        return self.bulk_finish(prepared, self.store.verify_batch(prepared.calls) if prepared.calls else [])
 
     def bulk_prepare(self, settlements, *, replay: bool, state=None, state_ttl_s: int = 0) -> "BulkChunk":
         """The Python half of bulk(): parse, validate and plan; no Redis. Split out so a bulk
@@ -226,10 +315,11 @@ class Verifier:
                 out[n] = str(exc)
                 continue
             plan, codes, keys = self._plan(lines, chunk)
-            calls.append(dict(dispense=replay, site=site, settlement_id=sid, settled_at_ms=at_ms,
-                              settle_day=self.settle_day(at_ms), all_or_nothing=False, lines=plan,
-                              codes=codes, state=state, state_ttl_s=state_ttl_s,
-                              digest=self.digest(site, sid, at_ms, False, lines) if replay else ""))
+            calls.append(SettlementCall(
+                dispense=replay, site=site, settlement_id=sid, settled_at_ms=at_ms,
+                settle_day=self.settle_day(at_ms), all_or_nothing=False, lines=plan, codes=codes,
+                state=state, state_ttl_s=state_ttl_s,
+                digest=self.digest(site, sid, at_ms, False, lines) if replay else ""))
             where.append(n)
             keys_of.append(keys)
         return BulkChunk(out, calls, where, keys_of)
@@ -241,28 +331,25 @@ class Verifier:
             if isinstance(res, SettlementConflict):
                 out[n] = "settlement id already used in this job with different lines"
             else:
-                out[n] = self._outcome(res[1], keys, res[0])
+                out[n] = self._outcome(res, keys)
         return out
 
     # ------------------------------------------------------------------ results
 
-    def _outcome(self, out: str, keys: list[str], replayed: bool) -> SettlementOutcome:
-        doc = json.loads(out)
+    def _outcome(self, out: SettlementResult, keys: list[str]) -> SettlementOutcome:
         results = []
-        for key, row in zip(keys, doc["l"]):
-            (verdict, accepted, used, pack_units, status, issued, expiry,
-             fsite, fsid, fat, attempts, reason) = row
-            o = LineOutcome(verdict, key, reason, int(accepted), int(used), int(pack_units), status,
-                            issued, fsite, fsid, int(fat), int(attempts))
-            if verdict != "MALFORMED":
-                o.reason = _REASONS[verdict](self, o, int(expiry))
+        for key, row in zip(keys, out.rows):
+            o = LineOutcome(row.verdict, key, row.reason, row.accepted, row.used, row.pack_units, row.status,
+                            row.issued_product_id, row.first_site_id, row.first_settlement_id,
+                            row.first_settled_at_ms, row.attempts)
+            if row.verdict != "MALFORMED":
+                o.reason = _REASONS[row.verdict](self, o, row.expiry)
             results.append(o)
-        recorded = bool(doc["rec"])
-        if not recorded:
+        if not out.recorded:
             for o in results:
                 if o.verdict == "OK":
                     o.reason = "not recorded: another line of the settlement was flagged (ALL_OR_NOTHING)"
-        return SettlementOutcome(results, recorded, replayed)
+        return SettlementOutcome(results, out.recorded, out.replayed)
 
 
 def _dup_reason(v: Verifier, o: LineOutcome, _e: int) -> str:

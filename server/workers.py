@@ -155,7 +155,8 @@ class _Metrics:
 class _Worker:
     def __init__(self, index: int):
         self.index = index
-        self.proc: subprocess.Popen | None = None
+        # Set by start() before anything reads it (the supervisor only tends started workers).
+        self.proc: subprocess.Popen = None  # type: ignore[assignment]
         self.ready = threading.Event()
         self.started_at = 0.0
         self.backoff = _MIN_BACKOFF_S
@@ -171,13 +172,14 @@ class _Worker:
             [sys.executable, "-m", "tracecode.server.workers", str(self.index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
             text=True, bufsize=1)
+        assert self.proc.stdin is not None  # stdin=PIPE
         self.proc.stdin.write(doc + "\n")
         self.proc.stdin.flush()  # and kept open: its EOF tells the worker the parent is gone
         threading.Thread(target=self._read, args=(self.proc,), name=f"tracecode-worker-{self.index}-out",
                          daemon=True).start()
 
     def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             if line.startswith(READY_PREFIX):
                 if proc is self.proc:
                     self.ready.set()
@@ -218,7 +220,8 @@ def supervise(config: Config) -> int:
         # Never supervise from inside a worker, whatever went wrong: no process avalanche.
         raise RuntimeError("tracecode worker process asked to supervise workers")
     from . import app, priority  # the parent sets up logging and the embedded Redis as a single server does
-    from .embedded_redis import RedisProcess
+    from . import metrics as tc_metrics
+    from .store import EmbeddedRedis
 
     app.setup_logging(config)
     stopping = threading.Event()
@@ -244,7 +247,9 @@ def supervise(config: Config) -> int:
         listen, reservation = reserve_port(config.listen)
         url = None
         if not config.redis_url:
-            embedded = RedisProcess(config.data_dir, appendfsync=config.redis_appendfsync).start()
+            embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync,
+                                     backoff_s=(config.redis_restart_s, max(config.redis_restart_s, 10.0)),
+                                     on_restart=lambda _why: tc_metrics.EMBEDDED_REDIS_RESTARTS.inc()).start()
             url = embedded.url
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         wconfig = _worker_config(config, listen, url)

@@ -9,7 +9,8 @@ import pytest
 
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisClusterProcesses, RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
+from redis_cluster import RedisClusterProcesses
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient
 
@@ -21,8 +22,30 @@ _prefixes = itertools.count(1)
 # the run (e.g. "standalone") while developing.
 BACKENDS = os.environ.get("TRACECODE_TEST_BACKENDS", "standalone,cluster").split(",")
 
+# Tests in which nothing backend-specific can differ (authentication, limits, metrics format,
+# request decoding...) carry this mark (usually as a module's `pytestmark`): they run on the first
+# backend of BACKENDS only (standalone by default), not once per backend. `all_backends` on a test
+# inside such a module puts it back on every backend.
+ONE_BACKEND = "backend_independent"
+ALL_BACKENDS = "all_backends"
 
-@pytest.fixture(scope="session", params=BACKENDS)
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{ONE_BACKEND}: runs on one Redis backend only "
+                                       "(nothing backend-specific can differ)")
+    config.addinivalue_line("markers", f"{ALL_BACKENDS}: runs on every backend even in a "
+                                       f"{ONE_BACKEND} module")
+
+
+def pytest_generate_tests(metafunc):
+    if "redis_server" not in metafunc.fixturenames:
+        return
+    node = metafunc.definition
+    one = node.get_closest_marker(ONE_BACKEND) and not node.get_closest_marker(ALL_BACKENDS)
+    metafunc.parametrize("redis_server", BACKENDS[:1] if one else BACKENDS, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def redis_server(request):
     if request.param == "cluster":
         proc = RedisClusterProcesses(masters=3, replicas=1).start()

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tracecode.clients.files import Row
-from tracecode.clients.pos import line
+from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
 from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
@@ -41,7 +41,7 @@ def make_dataset(tmp_path, admin, seed=11):
     events = []  # (time, site, lines)
     t = start
     sites = [f"S{n:03d}" for n in range(40)]
-    for n in range(380):
+    for _ in range(380):
         t += timedelta(seconds=rnd.randint(5, 60))
         k = rnd.randint(1, 3)
         lines = [pool.pop() for _ in range(k)]
@@ -121,8 +121,10 @@ def test_replay_finds_exactly_the_planted_fraud(tmp_path, admin, target):
         errors = list(csv.DictReader(fh))
     assert len(errors) == 1 and errors[0]["field"] == "product_id" and errors[0]["file"].endswith("export-a.csv")
     assert not (out / "checkpoint.json").exists()
-    # REPLAY is isolated: live state untouched (a planted pack is still sellable live)...
-    code = expected["PRODUCT_MISMATCH"][0]
+    # REPLAY is isolated: live state untouched (the packs it replayed are still unsold live)...
+    with PosClient(target) as pos:
+        for _, code in expected["DUPLICATE"]:
+            assert pos.history(code).units_used == 0, code
     # ...and the job namespace was dropped.
     stub = bulk_pb2_grpc.BulkVerificationStub(grpc.insecure_channel(target))
     assert stub.DropJob(bulk_pb2.DropJobRequest(job_id="planted-1")).keys_deleted == 0
@@ -239,7 +241,8 @@ def test_a_chunk_runs_in_slices_smaller_beside_pos_traffic_with_the_same_answers
     """A job's chunk is judged in slices (small while the process serves POS calls); the answers
     must not depend on where the slices cut: a pack replayed again after a slice boundary is a
     DUPLICATE, errors stay in their settlement's place, and the chunk gets one answer, in order."""
-    from tracecode.server import bulk, priority
+    from tracecode.server import priority
+    from tracecode.server.api import bulk
     monkeypatch.setattr(bulk, "SLICE_BESIDE_POS", 7)
     monkeypatch.setattr(bulk, "SLICE_ALONE", 50)
     seen: list[bool] = []

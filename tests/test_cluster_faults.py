@@ -13,14 +13,15 @@ from datetime import datetime, timezone
 
 import grpc
 import pytest
+import redis
 
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.files import Row
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisClusterProcesses
-from tracecode.server.keys import slot_of
+from redis_cluster import RedisClusterProcesses
+from tracecode.server.store.keys import slot_of
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, load
@@ -63,6 +64,7 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
     admin = AdminClient(target)
     load(admin, *(Row("t", 0, {"code": c, "product_id": P}) for c in codes))
     victim = cluster.master_of(store.keys.issuance(codes[0]))
+    on_victim = _slots_served_by(cluster, victim)
 
     acked: dict[str, str] = {}  # code -> settlement id answered OK
     statuses: list[grpc.StatusCode] = []
@@ -94,7 +96,16 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    # The kill must hit acknowledged dispenses: wait until the victim's shard has acknowledged
+    # some (codes are spread over the three shards by their hash tag), then take a snapshot.
+    wait_until = time.monotonic() + 30
+    while True:
+        with lock:
+            before_kill = {c: sid for c, sid in acked.items() if slot_of(c) in on_victim}
+        if len(before_kill) >= 5:
+            break
+        assert time.monotonic() < wait_until, f"only {len(before_kill)} OKs on the victim's shard in 30 s"
+        time.sleep(0.05)
     victim.kill()  # SIGKILL: its replica takes over
     # The promoted replica has no replica of its own, so with min_replicas_acked=1 its shard
     # answers UNAVAILABLE (nothing is acknowledged that could be lost) until the dead node comes
@@ -113,21 +124,41 @@ def test_master_killed_under_load_loses_no_acknowledged_dispense(cluster, serve)
         assert pos.verify("SITE-AFTER", [line(fresh, P)]).results[0].verdict == pb.OK
         # Every acknowledged dispense is still there, with its own settlement as first dispense.
         assert len(acked) >= 10, len(acked)  # some traffic got through (throughput on 2 shared cores varies 10x)
+        # The dispenses the killed master had acknowledged (WAIT: its replica had them) are the
+        # ones a failover could lose; they are all in `acked`, and all still there.
+        assert len(before_kill) >= 5 and before_kill.items() <= acked.items()
         for code, sid in acked.items():
             h = pos.history(code)
             assert h.units_used == 1 and h.first_dispense.first_settlement_id == sid, code
     admin.close()
 
 
-def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cluster, serve, tmp_path):
-    # Two codes in different slots: an ALL_OR_NOTHING settlement of both takes two phases.
-    a = cn20()
-    b = next(c for c in (cn20() for _ in range(100)) if slot_of(c) != slot_of(a))
-    helper, store = serve()
-    target = f"127.0.0.1:{helper.port}"
-    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+def _slots_served_by(cluster, node) -> frozenset[int]:
+    """The slots `node` serves as master now (CLUSTER SLOTS, asked of the node itself)."""
+    client = redis.Redis.from_url(node.url, decode_responses=True)
+    try:
+        return frozenset(slot for start, end, master, *_ in client.cluster("slots")
+                         if int(master[1]) == node.port for slot in range(start, end + 1))
+    finally:
+        client.close()
 
-    env = dict(os.environ, TRACECODE_FAILPOINTS="after_prepare=60")
+
+def _two_slot_codes():
+    a = cn20()
+    return a, next(c for c in (cn20() for _ in range(100)) if slot_of(c) != slot_of(a))
+
+
+def _dispensed(pos, code) -> int:
+    return sum(1 for e in pos.history(code).events if e.type == pb.DISPENSED)
+
+
+def _kill_mid_settlement(cluster, store, failpoint: str, a: str, b: str, sid: str, until) -> datetime:
+    """Start a `tracecode serve` with a failpoint sleeping at `failpoint`, send SITE-A's
+    ALL_OR_NOTHING settlement of packs a and b (two slots) to it, wait until `until(store)` says
+    the settlement reached that point, and SIGKILL the server there. Returns the settlement's
+    settled_at, for retries of the same body."""
+    at = datetime.now(timezone.utc)
+    env = dict(os.environ, TRACECODE_FAILPOINTS=f"{failpoint}=60")
     proc = subprocess.Popen([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
                              "--redis-url", cluster.url, "--redis-cluster", "--key-prefix", "ft",
                              "--metrics-port", "0", "--reservation-s", "2", "--workers", "1"],
@@ -139,16 +170,16 @@ def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cl
         def settle():
             try:
                 with PosClient(f"127.0.0.1:{port}", deadline_s=30, retries=0) as pos:
-                    pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-1", all_or_nothing=True)
+                    pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id=sid, settled_at=at,
+                               all_or_nothing=True)
             except grpc.RpcError as exc:
                 errors.append(exc.code())
 
         t = threading.Thread(target=settle)
         t.start()
-        parts = [store.keys.settlement_part("SITE-A", "AON-1", c) for c in (a, b)]
         deadline = time.monotonic() + 20
-        while not all(store.r.hget(k, "ps") == "P" for k in parts):
-            assert time.monotonic() < deadline, "the parts were never prepared"
+        while not until(store):
+            assert time.monotonic() < deadline, f"the settlement never reached {failpoint}"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)  # dies between the phases
         proc.wait()
@@ -158,6 +189,24 @@ def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cl
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return at
+
+
+def _prepared(sid, a, b):
+    return lambda store: all(store.r.hget(store.keys.settlement_part("SITE-A", sid, c), "ps") == "P"
+                             for c in (a, b))
+
+
+def _decided(sid):
+    return lambda store: store.r.hget(store.keys.settlement("SITE-A", sid), "dc") is not None
+
+
+def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cluster, serve):
+    a, b = _two_slot_codes()
+    helper, store = serve()
+    target = f"127.0.0.1:{helper.port}"
+    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+    _kill_mid_settlement(cluster, store, "after_prepare", a, b, "AON-1", _prepared("AON-1", a, b))
 
     with PosClient(target) as pos:
         # While reserved, the packs are held: another site is told they are taken.
@@ -169,3 +218,75 @@ def test_server_killed_between_prepare_and_commit_leaves_nothing_after_expiry(cl
         after = pos.verify("SITE-C", [line(a, P), line(b, P)])
         assert [r.verdict for r in after.results] == [pb.OK, pb.OK]
         assert pos.history(b).first_dispense.first_site_id == "SITE-C"
+
+
+def test_retry_after_expired_prepare_rejudges_and_never_dispenses_a_pack_twice(cluster, serve):
+    """The double OK of issue 14: A's coordinator dies after preparing; its reservations expire;
+    C takes pack a; A's retry on another server must not commit the stale preparation."""
+    a, b = _two_slot_codes()
+    other, store = serve()
+    target = f"127.0.0.1:{other.port}"
+    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+    at = _kill_mid_settlement(cluster, store, "after_prepare", a, b, "AON-2", _prepared("AON-2", a, b))
+    time.sleep(2.2)  # the reservations expire
+    with PosClient(target) as pos:
+        assert pos.verify("SITE-C", [line(a, P)]).results[0].verdict == pb.OK
+        retry = pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-2", settled_at=at,
+                           all_or_nothing=True)
+        # Judged afresh: a is now C's, so the all-or-nothing settlement records nothing.
+        assert [r.verdict for r in retry.results] == [pb.DUPLICATE, pb.OK]
+        assert retry.results[0].evidence.first_site_id == "SITE-C"
+        assert not retry.recorded and not retry.replayed
+        assert (pos.history(a).units_used, _dispensed(pos, a)) == (1, 1)
+        assert (pos.history(b).units_used, _dispensed(pos, b)) == (0, 0)
+        # The retry's answer is now the stored one, and b is free for anyone.
+        again = pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-2", settled_at=at,
+                           all_or_nothing=True)
+        assert again.replayed and [r.verdict for r in again.results] == [pb.DUPLICATE, pb.OK]
+        assert pos.verify("SITE-D", [line(b, P)]).results[0].verdict == pb.OK
+        assert _dispensed(pos, b) == 1
+
+
+def test_retry_after_expired_prepare_with_packs_untouched_commits_once(cluster, serve):
+    a, b = _two_slot_codes()
+    other, store = serve()
+    target = f"127.0.0.1:{other.port}"
+    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+    at = _kill_mid_settlement(cluster, store, "after_prepare", a, b, "AON-3", _prepared("AON-3", a, b))
+    time.sleep(2.2)
+    with PosClient(target) as pos:
+        retry = pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-3", settled_at=at,
+                           all_or_nothing=True)
+        assert [r.verdict for r in retry.results] == [pb.OK, pb.OK]
+        assert retry.recorded and not retry.replayed
+        for c in (a, b):
+            assert (pos.history(c).units_used, _dispensed(pos, c)) == (1, 1)
+            assert pos.history(c).first_dispense.first_settlement_id == "AON-3"
+        assert pos.verify("SITE-C", [line(a, P)]).results[0].verdict == pb.DUPLICATE
+
+
+def test_decision_recorded_then_crash_retry_applies_it_without_taking_a_pack_twice(cluster, serve):
+    """A coordinator that recorded 'commit' and died before committing: its retry applies the
+    decision. If meanwhile (reservation expired) another site took pack a, the commit of a's part
+    is refused (never two dispenses of a); the answer says which lines were recorded."""
+    a, b = _two_slot_codes()
+    other, store = serve()
+    target = f"127.0.0.1:{other.port}"
+    load(AdminClient(target), *(Row("t", 0, {"code": c, "product_id": P}) for c in (a, b)))
+    at = _kill_mid_settlement(cluster, store, "after_decide", a, b, "AON-4", _decided("AON-4"))
+    assert store.r.hget(store.keys.settlement("SITE-A", "AON-4"), "dc") == "K"
+    time.sleep(2.2)
+    with PosClient(target) as pos:
+        assert pos.verify("SITE-C", [line(a, P)]).results[0].verdict == pb.OK
+        retry = pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-4", settled_at=at,
+                           all_or_nothing=True)
+        assert retry.results[0].verdict == pb.DUPLICATE and retry.results[0].units_accepted == 0
+        assert retry.results[1].verdict == pb.OK and retry.results[1].units_accepted == 1
+        assert retry.recorded and not retry.replayed
+        assert (pos.history(a).units_used, _dispensed(pos, a)) == (1, 1)
+        assert pos.history(a).first_dispense.first_site_id == "SITE-C"
+        assert (pos.history(b).units_used, _dispensed(pos, b)) == (1, 1)
+        again = pos.verify("SITE-A", [line(a, P), line(b, P)], settlement_id="AON-4", settled_at=at,
+                           all_or_nothing=True)
+        assert again.replayed and [r.verdict for r in again.results] == [pb.DUPLICATE, pb.OK]
+        assert _dispensed(pos, a) == 1 and _dispensed(pos, b) == 1

@@ -48,7 +48,7 @@ def test_whole_pack_resold_at_the_same_site_is_a_duplicate(pos, admin):
 def test_unknown_code(pos):
     resp = pos.verify("SITE-A", [line(cn20(), "8123456")])
     assert verdicts(resp) == ["UNKNOWN"] and not resp.recorded
-    assert resp.results[0].reason
+    assert resp.results[0].reason == "no issuance record for this code"
 
 
 def test_malformed_code_has_a_reason_and_other_lines_still_count(pos, admin):

@@ -30,7 +30,7 @@ from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import Server, make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, issuance, load
@@ -128,8 +128,7 @@ def dispenses(store, codes: list[str]) -> dict[str, list[tuple[str, str]]]:
     """code -> [(site, settlement id)] of its DISPENSED events, read from Redis."""
     out = {}
     for c in codes:
-        _, _, events = store.code_history(c)
-        out[c] = [(e["s"], e["i"]) for e in events if e["t"] == "DISPENSED"]
+        out[c] = [(e.site_id, e.settlement_id) for e in store.code_history(c).events if e.type == "DISPENSED"]
     return out
 
 

@@ -17,13 +17,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server import metrics
-from tracecode.server.app import Server, _JsonFormatter, make_store
+from tracecode.server.app import Server, make_store
+from tracecode.server.logs import JsonFormatter
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisProcess, free_port
-from tracecode.server.interceptors import LogContextFilter
+from tracecode.server.store import RedisProcess, free_port
+from tracecode.server.logs import LogContextFilter
 
 from factories import cn20, issuance, load
 from ops_support import Samples, scrape, wait_for
+
+# Health and reflection over the server's own Redis or the shared one: one backend.
+pytestmark = pytest.mark.backend_independent
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,7 +116,7 @@ def test_health_turns_not_serving_within_2s_of_redis_stopping_and_back_after_it_
         # log line about it names the site and the settlement.
         log_lines = io.StringIO()
         handler = logging.StreamHandler(log_lines)
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(JsonFormatter())
         handler.addFilter(LogContextFilter())
         logging.getLogger("tracecode").addHandler(handler)
         try:

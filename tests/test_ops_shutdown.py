@@ -17,7 +17,7 @@ from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 
 from factories import cn20, issuance, load
 from ops_support import ServeProcess, scrape, wait_for
@@ -96,16 +96,15 @@ def test_sigterm_under_load_answers_every_call_and_loses_no_acknowledged_settlem
         # Read back from Redis, under the key prefix set by the config file.
         store = make_store(Config(key_prefix="sigterm"), redis.url)
         try:
-            for site, sid, cs, _, resp, *_ in ok:
+            for site, sid, cs, _, _resp, *_ in ok:
                 assert store.stored_settlement(site, sid) is not None, (site, sid)
                 for c in cs[:3] + cs[-1:]:
-                    _, state, _ = store.code_history(c)
-                    assert (state.get("fs"), state.get("fi")) == (site, sid)
+                    h = store.code_history(c)
+                    assert (h.first_site_id, h.first_settlement_id) == (site, sid)
             # A refused call did nothing: its packs were never dispensed.
             for site, sid, cs, *_ in refused:
                 assert store.stored_settlement(site, sid) is None
-                _, state, _ = store.code_history(cs[0])
-                assert not state.get("fs")
+                assert not store.code_history(cs[0]).first_site_id
         finally:
             store.close()
 
@@ -144,6 +143,6 @@ def test_sigint_stops_the_embedded_redis_cleanly_with_the_data_on_disk(tmp_path)
         store = make_store(Config(key_prefix="sigint"), again.url)
         try:
             assert store.stored_settlement("SITE-E", "kept-1") is not None
-            assert store.code_history(code)[1].get("fi") == "kept-1"
+            assert store.code_history(code).first_settlement_id == "kept-1"
         finally:
             store.close()

@@ -4,7 +4,9 @@ the precedence table, settlement policies, read-only checks, history and the aud
 from __future__ import annotations
 
 import itertools
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 import pytest
@@ -118,7 +120,7 @@ def test_same_whole_pack_twice_in_one_settlement(pos, admin):
     load(admin, issuance(code, P))
     resp = pos.verify("SITE-A", [line(code, P), line(code, P)])
     assert verdicts(resp) == ["OK", "DUPLICATE_IN_REQUEST"] and resp.recorded
-    assert resp.results[1].reason
+    assert resp.results[1].reason == "the same pack appears on an earlier line of this settlement"
     hist = pos.history(code)
     assert hist.units_used == 1
     assert event_types(hist) == ["DISPENSED", "DUPLICATE_ATTEMPT"]
@@ -226,8 +228,16 @@ SPEC_ORDER = ("MALFORMED", "DUPLICATE_IN_REQUEST", "UNKNOWN", "BLOCKED", "DUPLIC
               "PRODUCT_MISMATCH", "EXPIRED", "QUANTITY_EXCEEDED")
 
 
-def test_precedence_table_is_the_spec_order():
+def test_precedence_table_is_the_spec_order_and_the_readmes():
+    # The behaviour tests below judge the server against SPEC_ORDER; here the table the Lua script
+    # is built from, the README's verdict table (its row order is documented as the precedence)
+    # and the API's enum must all agree with it.
     assert PRECEDENCE == SPEC_ORDER
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What it does", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \|", section, flags=re.M)
+    assert rows == ["OK", *SPEC_ORDER]
+    assert set(pb.Verdict.keys()) - {"VERDICT_UNSPECIFIED"} == {"OK", *SPEC_ORDER}
 
 
 ISSUED_CONDITIONS = ("DUPLICATE_IN_REQUEST", "BLOCKED", "DUPLICATE", "PRODUCT_MISMATCH", "EXPIRED",
@@ -453,11 +463,34 @@ def test_history_is_bounded_and_counts_every_event(admin, store, make_server):
         hist = pos.history(code)
     assert hist.events_total == 8
     assert len(hist.events) == 5
-    # The newest five are kept, oldest first.
-    assert [e.site_id for e in hist.events] == [f"SITE-{k}" for k in range(3, 8)]
+    # The first dispense and the newest four are kept, oldest first.
+    assert [e.site_id for e in hist.events] == ["SITE-A"] + [f"SITE-{k}" for k in range(4, 8)]
+    assert hist.events[0].type == pb.DISPENSED
     assert hist.first_dispense.attempts == 7
     # The audit stream is not cut down to the history limit.
     assert len(tail.new()) == 8
+
+
+def test_first_dispense_survives_any_number_of_later_attempts(admin, store, make_server):
+    code, other = cn20(), cn20()
+    load(admin, issuance(code, P), issuance(other, P))
+    bounded = make_server(history_max=4)
+    with PosClient(bounded) as pos:
+        # Flagged scans before the first dispense fill the list first: they may go, it may not.
+        for k in range(6):
+            pos.verify("SITE-X", [line(code, "OTHER-PRODUCT")], settlement_id=f"m-{k}")
+        pos.verify("SITE-A", [line(code, P)], settlement_id="first")
+        for k in range(999):
+            pos.verify(f"SITE-{k % 7}", [line(code, P)], settlement_id=f"d-{k}")
+        pos.reverse("SITE-A", "first")
+        pos.verify("SITE-B", [line(code, P)], settlement_id="second")
+        hist = pos.history(code)
+    assert hist.events_total == 6 + 1 + 999 + 2
+    assert len(hist.events) == 4
+    kinds = [(e.type, e.settlement_id) for e in hist.events]
+    assert kinds[0] == (pb.DISPENSED, "first")
+    # The newest events follow it, in order: the last attempt, the return, the new dispense.
+    assert kinds[1:] == [(pb.DUPLICATE_ATTEMPT, "d-998"), (pb.REVERSED, "first"), (pb.DISPENSED, "second")]
 
 
 def test_history_of_a_malformed_scan_is_invalid_argument(pos):

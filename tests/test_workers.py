@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.app import make_store
 from tracecode.server.config import Config
-from tracecode.server.embedded_redis import RedisProcess, free_port
+from tracecode.server.store import RedisProcess, free_port
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20

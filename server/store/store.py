@@ -1,4 +1,4 @@
-"""The store: the only module that speaks Redis.
+"""The Store: every Redis operation of the service.
 
 Every operation a verdict depends on is one Lua script call (loaded once, called by SHA), so the
 check and the mark of a code are atomic and a settlement costs one round trip, whatever its size.
@@ -12,23 +12,29 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import hiredis
 import redis
 
-from .errors import (BadLineIndex, NotFound, ReturnWindowClosed, SettlementConflict,
-                     SettlementNotFound, StoreError, StoreUnavailable)
-from .failpoints import failpoint
+from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
+                     from_script_error)
+from ..failpoints import failpoint
 from .keys import KeySpace, slot_of
+from .layout import VERIFY_ARGV, lua_layout
+from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
+                    SettlementResult)
 from redis.crc import key_slot
-from .verdicts import lua_precedence
+from ..verdicts import lua_precedence
 
 log = logging.getLogger("tracecode.store")
 
 
-def _script_text(name: str) -> str:
-    text = resources.files("tracecode.server").joinpath("lua", name).read_text()
+def script_text(name: str) -> str:
+    lua = resources.files("tracecode.server.store").joinpath("lua")
+    text = lua.joinpath(name).read_text()
+    text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
+    text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
 
@@ -74,25 +80,18 @@ def _unavailable(error) -> bool:
 
 
 def _wrap_errors(fn):
-    """Translate redis-py failures into store errors at the boundary, once."""
+    """Translate redis-py failures into store errors at the boundary, once: "retry later" answers
+    into StoreUnavailable, a script's own TC... error into its domain error (errors.py registry)."""
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             if _unavailable(exc):
                 raise StoreUnavailable(f"redis unavailable: {exc}") from exc
-            if not isinstance(exc, redis.ResponseError):
+            domain = from_script_error(str(exc)) if isinstance(exc, redis.ResponseError) else None
+            if domain is None:
                 raise
-            msg = str(exc)
-            if msg.startswith("TCCONFLICT"):
-                raise SettlementConflict(msg.partition(" ")[2]) from None
-            if msg.startswith("TCNOTFOUND"):
-                raise SettlementNotFound(msg.partition(" ")[2]) from None
-            if msg.startswith("TCWINDOW"):
-                raise ReturnWindowClosed(int(msg.split()[1])) from None
-            if msg.startswith("TCBADLINE"):
-                raise BadLineIndex(int(msg.split()[1])) from None
-            raise
+            raise domain from None
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
@@ -103,10 +102,19 @@ def _pack(commands: Sequence[tuple]) -> bytes:
     return b"".join([hiredis.pack_command(c) for c in commands])
 
 
+_ROW = len(ROW_FIELDS)
+
+
+def _decode(replayed: bool, results_json: str) -> SettlementResult:
+    """A verify.lua answer, decoded once, here: {"rec": 0|1, "l": [row, ...]} -> typed rows."""
+    doc = json.loads(results_json)
+    return SettlementResult(replayed, bool(doc["rec"]), [ScriptRow(*row[:_ROW]) for row in doc["l"]])
+
+
 @dataclass
 class PreparedBatch:
     """verify_batch's input with the CPU work done (Store.prepare_batch)."""
-    calls: list  # the settlement dicts
+    calls: list  # the SettlementCalls
     batch: list | None  # one node: (script, keys, args) per call
     wire: bytes | None  # one node: the pipeline's bytes
 
@@ -180,14 +188,15 @@ class Store:
         self.cluster = cluster
         self.keys = keys or KeySpace()
         self.limits = limits or StoreLimits()
-        self._scripts = {name: client.register_script(_script_text(f"{name}.lua"))
-                         for name in ("verify", "reverse", "issue", "status", "commit", "claim")}
+        self._scripts = {name: client.register_script(script_text(f"{name}.lua"))
+                         for name in ("verify", "reverse", "issue", "status", "commit", "claim", "decide")}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
         self._issue = self._scripts["issue"]
         self._status = self._scripts["status"]
         self._commit = self._scripts["commit"]
         self._claim = self._scripts["claim"]
+        self._decide = self._scripts["decide"]
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 2.0, max_connections: int = 64,
@@ -196,7 +205,7 @@ class Store:
                       max_connections=max_connections)
         if cluster:
             from redis.cluster import RedisCluster
-            client = RedisCluster.from_url(url, **common)
+            client: redis.Redis | RedisCluster = RedisCluster.from_url(url, **common)
         else:
             client = redis.Redis.from_url(url, health_check_interval=30, **common)
         return cls(client, cluster=cluster, **kw)
@@ -223,7 +232,7 @@ class Store:
             for script in self._scripts.values():
                 client.script_load(script.script)
 
-    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> object:
+    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> Any:
         """One script call, one round trip."""
         res = self._run([(script, keys, args)], durable=durable)[0]
         if isinstance(res, Exception):
@@ -313,13 +322,13 @@ class Store:
 
     # ------------------------------------------------------------------ settlements
 
-    def _parts(self, call: dict) -> list[tuple[str, list, list[int], list[str]]]:
+    def _parts(self, call: SettlementCall) -> list[tuple[str, list, list[int], list[str]]]:
         """Split a settlement into parts that one script call can judge atomically:
         [(record key, lines, line indexes, codes)]. On one node a single part, recorded under
         the settlement's key. On a cluster one part per hash slot, recorded in that slot;
         malformed lines (which touch no key) ride with the first part."""
-        sk = call.get("state") or self.keys
-        site, sid, lines, codes = call["site"], call["settlement_id"], call["lines"], call["codes"]
+        sk = call.state or self.keys
+        site, sid, lines, codes = call.site, call.settlement_id, call.lines, call.codes
         if not self.cluster:
             return [(sk.settlement(site, sid), list(lines), list(range(len(lines))), list(codes))]
         by_slot: dict[int, list[int]] = {}
@@ -341,13 +350,13 @@ class Store:
             parts.append((sk.settlement_part(site, sid, first), part_lines, idx, [codes[u - 1] for u in g]))
         return parts
 
-    def _verify_keys_args(self, call: dict, mode: str, record: str, lines, idx, codes) -> tuple[list, list]:
+    def _verify_keys_args(self, call: SettlementCall, mode: str, record: str, lines, idx, codes) -> tuple[list, list]:
         """KEYS and ARGV of one verify.lua call (layout documented in the script).
 
         `state`, when given, holds the dispense state, history, settlement records and audit of a
         separate namespace (a bulk REPLAY job); issuance is always read from the live keys. Both
         share hash tags, so they stay in one slot. A separate namespace logs no events."""
-        state = call.get("state")
+        state = call.state
         sk = state or self.keys
         keys = [record, sk.audit_for(record)]
         for code in codes:
@@ -355,44 +364,40 @@ class Store:
         if state and mode != "C":
             keys.append(sk.registry_for(record))  # what the call writes is registered for the drop
         lim = self.limits
-        state_ttl = call.get("state_ttl_s", 0)
+        state_ttl = call.state_ttl_s
         if mode == "P":
             state_ttl = lim.reservation_ms
-        args = [mode, call["site"], call["settlement_id"], call["settled_at_ms"], call["settle_day"],
-                call["digest"], "A" if call["all_or_nothing"] else "R", 0 if state else lim.audit_max,
-                lim.history_max, call.get("state_ttl_s") or lim.settlement_ttl_s, len(lines), state_ttl,
-                now_ms()]
+        fixed = {"mode": mode, "site": call.site, "settlement_id": call.settlement_id,
+                 "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day, "digest": call.digest,
+                 "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
+                 "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
+                 "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
+        args = [fixed[f] for f in VERIFY_ARGV]
         for line, i in zip(lines, idx):
-            args.extend(line)
-            args.append(i)
+            args.extend(line)  # a PlanLine: LINE_FIELDS but the last
+            args.append(i)  # line_index, the last of LINE_FIELDS
         args.extend(codes)
         return keys, args
 
-    def _verify_call(self, *, dispense: bool, **call) -> tuple[list, list]:
+    def _verify_call(self, call: SettlementCall) -> tuple[list, list]:
         """KEYS and ARGV of a single-part settlement (one node); the benchmarks use it too."""
-        call["dispense"] = dispense
         ((record, lines, idx, codes),) = self._parts(call)
-        return self._verify_keys_args(call, "D" if dispense else "C", record, lines, idx, codes)
+        return self._verify_keys_args(call, "D" if call.dispense else "C", record, lines, idx, codes)
 
     @_wrap_errors
-    def verify(self, **call) -> tuple[bool, str]:
-        """Judge (and when `dispense`, mark) one settlement: one round trip on one node.
-
-        lines: per line (code index 1..len(codes), or 0 for a malformed scan; billed product;
-        units, 0 = whole pack; malformed reason). codes: the distinct canonical codes.
-        Returns (replayed, results-json) as documented in lua/verify.lua.
-        """
+    def verify(self, call: SettlementCall) -> SettlementResult:
+        """Judge (and when `call.dispense`, mark) one settlement: one round trip on one node (one
+        per slot touched on a cluster), decoded into one ScriptRow per line."""
         if self.cluster:
             out = self._verify_sharded([call])[0]
             if isinstance(out, Exception):
                 raise out
             return out
-        keys, args = self._verify_call(**call)
-        replayed, out, _ = self._call(self._verify, keys, args,
-                                      durable=call["dispense"] and not call.get("state"))
-        return bool(replayed), out
+        keys, args = self._verify_call(call)
+        replayed, out, _ = self._call(self._verify, keys, args, durable=call.dispense and not call.state)
+        return _decode(bool(replayed), out)
 
-    def prepare_batch(self, calls: Sequence[dict]) -> "PreparedBatch":
+    def prepare_batch(self, calls: Sequence[SettlementCall]) -> "PreparedBatch":
         """The CPU half of verify_batch: every call's KEYS, ARGV and (on one node) the pipeline's
         wire bytes. A bulk job does this for chunk N+1 while Redis runs chunk N, so Redis does
         not wait for Python between chunks."""
@@ -400,94 +405,132 @@ class Store:
             return PreparedBatch(list(calls), None, None)
         batch = []
         for call in calls:
-            keys, args = self._verify_call(**call)
+            keys, args = self._verify_call(call)
             batch.append((self._verify, keys, args))
         return PreparedBatch(list(calls), batch, _pack([("EVALSHA", self._verify.sha, len(k), *k, *a)
                                                         for _, k, a in batch]))
 
     @_wrap_errors
-    def verify_batch(self, calls: "Sequence[dict] | PreparedBatch") -> list[tuple[bool, str] | StoreError]:
+    def verify_batch(self, calls: "Sequence[SettlementCall] | PreparedBatch") -> list[SettlementResult | SettlementConflict]:
         """Many settlements in one pipelined round trip, executed in order (bulk jobs). A
         settlement's own failure (a reused id with another body) comes back in its place.
         `calls` may come already prepared (prepare_batch)."""
         prepared = calls if isinstance(calls, PreparedBatch) else self.prepare_batch(calls)
         if self.cluster:
             return self._verify_sharded(prepared.calls)
-        return [_conflict_or(res, lambda r: (bool(r[0]), r[1]))
-                for res in self._run(prepared.batch, wire=prepared.wire)]
+        return [_conflict_or(res, lambda r: _decode(bool(r[0]), r[1]))
+                for res in self._run(prepared.batch or [], wire=prepared.wire)]
 
-    def _verify_sharded(self, calls: Sequence[dict]) -> list:
+    def _verify_sharded(self, calls: Sequence[SettlementCall]) -> list:
         """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
-        every part in its slot, pipelined; ALL_OR_NOTHING settlements over several slots prepare
-        (reserve) their parts and then commit or release them all."""
+        every part in its slot, pipelined. An ALL_OR_NOTHING settlement over several slots is a
+        two-phase commit with the settlement's own record as its log:
+
+        1. prepare: each part is judged and, when all its lines are OK, its units reserved
+           (verify.lua mode 'P'; a part left prepared by a dead coordinator is judged afresh);
+        2. decide: commit ('K') when every part was prepared, within half the reservation's
+           life, else abort ('X'); the decision is recorded once (decide.lua, first one wins);
+        3. apply the recorded decision to every part (commit.lua), which never takes units that
+           another settlement holds or took (an expired reservation: docs/scaling.md).
+
+        A retry that finds a decision recorded applies it without judging again; one that finds
+        none prepares again. `replayed` is true only when nothing was written by this call."""
         out: list = [None] * len(calls)
         plans = [self._parts(c) for c in calls]
-        writes = [c["dispense"] for c in calls]
+        decided: dict[int, str] = {}
         claims = []
-        for n, (c, parts, w) in enumerate(zip(calls, plans, writes)):
-            if w:
-                sk = c.get("state") or self.keys
-                skey = sk.settlement(c["site"], c["settlement_id"])
-                args = [c["digest"], json.dumps([p[0] for p in parts]), c["site"], c["settlement_id"],
-                        c["settled_at_ms"], c.get("state_ttl_s") or self.limits.settlement_ttl_s]
-                ckeys = [skey, sk.registry_for(skey)] if c.get("state") else [skey]
+        for n, c in enumerate(calls):
+            if c.dispense:
+                sk = c.state or self.keys
+                skey = sk.settlement(c.site, c.settlement_id)
+                args = [c.digest, json.dumps([p[0] for p in plans[n]]), c.site, c.settlement_id,
+                        c.settled_at_ms, c.state_ttl_s or self.limits.settlement_ttl_s]
+                ckeys = [skey, sk.registry_for(skey)] if c.state else [skey]
                 claims.append((n, (self._claim, ckeys, args)))
         if claims:
             for (n, _), res in zip(claims, self._run([call for _, call in claims])):
                 if isinstance(res, Exception):
                     raise res
-                if not res:
+                mine, decision = res
+                if not mine:
                     out[n] = SettlementConflict("settlement id already used with a different request body")
-        # Phase 1: every part of every settlement still to judge, pipelined.
+                elif decision:
+                    decided[n] = decision
+        started = time.monotonic()
+        # Phase 1: every part of every undecided settlement, pipelined.
         batch, where = [], []
         for n, (c, parts) in enumerate(zip(calls, plans)):
-            if out[n] is not None:
+            if out[n] is not None or n in decided:
                 continue
-            two_phase = c["dispense"] and c["all_or_nothing"] and len(parts) > 1
-            mode = "P" if two_phase else ("D" if c["dispense"] else "C")
+            two_phase = c.dispense and c.all_or_nothing and len(parts) > 1
+            mode = "P" if two_phase else ("D" if c.dispense else "C")
             for record, lines, idx, codes in parts:
                 keys, args = self._verify_keys_args(c, mode, record, lines, idx, codes)
                 batch.append((self._verify, keys, args))
                 where.append((n, record, idx, codes))
-        results: dict[int, list] = {}
-        durable = any(c["dispense"] and not c.get("state") for c in calls)
-        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable)):
+        results: dict[int, list[list]] = {}
+        durable = any(c.dispense and not c.state for c in calls)
+        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable) if batch else []):
             if isinstance(res, Exception):
                 out[n] = _conflict_or(res, None)
                 continue
             results.setdefault(n, []).append([record, idx, codes, bool(res[0]), json.loads(res[1]), res[2]])
         failpoint("after_prepare")
-        # Phase 2: commit or release prepared parts (all parts OK -> commit).
+        # Phase 2: record a decision for every settlement with prepared parts.
+        in_time = (time.monotonic() - started) * 1000 < self.limits.reservation_ms / 2
+        undecided = [n for n, parts in results.items()
+                     if out[n] is None and any(p[5] == "P" for p in parts)]
+        if undecided:
+            asks = []
+            for n in undecided:
+                ok = in_time and all(p[5] == "P" for p in results[n])
+                sk = calls[n].state or self.keys
+                asks.append((self._decide, [sk.settlement(calls[n].site, calls[n].settlement_id)],
+                             ["K" if ok else "X"]))
+            for n, res in zip(undecided, self._run(asks, durable=durable)):
+                if isinstance(res, Exception):
+                    raise res
+                decided[n] = res
+        failpoint("after_decide")
+        for n in decided:
+            if n not in results:  # decided by an earlier attempt: every part gets the decision
+                results[n] = [[record, idx, codes, True, None, "P"] for record, _, idx, codes in plans[n]]
+        # Phase 3: apply each recorded decision to every prepared part.
         commits = []
-        for n, parts in results.items():
-            if out[n] is not None or not any(p[5] == "P" for p in parts):
+        for n, decision in decided.items():
+            if out[n] is not None:
                 continue
-            ok = all(p[5] == "P" for p in parts)
-            for p in parts:
+            for p in results[n]:
                 if p[5] == "P":
-                    commits.append((n, p, "K" if ok else "X"))
+                    commits.append((n, p, decision))
         if commits:
             batch = []
-            for n, (record, idx, codes, *_), decision in commits:
-                sk = calls[n].get("state") or self.keys
+            for n, (record, _, codes, *_), decision in commits:
+                sk = calls[n].state or self.keys
                 keys = [record, sk.audit_for(record)]
-                for code in codes:
-                    keys += sk.code_keys(code)
+                for code in codes:  # the live issuance (its pack units), the namespace's state
+                    keys += self.keys.code_keys(code, calls[n].state)
                 batch.append((self._commit, keys, [decision, self.limits.history_max, self.limits.audit_max, *codes]))
             for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
                 if isinstance(res, Exception):
                     raise res
                 p[4], p[5] = json.loads(res[0]), res[1]
+                if int(res[2]):
+                    p[3] = False  # this call wrote it: not a replay
+                if res[1] == "E":
+                    log.warning("settlement %s of site %s: a part could not be committed after its "
+                                "reservation expired (packs taken meanwhile); reported as not recorded",
+                                calls[n].settlement_id, calls[n].site)
         # Merge the parts back into request order.
-        for n, parts in results.items():
+        for n, judged in results.items():
             if out[n] is not None:
                 continue
-            merged: list = [None] * len(calls[n]["lines"])
-            for record, idx, codes, replayed, doc, _ in parts:
+            merged: list = [None] * len(calls[n].lines)
+            for _, idx, _, _, doc, _ in judged:
                 for i, row in zip(idx, doc["l"]):
                     merged[i] = row
-            out[n] = (all(p[3] for p in parts),
-                      json.dumps({"rec": int(any(p[4]["rec"] for p in parts)), "l": merged}))
+            out[n] = SettlementResult(all(p[3] for p in judged), any(p[4]["rec"] for p in judged),
+                                      [ScriptRow(*row[:_ROW]) for row in merged])
         return out
 
     @_wrap_errors
@@ -529,27 +572,27 @@ class Store:
         return d, json.loads(parts) if parts else [skey]
 
     @_wrap_errors
-    def stored_settlement(self, site: str, settlement_id: str) -> tuple[str, str] | None:
-        """(digest, results-json) of a recorded settlement, or None."""
+    def stored_settlement(self, site: str, settlement_id: str) -> tuple[str, SettlementResult] | None:
+        """(digest, stored answer as a replay) of a recorded settlement, or None."""
         digest, records = self._part_records(site, settlement_id)
         if digest is None:
             return None
         if records == [self.keys.settlement(site, settlement_id)]:
             r = self.r.hget(records[0], "r")
-            return (digest, r) if r else None
+            return (digest, _decode(True, r)) if r else None
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
             pipe.hmget(rk, "r", "l", "ps")
         rows: dict[int, list] = {}
         rec = 0
-        for r, l, ps in pipe.execute():
+        for r, ledger, ps in pipe.execute():
             if r is None or ps != "F":
                 return None  # an interrupted settlement: only a retry can finish it
             doc = json.loads(r)
             rec |= doc["rec"]
-            for entry, row in zip(json.loads(l), doc["l"]):
+            for entry, row in zip(json.loads(ledger), doc["l"]):
                 rows[entry[3]] = row
-        return digest, json.dumps({"rec": rec, "l": [rows[i] for i in sorted(rows)]})
+        return digest, SettlementResult(True, bool(rec), [ScriptRow(*rows[i][:_ROW]) for i in sorted(rows)])
 
     @_wrap_errors
     def reverse(self, *, site: str, settlement_id: str, now_ms: int, window_ms: int,
@@ -563,7 +606,7 @@ class Store:
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
             pipe.hget(rk, "l")
-        ledgers = [json.loads(l) if l else [] for l in pipe.execute()]
+        ledgers = [json.loads(raw) if raw else [] for raw in pipe.execute()]
         owner = {entry[3]: n for n, ledger in enumerate(ledgers) for entry in ledger}
         for i in line_indexes:
             if i not in owner:
@@ -593,17 +636,19 @@ class Store:
     @_wrap_errors
     def upsert_issuance(self, records: Sequence[tuple], *, replace: bool) -> list[int]:
         """records: (code, product, gtin, batch, expiry YYYYMMDD|0, pack_units, manufacturer, status|'').
-        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict. One script call per
+        Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict, 4 fewer pack units than
+        already dispensed (lua/issue.lua). One script call per
         chunk; the batch index (for recalls) is written in the same round trip."""
         if not records:
             return []
         batch = []
         groups = self._by_slot([r[0] for r in records])
         for positions in groups:
-            keys, args = [], ["1" if replace else "0"]
+            keys: list[str] = []
+            args: list = ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
-                keys.append(self.keys.issuance(code))
+                keys += self.keys.code_keys(code)[:2]
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
         out = [0] * len(records)
@@ -630,11 +675,9 @@ class Store:
         return list(groups.values())
 
     @_wrap_errors
-    def get_issuance(self, code: str) -> dict | None:
+    def get_issuance(self, code: str) -> IssuanceRecord | None:
         values = self.r.hmget(self.keys.issuance(code), *(f for f, _ in _ISSUANCE_FIELDS))
-        if values[0] is None:
-            return None
-        return {name: v for (_, name), v in zip(_ISSUANCE_FIELDS, values)}
+        return _issuance(values)
 
     @_wrap_errors
     def set_status(self, codes: Sequence[str], status: str, *, now_ms: int, reason: str,
@@ -683,37 +726,43 @@ class Store:
         return self.r.sscan(key, cursor, count=count)
 
     @_wrap_errors
-    def code_history(self, code: str) -> tuple[dict | None, dict, list[dict]]:
-        """(issuance record or None, dispense state, events oldest first) in one round trip."""
+    def code_history(self, code: str) -> CodeHistory:
+        """A code's issuance record, dispense state and kept events (oldest first), one round trip."""
         ikey, dkey, hkey = self.keys.code_keys(code)
         pipe = self.r.pipeline(transaction=not self.cluster)
         pipe.hmget(ikey, *(f for f, _ in _ISSUANCE_FIELDS))
         pipe.hgetall(dkey)
         pipe.lrange(hkey, 0, -1)
         values, state, events = pipe.execute()
-        record = None
-        if values[0] is not None:
-            record = {name: v for (_, name), v in zip(_ISSUANCE_FIELDS, values)}
-        return record, state, [json.loads(e) for e in events]
+        history = CodeHistory(_issuance(values), units_used=int(state.get("u", 0)),
+                              events_total=int(state.get("ev", 0)))
+        if state.get("fs"):
+            history.first_site_id, history.first_settlement_id = state["fs"], state.get("fi", "")
+            history.first_settled_at_ms, history.attempts = int(state.get("fa", 0)), int(state.get("at", 0))
+        for raw in events:
+            e = json.loads(raw)
+            history.events.append(CodeEvent(e["t"], int(e["a"]), e["s"], e["i"], int(e["l"]), int(e["u"]),
+                                            str(e["x"])))
+        return history
 
-    # ------------------------------------------------------------------ audit
 
-    @_wrap_errors
-    def audit_events(self, count_per_stream: int = 1000) -> list[tuple[str, dict]]:
-        """Every audit event of every bucket (for tests and small exports): (stream id, fields)."""
-        pipe = self.r.pipeline(transaction=False)
-        for s in self.keys.audit_streams():
-            pipe.xrange(s, count=count_per_stream)
-        return [entry for entries in pipe.execute() for entry in entries]
+def _issuance(values: list) -> IssuanceRecord | None:
+    """An issuance hash's fields (HMGET in _ISSUANCE_FIELDS order) -> the record, None if absent."""
+    if values[0] is None:
+        return None
+    product, gtin, batch, expiry, units, mfr, status = values
+    return IssuanceRecord(product, gtin or "", batch or "", int(expiry or 0), int(units or 1), mfr or "",
+                          status or "ACTIVE")
 
 
 def _conflict_or(res, convert):
-    """A script's answer in a pipeline: its TCCONFLICT error as a value, other errors raised."""
+    """A script's answer in a pipeline: its SettlementConflict as a value (one settlement of a
+    batch failing alone), other errors raised."""
     if isinstance(res, redis.ResponseError):
-        msg = str(res)
-        if msg.startswith("TCCONFLICT"):
-            return SettlementConflict(msg.partition(" ")[2])
-        raise res
+        domain = from_script_error(str(res))
+        if isinstance(domain, SettlementConflict):
+            return domain
+        raise domain if domain is not None else res
     if isinstance(res, Exception):
         raise res
     return convert(res) if convert else res

@@ -8,6 +8,8 @@
 -- product or batch are skipped), then the canonical codes in key order.
 -- Returns per code the previous status ('' when the code was never issued or is skipped: nothing
 -- written).
+--@HISTORY@--
+
 local status, now, reason, actor = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local hist_max, audit_max = tonumber(ARGV[5]), tonumber(ARGV[6])
 local only_product, only_batch = ARGV[7], ARGV[8]
@@ -29,10 +31,8 @@ for j = 1, (#KEYS - 1) / 3 do
       redis.call('HSET', KEYS[k + 1], 's', status)
       local detail = prev .. '->' .. status
       if reason ~= '' then detail = detail .. ': ' .. reason end
-      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = 'STATUS_CHANGED', a = now, s = actor, i = '',
-                                                    l = 0, u = 0, x = detail}))
-      redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
-      redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
+      history_push(KEYS[k + 3], KEYS[k + 2], {t = 'STATUS_CHANGED', a = now, s = actor, i = '', l = 0, u = 0,
+                                              x = detail}, hist_max)
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', audit_max, '*', 't', 'STATUS_CHANGED', 'c', code,
                  's', actor, 'i', '', 'l', 0, 'u', 0, 'x', detail, 'a', now)
     end

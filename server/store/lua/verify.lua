@@ -9,6 +9,7 @@
 --   call writes is added to it, so dropping the job unlinks what it wrote instead of scanning
 --   the whole keyspace (store.py drop_namespace)
 --
+-- The positions below are those of tracecode.server.store.layout (spliced in as A, L and R).
 -- ARGV[1]  mode: 'D' dispense (check, mark, audit, store results), 'C' check only (no writes), or
 --          'P' prepare (one part of an ALL_OR_NOTHING settlement spanning slots: judge; when every
 --          line is OK reserve the units until ARGV[12] ms from now instead of marking them;
@@ -21,7 +22,8 @@
 -- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never);
 --          in mode 'P' the reservation's lifetime, ms
 --   An audit max of 0 writes no events (bulk REPLAY namespaces keep state, not history).
--- ARGV[13] now, ms (reservation expiry clock)
+-- ARGV[13] unused (was the caller's clock; reservations are timed by this node's own TIME, so
+--          servers with skewed clocks agree on when a reservation expires)
 -- then five per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
 --   malformed reason, the line's 0-based index in the whole settlement
 -- then the U canonical codes, in key order.
@@ -34,21 +36,30 @@
 --   {"rec": 0|1, "l": [[verdict, accepted, used_after, pack_units, status, issued_product, expiry,
 --                       first_site, first_settlement, first_at_ms, attempts, reason], ...]}
 --   used_after, first_* and attempts describe the pack after the whole settlement, on every line.
--- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua).
+-- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua). A prepared part met again
+-- in mode 'P' (a retry after its coordinator died before any decision was recorded) is judged
+-- afresh against the state as it is now, its old reservation dropped: the state may have moved
+-- on since (its reservation expired and another settlement took the pack), so its stored answer
+-- is no longer true. The part record keeps, per code, the units used as read at preparation
+-- ('pu'), so commit.lua can tell whether committing after the reservation expired is still safe.
 -- Errors: "TCCONFLICT ..." when the settlement id was used with another body.
+
+--@HISTORY@--
+
+--@LAYOUT@--
 
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
 
-local mode, site, sid = ARGV[1], ARGV[2], ARGV[3]
-local at, day = tonumber(ARGV[4]), tonumber(ARGV[5])
-local digest, policy = ARGV[6], ARGV[7]
-local audit_max, hist_max, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local n, state_ttl, now = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local mode, site, sid = ARGV[A.mode], ARGV[A.site], ARGV[A.settlement_id]
+local at, day = tonumber(ARGV[A.settled_at_ms]), tonumber(ARGV[A.settle_day])
+local digest, policy = ARGV[A.digest], ARGV[A.policy]
+local audit_max, hist_max = tonumber(ARGV[A.audit_max]), tonumber(ARGV[A.history_max])
+local ttl, n, state_ttl = tonumber(ARGV[A.settlement_ttl_s]), tonumber(ARGV[A.n_lines]), tonumber(ARGV[A.state_ttl])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local log_events = audit_max > 0
 local writes = mode ~= 'C'
-local LINE0 = 14
-local STRIDE = 5
 local CODE0 = LINE0 + STRIDE * n
 local me = site .. '\31' .. sid
 if mode == 'P' then policy = 'A' end
@@ -58,8 +69,10 @@ local written = {}  -- keys to register, when there is a registry
 if writes then
   local prev = redis.call('HMGET', KEYS[1], 'd', 'r', 'ps')
   if prev[1] then
-    if prev[1] == digest then return {1, prev[2], prev[3] or 'F'} end
-    return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
+    if prev[1] ~= digest then
+      return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
+    end
+    if not (mode == 'P' and prev[3] == 'P') then return {1, prev[2], prev[3] or 'F'} end
   end
 end
 
@@ -89,6 +102,7 @@ local function load(u)
     local d = redis.call('HMGET', KEYS[k + 2], 'u', 'fs', 'fi', 'fa', 'at', 'rv')
     st[u] = {u = tonumber(d[1]) or 0, fs = d[2] or '', fi = d[3] or '', fa = tonumber(d[4]) or 0,
              at = tonumber(d[5]) or 0, rv = d[6] and cjson.decode(d[6]) or nil}
+    st[u].stored = st[u].u
     -- Units other settlements hold in reservation count as used while unexpired; on an unused
     -- pack the earliest of them stands as its first dispense.
     local s = st[u]
@@ -115,9 +129,11 @@ local opened, duplicated = {}, {}  -- per code: took units here / got a DUPLICAT
 
 for i = 1, n do
   local a = LINE0 + STRIDE * (i - 1)
-  local u, product, units = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local u, product, units = tonumber(ARGV[a + L.code_index]), ARGV[a + L.product_id], tonumber(ARGV[a + L.units])
   if u == 0 then
-    results[i] = {'MALFORMED', 0, 0, 0, '', '', 0, '', '', 0, 0, ARGV[a + 3]}
+    results[i] = make_row{verdict = 'MALFORMED', accepted = 0, used = 0, pack_units = 0, status = '',
+                          issued_product_id = '', expiry = 0, first_site_id = '', first_settlement_id = '',
+                          first_settled_at_ms = 0, attempts = 0, reason = ARGV[a + L.malformed_reason]}
     any_flagged = true
   else
     load(u)
@@ -166,8 +182,10 @@ for i = 1, n do
         duplicated[u] = true
       end
     end
-    results[i] = {verdict, accepted, 0, r and r.n or 0, r and r.s or '', r and r.p or '',
-                  r and r.e or 0, '', '', 0, 0, '', u, want}
+    results[i] = make_row{verdict = verdict, accepted = accepted, used = 0, pack_units = r and r.n or 0,
+                          status = r and r.s or '', issued_product_id = r and r.p or '', expiry = r and r.e or 0,
+                          first_site_id = '', first_settlement_id = '', first_settled_at_ms = 0, attempts = 0,
+                          reason = '', code_index = u, want = want}
   end
 end
 
@@ -177,16 +195,18 @@ local recorded = any_ok and not (policy == 'A' and any_flagged)
 -- attempts): the in-memory state when recorded, the stored state (plus logged attempts) when not.
 for i = 1, n do
   local res = results[i]
-  local u = res[13]
+  local u = res[R.code_index]
   if u then
     local s = st[u]
     if recorded then
-      res[3], res[8], res[9], res[10] = s.u, s.fs, s.fi, s.fa
+      res[R.used], res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = s.u, s.fs, s.fi, s.fa
     else
-      res[2], res[3] = 0, orig_used[u]
-      if res[3] > 0 then res[8], res[9], res[10] = s.fs, s.fi, s.fa end
+      res[R.accepted], res[R.used] = 0, orig_used[u]
+      if res[R.used] > 0 then
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = s.fs, s.fi, s.fa
+      end
     end
-    res[11] = s.at
+    res[R.attempts] = s.at
   end
 end
 
@@ -199,13 +219,15 @@ if writes then
     local dkey = KEYS[2 + 3 * (u - 1) + 2]
     local s = st[u]
     local wrote = true
-    if prepared and opened[u] then
+    if mode == 'P' and ((prepared and opened[u]) or (s.rv and s.rv[me])) then
+      -- Rebuilt: expired entries and this settlement's own earlier reservation dropped, its new
+      -- one added when this judgement prepared the pack.
       local rv = {}
       for key, v in pairs(s.rv or {}) do
-        if v[2] > now then rv[key] = v end
+        if v[2] > now and key ~= me then rv[key] = v end
       end
-      rv[me] = {s.u - orig_used[u], now + state_ttl, at}
-      redis.call('HSET', dkey, 'rv', cjson.encode(rv))
+      if prepared and opened[u] then rv[me] = {s.u - orig_used[u], now + state_ttl, at} end
+      if next(rv) == nil then redis.call('HDEL', dkey, 'rv') else redis.call('HSET', dkey, 'rv', cjson.encode(rv)) end
       if s.at ~= 0 or duplicated[u] then redis.call('HSET', dkey, 'at', s.at) end
     elseif recorded and opened[u] then
       -- Reserved units of others were only counted for judging: store this settlement's own,
@@ -227,12 +249,10 @@ if writes then
     if not log_events then return end
     local k = 2 + 3 * (u - 1)
     local code = ARGV[CODE0 + u - 1]
-    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])
+    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
     if rec[u] then
-      redis.call('RPUSH', KEYS[k + 3], cjson.encode({t = etype, a = at, s = site, i = sid, l = li,
-                                                     u = units, x = detail}))
-      redis.call('LTRIM', KEYS[k + 3], -hist_max, -1)
-      redis.call('HINCRBY', KEYS[k + 2], 'ev', 1)
+      history_push(KEYS[k + 3], KEYS[k + 2], {t = etype, a = at, s = site, i = sid, l = li, u = units,
+                                              x = detail}, hist_max)
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
                'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at)
@@ -241,12 +261,12 @@ if writes then
   -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).
   for i = 1, n do
     local res = results[i]
-    local u = res[13]
+    local u = res[R.code_index]
     if u then
-      if res[1] ~= 'OK' then
-        event(u, i, 'ATTEMPT', res[14], res[1])
+      if res[R.verdict] ~= 'OK' then
+        event(u, i, 'ATTEMPT', res[R.want], res[R.verdict])
       elseif recorded and not prepared then
-        event(u, i, 'DISPENSED', res[2], '')
+        event(u, i, 'DISPENSED', res[R.accepted], '')
       end
     end
   end
@@ -256,14 +276,22 @@ end
 local ledger = {}
 for i = 1, n do
   local res = results[i]
-  local u = res[13]
-  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[2], 0, tonumber(ARGV[LINE0 + STRIDE * (i - 1) + 4])}
-  res[13], res[14] = nil, nil
+  local u = res[R.code_index]
+  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
+               tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
+  res[R.code_index], res[R.want] = nil, nil
 end
 local out = cjson.encode({rec = recorded and 1 or 0, l = results})
 if writes then
   redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
              'at', at, 'ps', part_state)
+  if prepared then
+    local pu = {}
+    for u = 1, #ARGV - CODE0 + 1 do
+      if opened[u] then pu[ARGV[CODE0 + u - 1]] = st[u].stored end
+    end
+    redis.call('HSET', KEYS[1], 'pu', cjson.encode(pu))
+  end
   redis.call('EXPIRE', KEYS[1], ttl)
   if registry then
     written[#written + 1] = KEYS[1]

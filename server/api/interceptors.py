@@ -16,11 +16,10 @@ Method labels come only from methods the server has registered: a call to an unk
 DrainInterceptor lets a stopping server answer every call (see its docstring).
 
 LogContextInterceptor puts the site id and settlement id of the request being handled on every log
-record emitted while handling it (LogContextFilter adds them to the record).
+record emitted while handling it (tracecode.server.logs adds them to the record).
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 import time
@@ -29,6 +28,8 @@ from typing import Iterable, Iterator
 import grpc
 from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram
+
+from .. import logs
 
 log = logging.getLogger("tracecode.rpc")
 
@@ -80,7 +81,7 @@ def _final_code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc
     return default
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
+def rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
     """The same method with its behavior wrapped: unary(behavior, request_streaming) for handlers
     that return one response, streaming(behavior, request_streaming) for those that stream."""
     kw = {"request_deserializer": handler.request_deserializer,
@@ -154,7 +155,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         m = self._method(handler_call_details.method, handler)
-        return _rewrap(handler, lambda b, rs: _unary(m, b, rs), lambda b, rs: _streaming(m, b, rs))
+        return rewrap(handler, lambda b, rs: _unary(m, b, rs), lambda b, rs: _streaming(m, b, rs))
 
 
 def _unary(m: _Method, behavior, request_streaming: bool):
@@ -245,8 +246,9 @@ def _non_blocking(m: _Method, behavior, request_streaming: bool):
             outcome.append(grpc.StatusCode.UNKNOWN)  # an abort's own code still wins in on_termination
             raise
 
-    handle.experimental_non_blocking = True
-    handle.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)
+    # grpc's own markers for a non-blocking handler, set as attributes on the function.
+    setattr(handle, "experimental_non_blocking", True)  # noqa: B010
+    setattr(handle, "experimental_thread_pool", getattr(behavior, "experimental_thread_pool", None))  # noqa: B010
     return handle
 
 
@@ -310,7 +312,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        return _rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b))
+        return rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b))
 
     def _unary(self, behavior):
         def handle(request, context):
@@ -333,51 +335,32 @@ class DrainInterceptor(grpc.ServerInterceptor):
 
 # ---------------------------------------------------------------------- log context
 
-# (site_id, settlement_id) of the request the current thread is handling.
-_CALL: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("tracecode_call", default=None)
-_MAX_ID = 64  # ids are not validated yet when the context is set: never log more than this
 
-
-def _ids(request) -> tuple[str, str] | None:
-    site = getattr(request, "site_id", "")
-    settlement = getattr(request, "settlement_id", "")
-    if not (site or settlement):
-        return None
-    return site[:_MAX_ID], settlement[:_MAX_ID]
+def _ids(request) -> tuple[str, str]:
+    return getattr(request, "site_id", ""), getattr(request, "settlement_id", "")
 
 
 class LogContextInterceptor(grpc.ServerInterceptor):
-    """Sets the log context from a request's `site_id` / `settlement_id` fields. Unary calls only:
-    a stream carries many settlements (or none: health Watch), so there is no single one to name."""
+    """Sets the log context (tracecode.server.logs) from a request's `site_id` / `settlement_id`
+    fields. Unary calls only: a stream carries many settlements (or none: health Watch), so there
+    is no single one to name."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler.unary_unary:
             return handler
-        return _rewrap(handler, lambda b, _: _with_context(b, handler_call_details.method), None)
+        return rewrap(handler, lambda b, _: _with_context(b, handler_call_details.method), None)
 
 
 def _with_context(behavior, path: str):
     def handle(request, context):
-        token = _CALL.set(_ids(request))
-        try:
-            return behavior(request, context)
-        except Exception:
-            if context.code() is None:
-                # An unexpected error (not a mapped status): say here which settlement it hit,
-                # since gRPC's own log line about it comes after the context is gone.
-                log.error("unhandled error in %s", path, exc_info=True)
-            raise
-        finally:
-            _CALL.reset(token)
+        with logs.call_context(*_ids(request)):
+            try:
+                return behavior(request, context)
+            except Exception:
+                if context.code() is None:
+                    # An unexpected error (not a mapped status): say here which settlement it hit,
+                    # since gRPC's own log line about it comes after the context is gone.
+                    log.error("unhandled error in %s", path, exc_info=True)
+                raise
     return handle
-
-
-class LogContextFilter(logging.Filter):
-    """Adds site_id / settlement_id to records emitted while a request names them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ids = _CALL.get()
-        if ids is not None and not hasattr(record, "site_id"):
-            record.site_id, record.settlement_id = ids
-        return True

@@ -14,17 +14,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 
 from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
-from . import metrics, priority
-from .errors import InvalidRequest
-from .keys import KeySpace
-from .servicer import _guarded, _ms, _result
-from .verifier import Line, Verifier
+from .. import metrics, priority
+from ..errors import InvalidRequest
+from ..verifier import Line, Verifier
+from . import convert
+from .status import answer, guarded
 
 log = logging.getLogger("tracecode.bulk")
 
@@ -45,13 +44,13 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
         self.job_ttl_s = job_ttl_s  # an abandoned REPLAY namespace expires by itself
         self.authorize = authorize or (lambda context: None)
 
-    def job_keys(self, job_id: str) -> KeySpace:
+    def job_keys(self, job_id: str):
         if not _JOB_ID.match(job_id):
             raise InvalidRequest([("job_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -")])
-        return KeySpace(f"{self.verifier.store.keys.prefix}-job-{job_id}")
+        return self.verifier.job_namespace(job_id)
 
     def Reverify(self, request_iterator, context):
-        # A generator handler: _guarded cannot wrap it, so errors are mapped per step.
+        # A generator handler: guarded cannot wrap it, so errors are mapped per step.
         try:
             self.authorize(context)
             first = next(request_iterator, None)
@@ -63,7 +62,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
             replay = opts.mode == bpb.REPLAY
             state = self.job_keys(opts.job_id) if replay else None
         except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
-            _guarded(_raise(exc))(self, None, context)
+            answer(context, exc, "Reverify")
             return
         log.info("bulk job %s started (%s)", opts.job_id or "-", bpb.BulkMode.Name(opts.mode))
         done = 0
@@ -112,8 +111,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                         while chunk.todo and in_redis < IN_REDIS:
                             size = SLICE_BESIDE_POS if priority.pos_traffic() else SLICE_ALONE
                             prepared = self._prepare(chunk.take(size), replay, state)
-                            future = redis.submit(self.verifier.store.verify_batch,
-                                                  self.verifier.store.prepare_batch(prepared.calls))
+                            future = redis.submit(self.verifier.bulk_run, prepared)
                             future.add_done_callback(lambda _f: events.put(("done", None)))
                             chunk.running.append((prepared, time.perf_counter(), future))
                             in_redis += 1
@@ -121,7 +119,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                         break
                 if ending[0] == "finish":
                     if replay and ending[1].drop_namespace:
-                        deleted = self.verifier.store.drop_namespace(state)
+                        deleted = self.verifier.drop_job(state)
                         log.info("bulk job %s finished: %d settlements, namespace dropped (%d keys)",
                                  opts.job_id, done, deleted)
                     return
@@ -130,7 +128,7 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                          "(namespace kept)", opts.job_id or "-", done)
             except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
                 job.outcome = "failed"
-                _guarded(_raise(exc))(self, None, context)
+                answer(context, exc, "Reverify")
             finally:
                 redis.shutdown(wait=True, cancel_futures=True)
                 # Let a reader waiting for a slot run into the ended stream and exit.
@@ -138,14 +136,14 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                     ahead.release()
 
     def _prepare(self, settlements, replay: bool, state):
-        rows = [(s.site_id, s.settlement_id, _ms(s.settled_at),
+        rows = [(s.site_id, s.settlement_id, convert.ms(s.settled_at),
                  [Line(ln.raw_code, ln.product_id, ln.units) for ln in s.lines])
                 for s in settlements]
         return self.verifier.bulk_prepare(rows, replay=replay, state=state, state_ttl_s=self.job_ttl_s)
 
     def _fill(self, chunk: "_Chunk", prepared, start: float, future, job) -> None:
         """A finished slice's outcomes into its chunk's response, and into metrics and progress."""
-        outcomes = self.verifier.bulk_finish(prepared, future.result() if prepared.calls else [])
+        outcomes = self.verifier.bulk_finish(prepared, future.result())
         elapsed = (time.perf_counter() - start) / max(len(outcomes), 1)
         results = chunk.resp.results
         judged = []
@@ -155,15 +153,15 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 continue
             judged.append(o)
             # OK lines carry their verdict and code only: a job reports flagged lines in full.
-            results.add(results=[_result(i, r) if r.verdict != "OK" else
+            results.add(results=[convert.line_result(i, r) if r.verdict != "OK" else
                                  pb.LineResult(line_index=i, verdict=pb.OK, canonical_code=r.canonical_code)
                                  for i, r in enumerate(o.results)], replayed=o.replayed)
         job.progress(*metrics.observe_settlements("bulk", judged, elapsed))
 
-    @_guarded
+    @guarded
     def DropJob(self, request: bpb.DropJobRequest, context) -> bpb.DropJobResponse:
         self.authorize(context)
-        return bpb.DropJobResponse(keys_deleted=self.verifier.store.drop_namespace(self.job_keys(request.job_id)))
+        return bpb.DropJobResponse(keys_deleted=self.verifier.drop_job(self.job_keys(request.job_id)))
 
 
 class _Chunk:
@@ -209,10 +207,3 @@ def _read_requests(request_iterator, events: "queue.Queue", ahead: threading.Sem
     except Exception as exc:  # noqa: BLE001 - the client went away: end the job like eof
         log.info("bulk stream read ended: %s", exc)
         events.put(("eof", None))
-
-
-def _raise(exc: Exception):
-    """A handler that raises exc, so the shared error mapper turns it into the right status."""
-    def handler(self, request, context):
-        raise exc
-    return handler

@@ -34,9 +34,9 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .config import Config
-from .errors import PermissionDenied
-from .interceptors import _rewrap
+from ..config import Config
+from ..errors import PermissionDenied
+from .interceptors import rewrap
 
 log = logging.getLogger("tracecode.auth")
 
@@ -127,7 +127,9 @@ class Authenticator:
             what = "names no" if not found else "names more than one"
             raise _unauthenticated(f"client certificate {subject!r} {what} tracecode identity "
                                    f"(SAN URI {URI_PREFIX}site:<id> or CN site:<id> / admin:<name>)")
-        return found.pop()
+        who = found.pop()
+        assert who is not None
+        return who
 
     def _from_token(self, context: grpc.ServicerContext) -> Identity:
         values = [v for k, v in context.invocation_metadata() if k == "authorization"]
@@ -292,6 +294,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 who = self.authenticator.authenticate(context)
             except AuthError as err:
                 _abort(context, err)
+                raise  # _abort raised already; for the type checker
             if who.role not in roles:
                 _abort(context, AuthError(grpc.StatusCode.PERMISSION_DENIED,
                                           f"{who} may not call {method}"))
@@ -303,7 +306,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def _throttled(self, requests: Iterator, key: str, context) -> Iterator:
         for i, msg in enumerate(requests):
-            if i:  # the first message was paid for when the call was admitted
+            if i and self.limiter:  # the first message was paid for when the call was admitted
                 self.limiter.take_waiting(key, context)
             yield msg
 
@@ -346,7 +349,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         pass
             return handle
 
-        return _rewrap(handler, unary, generator)
+        return rewrap(handler, unary, generator)
 
 
 # --------------------------------------------------------------------------- servicer hooks
@@ -366,6 +369,7 @@ class Hooks:
             return self.authenticator.authenticate(context), False
         except AuthError as err:
             _abort(context, err)
+            raise  # _abort raised already; for the type checker
 
     def identity(self, context) -> str | None:
         """The site id the call acts for: a site's own id. An admin reaches here only on the

@@ -10,6 +10,8 @@
 -- The ledger keeps, per line, [code, units accepted, units returned, line index]; a returned line stays returned,
 -- so a second call changes nothing and reports the same units.
 
+--@HISTORY@--
+
 local site, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local hist_max, audit_max, note = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local C = tonumber(ARGV[7])
@@ -63,10 +65,8 @@ for _, idx in ipairs(wanted) do
     end
     line[3] = accepted
     changed = true
-    redis.call('RPUSH', hkey, cjson.encode({t = 'REVERSED', a = now, s = site, i = sid,
-                                           l = idx, u = accepted, x = note}))
-    redis.call('LTRIM', hkey, -hist_max, -1)
-    redis.call('HINCRBY', dkey, 'ev', 1)
+    history_push(hkey, dkey, {t = 'REVERSED', a = now, s = site, i = sid, l = idx, u = accepted, x = note},
+                 hist_max)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'REVERSED', 'c', code, 's', site,
                'i', sid, 'l', idx, 'u', accepted, 'x', note, 'a', now)
   end

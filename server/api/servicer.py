@@ -1,0 +1,113 @@
+"""gRPC servicers: translate proto <-> verifier calls (api/convert.py) and domain errors ->
+gRPC statuses (api/status.py). Thin on purpose: every rule lives in the verifier, every Redis
+detail in the store."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from tracecode.v1 import admin_pb2 as apb
+from tracecode.v1 import admin_pb2_grpc
+from tracecode.v1 import verification_pb2 as pb
+from tracecode.v1 import verification_pb2_grpc
+
+from .. import metrics, priority
+from ..errors import InvalidRequest, PermissionDenied
+from ..issuance import IssuanceService
+from ..verifier import Verifier
+from . import convert
+from .convert import STATUS_ENUM, STATUS_NAME
+from .status import guarded
+
+
+class VerificationServicer(verification_pb2_grpc.VerificationServicer):
+    def __init__(self, verifier: Verifier, identity=None):
+        self.verifier = verifier
+        # identity(context) -> the caller's site id, or None when the server runs without client
+        # authentication (then the body's site id is taken as it is).
+        self.identity = identity or (lambda context: None)
+
+    def _site(self, claimed: str, context) -> str:
+        who = self.identity(context)
+        if who is None:
+            return claimed
+        if claimed and claimed != who:
+            raise PermissionDenied(f"authenticated as site {who!r}, request names site {claimed!r}")
+        return who
+
+    @priority.foreground
+    @guarded
+    def VerifyDispense(self, request: pb.VerifyDispenseRequest, context) -> pb.VerifyDispenseResponse:
+        site = self._site(request.site_id, context)
+        if not request.HasField("settled_at"):
+            raise InvalidRequest([("settled_at", "required: the time of the sale")])
+        start = time.perf_counter()
+        out = self.verifier.dispense(site, request.settlement_id, convert.ms(request.settled_at),
+                                     convert.lines(request.lines), convert.all_or_nothing(request.policy))
+        metrics.observe_settlement("pos", out, time.perf_counter() - start)
+        return pb.VerifyDispenseResponse(
+            settlement_id=request.settlement_id, site_id=site, recorded=out.recorded,
+            replayed=out.replayed, results=[convert.line_result(i, o) for i, o in enumerate(out.results)])
+
+    @priority.foreground
+    @guarded
+    def ReverseDispense(self, request: pb.ReverseDispenseRequest, context) -> pb.ReverseDispenseResponse:
+        site = self._site(request.site_id, context)
+        lines = self.verifier.reverse(site, request.settlement_id, list(request.line_indexes), request.reason)
+        metrics.REVERSALS.inc()
+        return pb.ReverseDispenseResponse(settlement_id=request.settlement_id, lines=[
+            pb.ReversedLine(line_index=i, canonical_code=code, units_returned=returned, units_used=used,
+                            already_reversed=already) for i, code, returned, used, already in lines])
+
+    @priority.foreground
+    @guarded
+    def CheckCodes(self, request: pb.CheckCodesRequest, context) -> pb.CheckCodesResponse:
+        site = self._site(request.site_id, context)
+        at = convert.ms(request.at, "at") if request.HasField("at") else None
+        results = self.verifier.check(site, at, convert.lines(request.lines))
+        return pb.CheckCodesResponse(results=[convert.line_result(i, o) for i, o in enumerate(results)])
+
+    @priority.foreground
+    @guarded
+    def GetCodeHistory(self, request: pb.GetCodeHistoryRequest, context) -> pb.GetCodeHistoryResponse:
+        return convert.history_pb(*self.verifier.history(request.raw_code))
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Issuance management. In an authenticated deployment only admin identities reach it."""
+
+    def __init__(self, issuance: IssuanceService, authorize=None):
+        self.issuance = issuance
+        self.authorize = authorize or (lambda context: None)
+
+    @guarded
+    def UpsertIssuance(self, request_iterator: Iterable[apb.UpsertIssuanceRequest], context):
+        self.authorize(context)
+        summary = self.issuance.upsert_stream(convert.upsert_batch(r) for r in request_iterator)
+        return convert.upsert_response(summary)
+
+    @guarded
+    def SetCodeStatus(self, request: apb.SetCodeStatusRequest, context):
+        actor = self.authorize(context) or "admin"
+        status = STATUS_NAME.get(request.status)
+        if status is None:
+            raise InvalidRequest([("status", "required: ACTIVE, RECALLED, LOCKED, STOLEN or DESTROYED")])
+        code, previous = self.issuance.set_status(request.raw_code, status, request.reason, actor)
+        return apb.SetCodeStatusResponse(canonical_code=code, previous=STATUS_ENUM[previous],
+                                         status=STATUS_ENUM[status])
+
+    @guarded
+    def RecallBatch(self, request: apb.RecallBatchRequest, context):
+        actor = self.authorize(context) or "admin"
+        if request.status and request.status not in STATUS_NAME:
+            raise InvalidRequest([("status", f"unknown value {request.status}: RECALLED, LOCKED, STOLEN or DESTROYED")])
+        status = STATUS_NAME.get(request.status) or "RECALLED"
+        changed, unchanged = self.issuance.recall_batch(request.product_id, request.batch, status,
+                                                        request.reason, actor)
+        return apb.RecallBatchResponse(codes_changed=changed, codes_unchanged=unchanged)
+
+    @guarded
+    def GetIssuance(self, request: apb.GetIssuanceRequest, context):
+        self.authorize(context)
+        code, record = self.issuance.get(request.raw_code)
+        return convert.issuance_pb(code, record)
