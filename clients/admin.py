@@ -103,3 +103,8 @@ class AdminClient:
     def get(self, raw_code: str) -> pb.IssuanceRecord:
         return self.stub.GetIssuance(apb.GetIssuanceRequest(raw_code=raw_code),
                                      timeout=self.timeout_s, metadata=self.metadata)
+
+
+# Public for the leads engine (tracecode.leads), which checks issuance rows as `tracecode load` does.
+FieldError = _FieldError
+record_of = _record

@@ -144,7 +144,7 @@ def leads_table(leads: list[Lead]) -> pa.Table:
 
 
 def evidence_table(rows: list[tuple]) -> pa.Table:
-    cols = list(zip(*rows)) if rows else [[] for _ in EVIDENCE_FIELDS]
+    cols: list = list(zip(*rows)) if rows else [[] for _ in EVIDENCE_FIELDS]
     types = (pa.string(),) * 4 + (pa.int64(),) + (pa.string(),) * 5
     arrays = [pa.array(list(c), t) for c, t in zip(cols, types)]
     arrays[-1] = pa.array([v or None for v in cols[-1]], pa.string())

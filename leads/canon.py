@@ -10,16 +10,16 @@ from tracecode import codec
 
 
 def profile_of(config) -> "codec.Profile":
-    """The scanner profile the server builds from its Config (server/verifier.py), so a code
-    parses here exactly as it parses at REPLAY."""
-    subs = tuple(s for s in config.gs_substitutes.split(",") if s)
-    return codec.Profile(gs_substitutes=subs, cn_prefixes=config.cn_prefixes, max_length=config.max_code_length)
+    """The scanner profile the server's verifier builds from a Config, so a code parses here
+    exactly as it parses at REPLAY (a Verifier without a store: building it touches none)."""
+    from tracecode.server.verifier import Verifier
+    return Verifier(None, config).profile  # type: ignore[arg-type]
 
 
 def canonical_keys(codes: pa.Array | pa.ChunkedArray, profile) -> pa.Array:
     """Per raw scan its canonical key ('' when the codec finds it malformed)."""
     parsed = codec.parse_many(codes.to_pylist(), profile)
-    return pa.array([p[1] for p in parsed], pa.string())
+    return pa.array([p[codec.KEY] for p in parsed], pa.string())
 
 
 def with_keys(batch: pa.RecordBatch, profile) -> pa.RecordBatch:

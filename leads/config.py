@@ -78,7 +78,7 @@ def load(path: str | None) -> LeadsConfig:
             raise ValueError(f"{path}: unknown model {name!r} (known: {', '.join(models)})")
         m = models[name]
         params = dict(m.params)
-        changes = {}
+        changes: dict[str, object] = {}
         for k, v in over.items():
             if k == "version":
                 changes["version"] = int(v)

@@ -18,14 +18,15 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import SimpleNamespace
-from typing import Callable, Iterable
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tracecode.server.pseudonym import Pseudonymizer
 from tracecode.clients.files import ISSUANCE_FIELDS, SETTLEMENT_FIELDS, RowError, read_rows
-from tracecode.clients.reverify import _parse_time
+from tracecode.clients.reverify import parse_time
 
 # The settlement export's fields plus the optional amount (leads.md, Inputs).
 LEADS_FIELDS = {**SETTLEMENT_FIELDS, "amount": False}
@@ -92,7 +93,9 @@ def _parquet(path: str, schema: dict[str, bool], errors: list[InputError]) -> pa
 
 def _rows(path: str, schema: dict[str, bool], errors: list[InputError]) -> pa.Table:
     """CSV / JSONL through files.py, gathered into columns batch by batch."""
-    batches, cols, lines = [], {c: [] for c in schema}, []
+    batches: list[pa.RecordBatch] = []
+    cols: dict[str, list[str]] = {c: [] for c in schema}
+    lines: list[int] = []
 
     def flush():
         if lines:
@@ -141,7 +144,7 @@ def _map_unique(col: pa.ChunkedArray | pa.Array, fn: Callable, typ: pa.DataType)
 
 def _time_or_error(text: str):
     try:
-        return str(_parse_time(text))
+        return str(parse_time(text))
     except (ValueError, OverflowError) as exc:
         return str(exc)
 
@@ -149,7 +152,7 @@ def _time_or_error(text: str):
 _CANONICAL_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$"
 
 
-def _settled_ms(col) -> pa.ChunkedArray:
+def settled_ms(col) -> pa.ChunkedArray:
     """settled_at -> epoch ms as text, or the parser's error text. The common form
     (YYYY-MM-DDTHH:MM:SS+HH:MM) is computed column-wise; every other value, and any the fast path
     doubts, goes through clients/reverify.py's own parser, so the result is always its result."""
@@ -204,7 +207,7 @@ def _fen(text: str):
 @dataclass(slots=True)
 class Pseudonyms:
     """How insured ids in the input are turned into pseudonyms (leads.md, Insured persons)."""
-    pseudonymizer: object | None = None  # tracecode.server.pseudonym.Pseudonymizer
+    pseudonymizer: Pseudonymizer | None = None
     already: bool = False  # the input carries pseudonyms already: used as they are
 
 
@@ -227,10 +230,8 @@ def read_settlement_file(fi: int, paths: list[str], limits: Limits, pseudonyms: 
 
 def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudonyms,
              errors: list[InputError]) -> pa.Table:
-    from tracecode.server.pseudonym import Pseudonymizer
-
     # settled_at, line_no, units: clients/reverify.py _check_row, column-wise.
-    at = _settled_ms(t["settled_at"])
+    at = settled_ms(t["settled_at"])
     at_err = pc.invert(pc.match_substring_regex(at, r"^-?\d+$"))
     line_no = _map_unique(t["line_no"], lambda v: _int_or_none(v, 1), pa.int64())
     units_text = pc.if_else(pc.equal(t["units"], ""), "0", t["units"])
@@ -292,8 +293,10 @@ def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudony
     day = pc.add(pc.add(pc.multiply(pc.year(local), 10000), pc.multiply(pc.month(local), 100)), pc.day(local))
     id_ok = pc.and_(pc.match_substring_regex(t["site_id"], r"^[A-Za-z0-9._\-]{1,64}$"),
                     pc.match_substring_regex(t["settlement_id"], r"^[A-Za-z0-9._\-]{1,64}$"))
-    line_bad = pc.or_(pc.or_(pc.greater(pc.utf8_length(t["product_id"]), 64),
-                             pc.greater(pc.utf8_length(t["code"]), limits.max_code_length)),
+    from tracecode.server.verifier import MAX_PRODUCT_ID, text_problem
+    product_bad = _map_unique(t["product_id"], lambda v: text_problem(v, MAX_PRODUCT_ID, "product") is not None,
+                              pa.bool_())
+    line_bad = pc.or_(pc.or_(product_bad, pc.greater(pc.utf8_length(t["code"]), limits.max_code_length)),
                       pc.greater(units, limits.max_units))
     inst, li = _settlement_index(t["site_id"], t["settlement_id"], line_no)
     return pa.table({
@@ -341,12 +344,12 @@ def _empty_lines() -> pa.Table:
 
 
 def settlement_reason(site: str, sid: str, at_ms: int, lines: list[tuple[str, str, int]], config) -> str:
-    """The text REPLAY reports for a settlement the server rejects: the verifier's own."""
+    """The text REPLAY reports for a settlement the server rejects: the verifier's own (a
+    Verifier without a store: validation never reaches it)."""
     from tracecode.server.errors import InvalidRequest
     from tracecode.server.verifier import Line, Verifier
     try:
-        Verifier._validate(SimpleNamespace(config=config), site, sid,
-                           [Line(c, p, u) for c, p, u in lines], at_ms)
+        Verifier(None, config)._validate(site, sid, [Line(c, p, u) for c, p, u in lines], at_ms)  # type: ignore[arg-type]
     except InvalidRequest as exc:
         return str(exc)
     return "rejected by the server's settlement validation"
@@ -385,11 +388,11 @@ def read_issuance_file(fi: int, paths: list[str], profile, errors: list[InputErr
     units = _map_unique(units_text, lambda v: int(v) if v.isdigit() and 1 <= int(v) <= 0xFFFFFFFF else None,
                         pa.int64())
     parsed = codec.parse_many(t["code"].to_pylist(), profile)
-    kind = pa.array([p[0] for p in parsed], pa.int8())
-    key = pa.array([p[1] for p in parsed], pa.string())
-    inner_gtin = pa.array([p[2] for p in parsed], pa.string())
-    inner_batch = pa.array([p[4] for p in parsed], pa.string())
-    inner_exp = pa.array([p[5] for p in parsed], pa.int64())
+    kind = pa.array([p[codec.KIND] for p in parsed], pa.int8())
+    key = pa.array([p[codec.KEY] for p in parsed], pa.string())
+    inner_gtin = pa.array([p[codec.PRODUCT] for p in parsed], pa.string())
+    inner_batch = pa.array([p[codec.BATCH] for p in parsed], pa.string())
+    inner_exp = pa.array([p[codec.EXPIRY] for p in parsed], pa.int64())
     del parsed
     gtin = t["gtin"]
     is_gs1 = pc.equal(kind, codec.KIND_GS1)
@@ -412,6 +415,12 @@ def read_issuance_file(fi: int, paths: list[str], profile, errors: list[InputErr
     bad = pc.or_kleene(bad, pc.equal(key, ""))
     bad = pc.or_kleene(bad, pc.or_(gtin_bad, pc.or_(exp_bad, batch_bad)))
     bad = pc.or_kleene(bad, pc.greater(pc.fill_null(units, 0), 100000))
+    from tracecode.server.issuance import TEXT_LIMITS
+    from tracecode.server.verifier import text_problem
+    for name, limit in TEXT_LIMITS:
+        text_bad = _map_unique(t[name], lambda v, limit=limit, name=name: text_problem(
+            v, limit, "", required=name == "product_id") is not None, pa.bool_())
+        bad = pc.or_kleene(bad, text_bad)
     bad = pc.fill_null(bad, True)
     if pc.any(bad).as_py():
         for row in t.filter(bad).to_pylist():
@@ -427,18 +436,24 @@ def read_issuance_file(fi: int, paths: list[str], profile, errors: list[InputErr
     return out.filter(keep)
 
 
-def _issuance_reason(row: dict, profile) -> tuple[str, str]:
-    """The field and text `tracecode load` reports for a rejected row: the client's check, then
-    the server's validate(), called as they are."""
-    from tracecode.clients.admin import _FieldError, _record
+def load_check(fields: dict, profile) -> tuple:
+    """One issuance row as `tracecode load` judges it, by the very functions it uses: the
+    client's row check, the API's conversion, the server's validate(). The stored tuple, or
+    ValueError("field: reason")."""
+    from tracecode.clients.admin import FieldError, record_of
+    from tracecode.server.api.convert import issuance_input
     from tracecode.server.issuance import IssuanceService
-    fields = {k: v for k, v in row.items() if k in ISSUANCE_FIELDS}
     try:
-        rec = _record(fields)
-    except _FieldError as exc:
-        return exc.field, exc.reason
+        rec = record_of(fields)
+    except FieldError as exc:
+        raise ValueError(f"{exc.field}: {exc.reason}") from None
+    return IssuanceService.validate(SimpleNamespace(profile=profile), issuance_input(rec))  # type: ignore[arg-type]
+
+
+def _issuance_reason(row: dict, profile) -> tuple[str, str]:
+    """The field and text `tracecode load` reports for a rejected row."""
     try:
-        IssuanceService.validate(SimpleNamespace(profile=profile), rec)
+        load_check({k: v for k, v in row.items() if k in ISSUANCE_FIELDS}, profile)
     except ValueError as exc:
         field, _, reason = str(exc).partition(": ")
         return field, reason

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import assemble, canon, engines, network, robust, splitpack, sql, staging
+from tracecode.server.config import Config
+
 from .config import LeadsConfig
 from .inputs import InputError, Limits, Pseudonyms, read_sites, settlement_reason
 
@@ -41,7 +43,7 @@ class Options:
     spark_master: str = "local[2]"
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
     config: LeadsConfig = field(default_factory=LeadsConfig)
-    server_config: object = None  # tracecode.server.config.Config: the verification settings
+    server_config: Config | None = None  # the verification settings (timezone, prefixes, limits)
     lines_out: bool = False
     progress: bool = True
     workdir: str | None = None  # scratch (staged Parquet, DuckDB database); a temp dir by default
@@ -90,7 +92,6 @@ DROP_AFTER = {"s3": ("s1", "s2"), "settlements": ("s3",), "jl2": ("jl", "repeats
 
 
 def run(opts: Options) -> Result:
-    from tracecode.server.config import Config
     cfg = opts.server_config or Config()
     limits = Limits(cfg.max_lines, cfg.max_code_length, cfg.max_units, cfg.timezone)
     profile = canon.profile_of(cfg)

@@ -140,7 +140,7 @@ JOIN (SELECT ord, verdict, first_ord FROM fast_v UNION ALL SELECT ord, verdict, 
 
 # Every line REPLAY answers, in REPLAY's order: judged ones, and replays with the answers of
 # the settlement they repeat. With the first dispense of a DUPLICATE (REPLAY's evidence).
-ALL_LINES = f"""
+ALL_LINES = """
 SELECT x.file_index, x.line, x.seq, x.li, x.site_id, x.settlement_id, x.line_no, x.code, x.verdict,
        x.ckey, f.site_id AS first_site_id, f.settlement_id AS first_settlement_id, f.at_ms AS first_at_ms
 FROM (SELECT v.file_index, l.line, v.seq, v.li, v.site_id, v.settlement_id, v.line_no, l.code, v.verdict,

@@ -31,7 +31,7 @@ ISSUANCE_COLUMNS = ["code", "product_id", "expiry", "pack_units", "status"]
 @dataclass
 class History:
     issuance: list[dict] = field(default_factory=list)
-    files: list[list[dict]] = field(default_factory=lambda: [[], []])  # settlement rows per file
+    files: list[list] = field(default_factory=lambda: [[], []])  # settlement rows per file
     sites: list[dict] = field(default_factory=list)
 
 

@@ -9,18 +9,14 @@ import os
 import random
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pyarrow as pa
 
-from tracecode import codec
-from tracecode.clients.admin import _FieldError, _record
-from tracecode.clients.reverify import _parse_time
+from tracecode.clients.reverify import parse_time
 from tracecode.leads import synth
 from tracecode.leads.canon import profile_of
-from tracecode.leads.inputs import Limits, Pseudonyms, _settled_ms, read_issuance, read_settlements
+from tracecode.leads.inputs import Limits, Pseudonyms, load_check, read_issuance, read_settlements, settled_ms
 from tracecode.server.config import Config
-from tracecode.server.issuance import IssuanceService
 from tracecode.server.pseudonym import generate_key_file
 
 
@@ -37,10 +33,10 @@ def test_settled_at_column_wise_equals_the_bulk_clients_parser():
 
     def reference(v):
         try:
-            return str(_parse_time(v))
+            return str(parse_time(v))
         except (ValueError, OverflowError) as exc:
             return str(exc)
-    assert _settled_ms(pa.array(values)).to_pylist() == [reference(v) for v in values]
+    assert settled_ms(pa.array(values)).to_pylist() == [reference(v) for v in values]
 
 
 ISSUANCE = [  # rows of every kind `tracecode load` accepts or rejects
@@ -62,6 +58,8 @@ ISSUANCE = [  # rows of every kind `tracecode load` accepts or rejects
     {"code": "(01)06901234567892(10)B7(21)SN5", "product_id": "G1", "batch": "B7", "gtin": "6901234567892"},
     {"code": "(01)06901234567892(21)SN6", "product_id": "G1", "gtin": "06901234567893"},
     {"code": "https://d.example/01/06901234567892/21/SN7", "product_id": "G1", "pack_units": "4"},
+    {"code": "81234560000000120000", "product_id": "8123\x07456"},  # a control character
+    {"code": "81234560000000130000", "product_id": "8123456", "batch": "B" * 65},
 ]
 
 
@@ -76,12 +74,10 @@ def test_issuance_rows_are_accepted_and_stored_as_tracecode_load_stores_them(tmp
     for n, row in enumerate(ISSUANCE):
         fields = {k: row.get(k, "") for k in ("code", "product_id", "gtin", "batch", "expiry", "pack_units",
                                               "status")}
-        try:
-            rec = _record(fields)
-            key, product, _g, _b, exp, units, _m, status = IssuanceService.validate(
-                SimpleNamespace(profile=profile), rec)
+        try:  # the functions `tracecode load` runs, row by row
+            key, product, _g, _b, exp, units, _m, status = load_check(fields, profile)
             accepted[n + 2] = (key, product, units, exp, status)
-        except (_FieldError, ValueError):
+        except ValueError:
             rejected.add(n + 2)
     mine = {line: (k, p, u, e, s) for line, k, p, u, e, s in zip(
         got["line"].to_pylist(), got["ckey"].to_pylist(), got["product_id"].to_pylist(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import pytest
 
