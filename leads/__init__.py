@@ -5,7 +5,8 @@
           --models--> evidence --assemble--> leads.csv/.parquet, evidence.csv/.parquet, network.png
 
 Modules: `config` (thresholds, versions, risk cut-offs: data), `inputs` (readers over
-clients/files.py and Parquet, row checks, pseudonyms), `canon` (codec over Arrow batches),
+clients/files.py and Parquet, row checks, pseudonyms), `staging` (inputs in worker processes,
+staged as Parquet), `canon` (codec over Arrow batches), `synth` (generated histories),
 `sql` (one definition per model, DuckDB dialect, transpiled for Spark by SQLGlot), `engines`
 (DuckDB and Spark behind one small interface), `splitpack` (the sequential pass for split
 packs), `robust` (ABNORMAL_SITE's peer statistics), `assemble` (lead rows, ids, summaries),
@@ -13,7 +14,8 @@ packs), `robust` (ABNORMAL_SITE's peer statistics), `assemble` (lead rows, ids, 
 
 May import: the standard library, pyarrow, duckdb, sqlglot, pyspark (engine spark only),
 networkx, matplotlib, tqdm; from tracecode: `codec`, `clients.files`, `clients.reverify`
-(its settled_at parser), `clients.admin` (its row checks), and from `server` only the
-side-effect-free pieces that define the rules (`pseudonym`, `config.Config`, `issuance`,
-`verifier` for its validation text). Never the store, Redis or gRPC.
+(its settled_at parser), `clients.admin` (its row checks), and from `server` only the pieces
+that define the rules (`pseudonym`, `config.Config`, `issuance`, `api.convert.issuance_input`,
+`verifier` for its profile and validation, built without a store). It never talks to Redis or
+a server.
 """
