@@ -17,7 +17,6 @@ import os
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from types import SimpleNamespace
 from typing import Callable
 
 import pyarrow as pa
@@ -285,7 +284,7 @@ def _checked(t: pa.Table, paths: list[str], limits: Limits, pseudonyms: Pseudony
             raise ValueError("the settlement files carry insured ids: give --pseudonym-key FILE to "
                              "pseudonymise them, or --insured-pseudonymised if they already are")
 
-    # The server's settlement validation (verifier._validate), per row where it is per line;
+    # The server's settlement validation (verifier.validate_settlement), per row where it is per line;
     # per settlement (site and settlement id, time, line count) in sql.py.
     tz = limits.timezone
     local = pc.cast(at_ms, pa.timestamp("ms", tz="UTC"), safe=False)
@@ -347,9 +346,9 @@ def settlement_reason(site: str, sid: str, at_ms: int, lines: list[tuple[str, st
     """The text REPLAY reports for a settlement the server rejects: the verifier's own (a
     Verifier without a store: validation never reaches it)."""
     from tracecode.server.errors import InvalidRequest
-    from tracecode.server.verifier import Line, Verifier
+    from tracecode.server.verifier import Line, RulesSettings, validate_settlement
     try:
-        Verifier(None, config)._validate(site, sid, [Line(c, p, u) for c, p, u in lines], at_ms)  # type: ignore[arg-type]
+        validate_settlement(RulesSettings.from_config(config), site, sid, [Line(c, p, u) for c, p, u in lines], at_ms)
     except InvalidRequest as exc:
         return str(exc)
     return "rejected by the server's settlement validation"
@@ -442,12 +441,12 @@ def load_check(fields: dict, profile) -> tuple:
     ValueError("field: reason")."""
     from tracecode.clients.admin import FieldError, record_of
     from tracecode.server.api.convert import issuance_input
-    from tracecode.server.issuance import IssuanceService
+    from tracecode.server.issuance import validate_record
     try:
         rec = record_of(fields)
     except FieldError as exc:
         raise ValueError(f"{exc.field}: {exc.reason}") from None
-    return IssuanceService.validate(SimpleNamespace(profile=profile), issuance_input(rec))  # type: ignore[arg-type]
+    return validate_record(issuance_input(rec), profile)
 
 
 def _issuance_reason(row: dict, profile) -> tuple[str, str]:
