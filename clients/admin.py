@@ -127,3 +127,8 @@ class AdminClient:
             site_id=site_id, insured_id=insured_id, insured_pseudonym=insured_pseudonym,
             include_history=include_history, reference=reference),
             timeout=self.timeout_s, metadata=self.metadata).sanctions)
+
+
+# Public for the leads engine (tracecode.leads), which checks issuance rows as `tracecode load` does.
+FieldError = _FieldError
+record_of = _record

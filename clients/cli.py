@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttl-days", type=float, default=30.0, help="validity (default 30 days)")
     t.set_defaults(func=cmd_token)
 
+    from tracecode.leads.cli import add_parser as add_leads
+    add_leads(sub)
+
     d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
     d.set_defaults(func=cmd_demo)
 

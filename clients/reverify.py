@@ -593,3 +593,7 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
     if isinstance(target, str):
         channel.close()
     return summary
+
+
+# Public for the leads engine (tracecode.leads), which reads settled_at exactly as a job does.
+parse_time = _parse_time

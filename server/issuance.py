@@ -92,6 +92,38 @@ class UpsertSummary:
     errors: list[RecordError] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS
 
 
+def validate_record(rec: IssuanceInput, profile=None) -> tuple:
+    """An IssuanceInput -> the store's record tuple, or ValueError naming the field. No store
+    involved: the leads engine judges issuance rows by this very function."""
+    kind, key, product, serial, batch, expiry, reason = codec.parse(rec.code, profile)
+    if not key:
+        raise ValueError(f"code: {reason}")
+    for name, limit in TEXT_LIMITS:
+        problem = text_problem(getattr(rec, name), limit, "the product the code was issued for",
+                               required=name == "product_id")
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+    gtin = rec.gtin
+    if kind == codec.KIND_GS1:
+        if gtin and gtin.zfill(14) != product:
+            raise ValueError(f"gtin: {gtin} differs from the GTIN {product} inside the code")
+        gtin = product
+    elif gtin and not (gtin.isdigit() and len(gtin) <= 14):
+        raise ValueError(f"gtin: {gtin!r} is not a GTIN")
+    exp = parse_expiry(rec.expiry) if rec.expiry else expiry
+    if rec.expiry and expiry and exp != expiry:
+        raise ValueError(f"expiry: {rec.expiry} differs from the expiry inside the code")
+    if rec.batch and batch and rec.batch != batch:
+        raise ValueError(f"batch: {rec.batch} differs from the batch {batch} inside the code")
+    units = rec.pack_units or 1
+    if units > MAX_PACK_UNITS:
+        raise ValueError(f"pack_units: {units} is more than {MAX_PACK_UNITS}")
+    status = rec.status
+    if status and status not in STATUSES:
+        raise ValueError(f"status: unknown value {status}")
+    return (key, rec.product_id, gtin, rec.batch or batch, exp or 0, units, rec.manufacturer, status)
+
+
 class IssuanceService:
     def __init__(self, store: Store, profile=None, chunk: int = 500):
         self.store = store
@@ -106,33 +138,7 @@ class IssuanceService:
 
     def validate(self, rec: IssuanceInput) -> tuple:
         """An IssuanceInput -> the store's record tuple, or ValueError naming the field."""
-        kind, key, product, serial, batch, expiry, reason = codec.parse(rec.code, self.profile)
-        if not key:
-            raise ValueError(f"code: {reason}")
-        for name, limit in TEXT_LIMITS:
-            problem = text_problem(getattr(rec, name), limit, "the product the code was issued for",
-                                   required=name == "product_id")
-            if problem:
-                raise ValueError(f"{name}: {problem}")
-        gtin = rec.gtin
-        if kind == codec.KIND_GS1:
-            if gtin and gtin.zfill(14) != product:
-                raise ValueError(f"gtin: {gtin} differs from the GTIN {product} inside the code")
-            gtin = product
-        elif gtin and not (gtin.isdigit() and len(gtin) <= 14):
-            raise ValueError(f"gtin: {gtin!r} is not a GTIN")
-        exp = parse_expiry(rec.expiry) if rec.expiry else expiry
-        if rec.expiry and expiry and exp != expiry:
-            raise ValueError(f"expiry: {rec.expiry} differs from the expiry inside the code")
-        if rec.batch and batch and rec.batch != batch:
-            raise ValueError(f"batch: {rec.batch} differs from the batch {batch} inside the code")
-        units = rec.pack_units or 1
-        if units > MAX_PACK_UNITS:
-            raise ValueError(f"pack_units: {units} is more than {MAX_PACK_UNITS}")
-        status = rec.status
-        if status and status not in STATUSES:
-            raise ValueError(f"status: unknown value {status}")
-        return (key, rec.product_id, gtin, rec.batch or batch, exp or 0, units, rec.manufacturer, status)
+        return validate_record(rec, self.profile)
 
     def upsert_stream(self, requests: Iterable[UpsertBatch]) -> UpsertSummary:
         resp = UpsertSummary()

@@ -131,6 +131,35 @@ def _fmt_day(day: int) -> str:
     return f"{s[:4]}-{s[4:6]}-{s[6:]}" if len(s) == 8 else s
 
 
+def validate_settlement(rules: RulesSettings, site_id: str, settlement_id: str | None, lines: Sequence[Line],
+                    at_ms: int | None = None, at_field: str = "settled_at") -> None:
+    """InvalidRequest naming every field of a settlement that breaks the rules (settlement_id
+    None: a call without one, e.g. CheckCodes). No store involved: the leads engine judges
+    rejected rows by this very function."""
+    bad: list[tuple[str, str]] = []
+    if at_ms is not None and not MIN_TIME_MS <= at_ms < MAX_TIME_MS:
+        bad.append((at_field, "outside 1970-01-01 .. 2100-01-01 UTC"))
+    if not _ID.match(site_id or ""):
+        bad.append(("site_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
+    if settlement_id is not None and not _ID.match(settlement_id or ""):
+        bad.append(("settlement_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
+    if not lines:
+        bad.append(("lines", "at least one line is required"))
+    elif len(lines) > rules.max_lines:
+        bad.append(("lines", f"{len(lines)} lines, at most {rules.max_lines} per settlement"))
+    for i, ln in enumerate(lines[: rules.max_lines]):
+        problem = text_problem(ln.product_id, MAX_PRODUCT_ID, "the billed product id")
+        if problem:
+            bad.append((f"lines[{i}].product_id", problem))
+        if len(ln.raw_code) > rules.max_code_length:
+            bad.append((f"lines[{i}].raw_code",
+                        f"{len(ln.raw_code)} characters, at most {rules.max_code_length}"))
+        if ln.units < 0 or ln.units > rules.max_units:
+            bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{rules.max_units}"))
+    if bad:
+        raise InvalidRequest(bad)
+
+
 class Verifier:
     def __init__(self, store: Store, rules: RulesSettings | Config):
         self.store = store
@@ -194,28 +223,7 @@ class Verifier:
 
     def _validate(self, site_id: str, settlement_id: str | None, lines: Sequence[Line],
                   at_ms: int | None = None, at_field: str = "settled_at") -> None:
-        bad: list[tuple[str, str]] = []
-        if at_ms is not None and not MIN_TIME_MS <= at_ms < MAX_TIME_MS:
-            bad.append((at_field, "outside 1970-01-01 .. 2100-01-01 UTC"))
-        if not _ID.match(site_id or ""):
-            bad.append(("site_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
-        if settlement_id is not None and not _ID.match(settlement_id or ""):
-            bad.append(("settlement_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
-        if not lines:
-            bad.append(("lines", "at least one line is required"))
-        elif len(lines) > self.rules.max_lines:
-            bad.append(("lines", f"{len(lines)} lines, at most {self.rules.max_lines} per settlement"))
-        for i, ln in enumerate(lines[: self.rules.max_lines]):
-            problem = text_problem(ln.product_id, MAX_PRODUCT_ID, "the billed product id")
-            if problem:
-                bad.append((f"lines[{i}].product_id", problem))
-            if len(ln.raw_code) > self.rules.max_code_length:
-                bad.append((f"lines[{i}].raw_code",
-                            f"{len(ln.raw_code)} characters, at most {self.rules.max_code_length}"))
-            if ln.units < 0 or ln.units > self.rules.max_units:
-                bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{self.rules.max_units}"))
-        if bad:
-            raise InvalidRequest(bad)
+        validate_settlement(self.rules, site_id, settlement_id, lines, at_ms, at_field)
 
     def settle_day(self, at_ms: int) -> int:
         d = datetime.fromtimestamp(at_ms / 1000, self.tz)

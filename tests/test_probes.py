@@ -216,3 +216,13 @@ def test_a_settlement_stored_before_the_new_digest_replays_byte_for_byte(store, 
     # Another body under the old id is still ALREADY_EXISTS.
     err = refusal(lambda: pos.verify(site, [line(code, "OTHER")], settlement_id=sid, settled_at=at))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_pseudonym_many_is_pseudonym_per_id():
+    from tracecode.server.pseudonym import Pseudonymizer
+
+    p = Pseudonymizer(b"k" * 32, "k2")
+    ids = ["110105194912310021", " 11010519491231002x ", "", "   ", "ab-12"]
+    assert p.pseudonym_many(ids) == [p.pseudonym(i) for i in ids]
+    assert p.pseudonym(" 11010519491231002x ") == p.pseudonym("11010519491231002X")
+    assert p.pseudonym("") == "" and Pseudonymizer.looks_like_pseudonym(p.pseudonym("a"))

@@ -1,0 +1,135 @@
+"""The leads engine's readers against the functions they stand in for: the bulk client's
+settled_at parser, `tracecode load`'s row checks and the server's issuance validation; every
+unusable row reported with file, line and field; the CLI end to end."""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import random
+import subprocess
+import sys
+
+import pyarrow as pa
+
+from tracecode.clients.reverify import parse_time
+from tracecode.leads import synth
+from tracecode.leads.canon import profile_of
+from tracecode.leads.inputs import Limits, Pseudonyms, load_check, read_issuance, read_settlements, settled_ms
+from tracecode.server.config import Config
+from tracecode.server.pseudonym import generate_key_file
+
+
+def test_settled_at_column_wise_equals_the_bulk_clients_parser():
+    rnd = random.Random(5)
+    values = ["2024-05-06T10:15:00+08:00", "2024-02-30T10:15:00+08:00", "2023-02-29T00:00:00+08:00",
+              "2024-05-06T24:00:00+08:00", "2024-05-06 10:15:00+08:00", "2024-05-06T10:15:00Z", "bad", "",
+              "2024-05-06T10:15:00.123+08:00", "2024-05-06T10:15:00+24:00", "２024-05-06T10:15:00+08:00",
+              "2024-05-06T10:15:00", "0001-01-01T00:00:00+00:00"]
+    for _ in range(100_000):
+        values.append(f"{rnd.randint(1, 9999):04d}-{rnd.randint(0, 13):02d}-{rnd.randint(0, 32):02d}T"
+                      f"{rnd.randint(0, 24):02d}:{rnd.randint(0, 60):02d}:{rnd.randint(0, 60):02d}"
+                      f"{rnd.choice('+-')}{rnd.randint(0, 24):02d}:{rnd.choice((0, 30, 45, 59, 60)):02d}")
+
+    def reference(v):
+        try:
+            return str(parse_time(v))
+        except (ValueError, OverflowError) as exc:
+            return str(exc)
+    assert settled_ms(pa.array(values)).to_pylist() == [reference(v) for v in values]
+
+
+ISSUANCE = [  # rows of every kind `tracecode load` accepts or rejects
+    {"code": "81234560000000010000", "product_id": "8123456"},
+    {"code": "81234560000000020000", "product_id": "8123456", "pack_units": "10", "expiry": "2026-02-28"},
+    {"code": "81234560000000030000", "product_id": "8123456", "pack_units": "0"},
+    {"code": "81234560000000040000", "product_id": "8123456", "pack_units": "100001"},
+    {"code": "81234560000000050000", "product_id": "8123456", "status": "recalled"},
+    {"code": "81234560000000060000", "product_id": "8123456", "status": "GONE"},
+    {"code": "81234560000000070000", "product_id": "8123456", "expiry": "2025-02-30"},
+    {"code": "81234560000000080000", "product_id": "8123456", "expiry": "20250101"},
+    {"code": "8123456000000009000", "product_id": "8123456"},  # 19 digits
+    {"code": "81234560000000100000", "product_id": "8123456", "gtin": "123"},
+    {"code": "81234560000000110000", "product_id": "8123456", "gtin": "12a"},
+    {"code": "]d2010690123456789217261231102B1\x1d21SN1", "product_id": "G1"},
+    {"code": "(01)06901234567892(17)261231(21)SN2", "product_id": "G1", "expiry": "2026-12-30"},
+    {"code": "(01)06901234567892(17)261231(21)SN3", "product_id": "G1", "expiry": "2026-12-31"},
+    {"code": "(01)06901234567892(10)B7(21)SN4", "product_id": "G1", "batch": "B8"},
+    {"code": "(01)06901234567892(10)B7(21)SN5", "product_id": "G1", "batch": "B7", "gtin": "6901234567892"},
+    {"code": "(01)06901234567892(21)SN6", "product_id": "G1", "gtin": "06901234567893"},
+    {"code": "https://d.example/01/06901234567892/21/SN7", "product_id": "G1", "pack_units": "4"},
+    {"code": "81234560000000120000", "product_id": "8123\x07456"},  # a control character
+    {"code": "81234560000000130000", "product_id": "8123456", "batch": "B" * 65},
+]
+
+
+def test_issuance_rows_are_accepted_and_stored_as_tracecode_load_stores_them(tmp_path):
+    path = synth.write_csv(str(tmp_path / "iss.csv"), ISSUANCE,
+                           ["code", "product_id", "gtin", "batch", "expiry", "pack_units", "status"])
+    profile = profile_of(Config())
+    errors = []
+    got = read_issuance([path], profile, errors)
+    accepted = {}
+    rejected = set()
+    for n, row in enumerate(ISSUANCE):
+        fields = {k: row.get(k, "") for k in ("code", "product_id", "gtin", "batch", "expiry", "pack_units",
+                                              "status")}
+        try:  # the functions `tracecode load` runs, row by row
+            key, product, _g, _b, exp, units, _m, status = load_check(fields, profile)
+            accepted[n + 2] = (key, product, units, exp, status)
+        except ValueError:
+            rejected.add(n + 2)
+    mine = {line: (k, p, u, e, s) for line, k, p, u, e, s in zip(
+        got["line"].to_pylist(), got["ckey"].to_pylist(), got["product_id"].to_pylist(),
+        got["pack_units"].to_pylist(), got["expiry"].to_pylist(), got["status"].to_pylist())}
+    assert mine == accepted
+    assert {e.line for e in errors} == rejected and len(rejected) >= 9
+    assert all(e.file == path and e.field != "-" for e in errors)
+
+
+def test_unusable_settlement_rows_are_reported_with_file_line_and_field(tmp_path):
+    rows = [{"site_id": "S1", "settlement_id": "A", "settled_at": "2024-05-06T10:15:00+08:00", "line_no": "1",
+             "code": " 81234560000000010000\t", "product_id": "8123456", "amount": "12.5"},
+            {"site_id": "S1", "settlement_id": "A", "settled_at": "2024-05-06T10:15:00+08:00", "line_no": "x",
+             "code": "81234560000000010000", "product_id": "8123456"},
+            {"site_id": "S1", "settlement_id": "B", "settled_at": "yesterday", "line_no": "1",
+             "code": "81234560000000010000", "product_id": "8123456"},
+            {"site_id": "S1", "settlement_id": "C", "settled_at": "2024-05-06T10:16:00+08:00", "line_no": "1",
+             "code": "", "product_id": "8123456"},
+            {"site_id": "S1", "settlement_id": "D", "settled_at": "2024-05-06T10:17:00+08:00", "line_no": "1",
+             "code": "81234560000000010000", "product_id": "8123456", "amount": "lots"}]
+    csv_path = synth.write_csv(str(tmp_path / "a.csv.gz"), rows, synth.SETTLEMENT_COLUMNS)
+    pq_path = synth.write_parquet(str(tmp_path / "a.parquet"), rows, synth.SETTLEMENT_COLUMNS)
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(gzip.compress(b"site_id,settlement_id\n")[:-6])
+    for path, first in ((csv_path, 2), (pq_path, 1)):
+        errors = []
+        ((_, t),) = list(read_settlements([path], Limits(), Pseudonyms(), errors))
+        assert sorted((e.line, e.field) for e in errors) == [(first + 1, "line_no"), (first + 2, "settled_at"),
+                                                             (first + 3, "code"), (first + 4, "amount")]
+        assert {e.file for e in errors} == {path}
+        assert t["code"].to_pylist() == ["81234560000000010000"] * 2  # stripped as files.py strips
+        assert t["amount_fen"].to_pylist() == [1250, None]  # the unreadable amount: line kept, amount not
+    errors = []
+    list(read_settlements([str(broken)], Limits(), Pseudonyms(), errors))
+    assert errors and errors[0].file == str(broken) and "cannot read" in errors[0].reason
+
+
+def test_cli_writes_the_outputs_and_refuses_a_readable_key(tmp_path):
+    h = synth.history(600, seed=4)
+    iss = synth.write_csv(str(tmp_path / "iss.csv"), h.issuance, synth.ISSUANCE_COLUMNS)
+    exports = [synth.write_csv(str(tmp_path / f"e{i}.csv"), h.files[i], synth.SETTLEMENT_COLUMNS) for i in (0, 1)]
+    key = generate_key_file(str(tmp_path / "key"))
+    out = tmp_path / "out"
+    cli = [sys.executable, "-m", "tracecode.clients.cli", "leads", *exports, "--issuance", iss, "--out", str(out)]
+    done = subprocess.run(cli + ["--pseudonym-key", key, "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "lines" in done.stdout and "leads" in done.stdout
+    for name in ("leads.csv", "leads.parquet", "evidence.csv", "evidence.parquet", "errors.csv", "network.png",
+                 "summary.json"):
+        assert (out / name).exists(), name
+    with open(out / "errors.csv", newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh))[0] == ["file", "line", "field", "reason"]
+    os.chmod(key, 0o644)
+    bad = subprocess.run(cli + ["--pseudonym-key", key], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "readable by group or others" in bad.stderr
