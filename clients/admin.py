@@ -108,9 +108,11 @@ class AdminClient:
     # Sanctions (docs/verification.md, "Sanctions").
     def set_sanction(self, kind: str, *, request_id: str, site_id: str = "", insured_id: str = "",
                      valid_from: datetime | None = None, valid_until: datetime | None = None,
-                     reason: str = "", reference: str = "", actor: str = "") -> apb.Sanction:
+                     reason: str = "", reference: str = "", actor: str = "",
+                     insured_pseudonym: str = "") -> apb.Sanction:
         req = apb.SetSanctionRequest(request_id=request_id, kind=apb.SanctionKind.Value(kind), site_id=site_id,
-                                     insured_id=insured_id, reason=reason, reference=reference, actor=actor)
+                                     insured_id=insured_id, reason=reason, reference=reference, actor=actor,
+                                     insured_pseudonym=insured_pseudonym)
         if valid_from is not None:
             req.valid_from.FromDatetime(valid_from)
         if valid_until is not None:

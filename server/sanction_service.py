@@ -132,11 +132,12 @@ class SanctionService:
 
     def set(self, *, request_id: str, kind: str | None, site_id: str, insured_id: str,
             valid_from_ms: int | None, valid_until_ms: int | None, reason: str, reference: str,
-            actor: str) -> Sanction:
+            actor: str, insured_pseudonym: str = "") -> Sanction:
         now = now_ms()
         req = validate_set(request_id=request_id, kind=kind, site_id=site_id, insured_id=insured_id,
                            valid_from_ms=valid_from_ms, valid_until_ms=valid_until_ms, reason=reason,
-                           reference=reference, actor=actor, now_ms=now, pseudonym=self.pseudonymizer.pseudonym)
+                           reference=reference, actor=actor, now_ms=now, pseudonym=self.pseudonymizer.pseudonym,
+                           insured_pseudonym=insured_pseudonym, key_id=self.pseudonymizer.key_id)
         try:
             changed, s = self.sstore.set(req, now_ms=now)
         except SettlementConflict:

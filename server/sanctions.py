@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 from zoneinfo import ZoneInfo
 
 from .errors import InvalidRequest
+from .pseudonym import Pseudonymizer
 
 log = logging.getLogger("tracecode.sanctions")
 
@@ -206,7 +207,8 @@ class SetRequest:
 
 def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id: str,
                  valid_from_ms: int | None, valid_until_ms: int | None, reason: str, reference: str,
-                 actor: str, now_ms: int, pseudonym: Callable[[str], str]) -> SetRequest:
+                 actor: str, now_ms: int, pseudonym: Callable[[str], str], insured_pseudonym: str = "",
+                 key_id: str = "") -> SetRequest:
     """A SetSanction request's fields -> SetRequest, or InvalidRequest naming every bad field.
     `kind` is the SanctionKind name (None when the number is unknown or unspecified)."""
     bad: list[tuple[str, str]] = []
@@ -217,7 +219,7 @@ def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id:
         bad.append(("kind", "required: one of " + ", ".join(KINDS)))
     subject_id = ""
     if rule is not None and rule.subject == SITE:
-        if insured_id:
+        if insured_id or insured_pseudonym:
             bad.append(("insured_id", f"{kind} is a site sanction: give site_id only"))
         if not _SITE_ID.match(site_id or ""):
             bad.append(("site_id", f"required for {kind}: 1-64 characters of A-Z a-z 0-9 . _ -"))
@@ -225,7 +227,15 @@ def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id:
     elif rule is not None:
         if site_id:
             bad.append(("site_id", f"{kind} is a person sanction: give insured_id only"))
-        if not insured_id.strip():
+        if insured_pseudonym:
+            if insured_id:
+                bad.append(("insured_pseudonym", "give insured_id or insured_pseudonym, not both"))
+            elif not (Pseudonymizer.looks_like_pseudonym(insured_pseudonym)
+                      and insured_pseudonym.split(".", 1)[0] == key_id):
+                bad.append(("insured_pseudonym", f"not a pseudonym of this deployment's key ({key_id}.<32 hex>)"))
+            else:
+                subject_id = insured_pseudonym
+        elif not insured_id.strip():
             bad.append(("insured_id", f"required for {kind}: the insured person's id as read"))
         elif len(insured_id) > MAX_INSURED_ID:
             bad.append(("insured_id", f"{len(insured_id)} characters, at most {MAX_INSURED_ID}"))

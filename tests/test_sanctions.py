@@ -430,3 +430,25 @@ def test_first_buyer_pseudonym_kept_by_an_all_or_nothing_settlement_over_several
         hist = pos.history(c)
         assert hist.first_insured_id == pseudonym
         assert [e.insured_id for e in hist.events] == [pseudonym]
+
+
+def test_a_card_suspension_can_name_the_person_by_pseudonym(pos, admin, config):
+    """A caller that keeps only pseudonyms (the ledger console) suspends a card without the raw
+    id; the sanction binds on the person's settlements like one set by raw id."""
+    person = "110101199003079999"
+    pseudonym = Pseudonymizer.from_file(config.pseudonym_key_file).pseudonym(person)
+    pool = codes(admin, 6)
+    s = admin.set_sanction("SUSPEND_CARD", request_id=rid(), insured_pseudonym=pseudonym, reason="倒卖医保药品",
+                           reference="LEAD-9")
+    assert s.subject == apb.INSURED and s.subject_id == pseudonym
+    _, info = wait_refused(pos, "PH-P-1", pool, insured=person)
+    assert info.reason == "INSURED_SANCTIONED" and info.metadata["sanction_id"] == s.sanction_id
+    # Wrong shapes, another key's pseudonym, both forms at once, or a site sanction: refused.
+    other_key = Pseudonymizer(b"z" * 32, "zz").pseudonym(person)
+    for kind, fields, bad in (("SUSPEND_CARD", {"insured_pseudonym": "k1.nothex"}, "insured_pseudonym"),
+                              ("SUSPEND_CARD", {"insured_pseudonym": other_key}, "insured_pseudonym"),
+                              ("SUSPEND_CARD", {"insured_pseudonym": pseudonym, "insured_id": person}, "insured_pseudonym"),
+                              ("SUSPEND_SERVICE", {"insured_pseudonym": pseudonym, "site_id": "PH-P-2"}, "insured_id")):
+        with pytest.raises(grpc.RpcError) as err:
+            admin.set_sanction(kind, request_id=rid(), reason="x", **fields)
+        assert bad in violations(err.value), (fields, violations(err.value))

@@ -86,7 +86,7 @@ class SanctionAdmin:
         kind = apb.SanctionKind.Name(request.kind) if request.kind in apb.SanctionKind.values() else None
         s = self.sanctions.set(
             request_id=request.request_id, kind=None if kind == "SANCTION_KIND_UNSPECIFIED" else kind,
-            site_id=request.site_id, insured_id=request.insured_id,
+            site_id=request.site_id, insured_id=request.insured_id, insured_pseudonym=request.insured_pseudonym,
             valid_from_ms=_ms(request.valid_from, "valid_from") if request.HasField("valid_from") else None,
             valid_until_ms=_ms(request.valid_until, "valid_until") if request.HasField("valid_until") else None,
             reason=request.reason, reference=request.reference, actor=request.actor or caller)
