@@ -104,7 +104,7 @@ def test_owed_call_is_retried_until_the_service_takes_it(console_env, console_re
         gateway.reset_client()
 
 
-def test_card_suspension_needs_the_persons_id_at_approval(console_env, service):
+def test_card_suspension_names_the_person_by_pseudonym_a_typed_id_must_match(console_env, service):
     from tracecode.console.ledger import workflow
     from tracecode.console.ledger.intake import ImportReport, LeadFacts, arrive, pseudonymizer
     from tracecode.console.ledger.rules import Source, Status
@@ -121,7 +121,7 @@ def test_card_suspension_needs_the_persons_id_at_approval(console_env, service):
     assert "与线索对象的化名核对" in r.content.decode()
     req.refresh_from_db()
     assert req.state == "PROPOSED"
-    r = c.post(f"/sanctions/{req.request_id}/approve", {"insured_id": raw.lower()}, follow=True)
+    r = c.post(f"/sanctions/{req.request_id}/approve", {}, follow=True)  # no raw id: by pseudonym
     req.refresh_from_db()
     assert req.state == "APPROVED" and req.call == "" and req.service_in_force is True, req.last_error
     # The person is refused at any site.

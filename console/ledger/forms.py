@@ -56,8 +56,9 @@ class ProposalForm(forms.Form):
 
 
 class ApproveForm(forms.Form):
-    # Card suspension only: the person's id as on the card, passed to the service, never stored.
-    insured_id = forms.CharField(required=False, label="参保人证件号（暂停医保卡结算时必填，不留存）", max_length=64,
+    # Card suspension only, optional: the person's id as on the card, checked against the lead's
+    # pseudonym, passed to the service, never stored (without it the pseudonym names the person).
+    insured_id = forms.CharField(required=False, label="参保人证件号（可选，用于核对，不留存）", max_length=64,
                                  widget=forms.PasswordInput(render_value=False))
 
 

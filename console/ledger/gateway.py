@@ -89,34 +89,31 @@ def _set(req: SanctionRequest, insured_id: str):
     return client().set_sanction(
         req.kind, request_id=str(req.request_id),
         site_id=req.subject_id if req.subject_type == "SITE" else "",
-        insured_id=insured_id, valid_from=req.valid_from, valid_until=req.valid_until,
+        insured_id=insured_id,
+        # The ledger keeps only pseudonyms: a card suspension names the person by it (the raw id,
+        # when an approver typed it, is checked against it and sent instead, never kept).
+        insured_pseudonym=req.subject_id if req.subject_type == "INSURED" and not insured_id else "",
+        valid_from=req.valid_from, valid_until=req.valid_until,
         reason=req.reason, reference=req.lead.ref,
         actor=req.approved_by.username if req.approved_by else "")
 
 
 def deliver(req: SanctionRequest, *, insured_id: str = "") -> SanctionRequest:
-    """Make the call `req` owes now. `insured_id`: the raw id of a card suspension's person, as
-    the approver typed it (checked against the lead's pseudonym by the view); it is passed to the
-    service and never stored, so an owed card suspension whose call failed needs it again."""
+    """Make the call `req` owes now. `insured_id`: optionally the raw id of a card suspension's
+    person, as the approver typed it (checked against the lead's pseudonym by the view), passed
+    to the service and never stored; without it the person is named by the pseudonym."""
     with transaction.atomic():
         req = SanctionRequest.objects.select_for_update(of=("self",)).select_related("lead", "approved_by").get(pk=req.pk)
         if not req.call:
             return req
         call = req.call
         try:
-            if req.subject_type == "INSURED" and not req.sanction_id and not insured_id:
-                raise _NeedsId()
             if call == "SET" or not req.sanction_id:
                 answer = _set(req, insured_id)
                 req.sanction_id = answer.sanction_id
             if call == "LIFT":
                 answer = client().lift_sanction(req.sanction_id, reason=req.lift_reason,
                                                 actor=req.lift_approved_by.username if req.lift_approved_by else "")
-        except _NeedsId:
-            req.last_error = "暂停医保卡结算须由审批人重新输入参保人证件号后下发（证件号不留存）"
-            req.next_try_at = None
-            req.save()
-            return req
         except grpc.RpcError as exc:
             code = exc.code()
             message = f"{code.name}: {exc.details()}"
@@ -141,10 +138,6 @@ def deliver(req: SanctionRequest, *, insured_id: str = "") -> SanctionRequest:
                              field=f"sanction:{req.request_id}", after=f"{call} {req.sanction_id}",
                              reason="已在结算服务生效" if answer.in_force else "服务已记录（当前未生效）")
         return req
-
-
-class _NeedsId(Exception):
-    pass
 
 
 def retry_pending(limit: int = 100) -> int:

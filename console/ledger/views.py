@@ -292,9 +292,10 @@ def sanction_approve(request, request_id):
     req = _sanction(request, request_id)
     form = forms.ApproveForm(request.POST)
     insured_id = form.data.get("insured_id", "").strip() if form.is_valid() else ""
-    if req.subject_type == "INSURED":
-        if not insured_id or intake.as_pseudonym(insured_id) != req.subject_id:
-            raise workflow.RuleError("暂停医保卡结算须输入该参保人的证件号（与线索对象的化名核对）")
+    # A card suspension names the person by the lead's pseudonym; a raw id typed by the approver
+    # must match it (a check that the right person is meant), and is never kept.
+    if req.subject_type == "INSURED" and insured_id and intake.as_pseudonym(insured_id) != req.subject_id:
+        raise workflow.RuleError("证件号与线索对象的化名不符（与线索对象的化名核对）")
     req = workflow.approve_sanction(req, request.user)
     _delivery_message(request, gateway.deliver(req, insured_id=insured_id))
     return redirect("lead-detail", ref=req.lead.ref)
