@@ -165,109 +165,80 @@ def lead_detail(request, ref):
     })
 
 
-@require_POST
-@_guard
-def lead_assign(request, ref):
-    lead = _lead(request, ref)
-    form = forms.AssignForm(request.POST)
-    if not has(request.user, Perm.ASSIGN):
-        raise workflow.Forbidden("无分派权限")
-    if form.is_valid():
-        workflow.assign(lead, form.cleaned_data["assignee"], request.user, form.cleaned_data["reason"])
-        messages.success(request, f"已分派给 {form.cleaned_data['assignee'].username}")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+def _lead_form(form_class, needs: Perm | None = None):
+    """A POST on one lead through one form: the lead (as the caller may see it), the permission
+    when one is needed, the form's errors shown, and back to the lead's page. The decorated
+    function gets the valid data and returns the success message (or None)."""
+    def wrap(apply):
+        @require_POST
+        @_guard
+        @wraps(apply)
+        def view(request, ref):
+            lead = _lead(request, ref)
+            form = form_class(request.POST)
+            if needs is not None and not has(request.user, needs):
+                raise workflow.Forbidden("无分派权限" if needs == Perm.ASSIGN else "无此权限")
+            if form.is_valid():
+                message = apply(request, lead, form.cleaned_data)
+                if message:
+                    messages.success(request, message)
+            else:
+                _form_errors(request, form)
+            return redirect("lead-detail", ref=ref)
+        return view
+    return wrap
 
 
-@require_POST
-@_guard
-def lead_transition(request, ref):
-    lead = _lead(request, ref)
-    form = forms.TransitionForm(request.POST)
-    if form.is_valid():
-        try:
-            to = Status(form.cleaned_data["to"])
-        except ValueError:
-            raise workflow.RuleError(f"未知状态 {form.cleaned_data['to']}") from None
-        workflow.transition(lead, to, request.user, form.cleaned_data["reason"], form.cleaned_data["cause"])
-        messages.success(request, f"状态已变为「{STATUS_LABELS[to]}」")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.AssignForm, needs=Perm.ASSIGN)
+def lead_assign(request, lead, d):
+    workflow.assign(lead, d["assignee"], request.user, d["reason"])
+    return f"已分派给 {d['assignee'].username}"
 
 
-@require_POST
-@_guard
-def lead_report(request, ref):
-    lead = _lead(request, ref)
-    form = forms.TextForm(request.POST)
-    if form.is_valid():
-        workflow.set_handling_report(lead, form.cleaned_data["text"], request.user)
-        messages.success(request, "处理报告已保存")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.TransitionForm)
+def lead_transition(request, lead, d):
+    try:
+        to = Status(d["to"])
+    except ValueError:
+        raise workflow.RuleError(f"未知状态 {d['to']}") from None
+    workflow.transition(lead, to, request.user, d["reason"], d["cause"])
+    return f"状态已变为「{STATUS_LABELS[to]}」"
 
 
-@require_POST
-@_guard
-def lead_note(request, ref):
-    lead = _lead(request, ref)
-    form = forms.TextForm(request.POST)
-    if form.is_valid():
-        workflow.add_note(lead, form.cleaned_data["text"], request.user)
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.TextForm)
+def lead_report(request, lead, d):
+    workflow.set_handling_report(lead, d["text"], request.user)
+    return "处理报告已保存"
 
 
-@require_POST
-@_guard
-def lead_action(request, ref):
-    lead = _lead(request, ref)
-    form = forms.ActionForm(request.POST)
-    if form.is_valid():
-        d = form.cleaned_data
-        workflow.record_action(lead, workflow.ActionInput(
-            code=d["code"], subject_id=d["subject_id"], decided_on=d["decided_on"], amount_wan=d["amount_wan"],
-            note=d["note"]), request.user)
-        messages.success(request, f"已登记处理结果「{ACTIONS[d['code']].label}」")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.TextForm)
+def lead_note(request, lead, d):
+    workflow.add_note(lead, d["text"], request.user)
+    return None
 
 
-@require_POST
-@_guard
-def lead_inspection(request, ref):
-    lead = _lead(request, ref)
-    form = forms.InspectionForm(request.POST)
-    if form.is_valid():
-        d = form.cleaned_data
-        workflow.add_inspection(lead, d["site_id"], d["on_site"], d["inspected_on"], request.user)
-        messages.success(request, "已登记检查")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.ActionForm)
+def lead_action(request, lead, d):
+    workflow.record_action(lead, workflow.ActionInput(
+        code=d["code"], subject_id=d["subject_id"], decided_on=d["decided_on"], amount_wan=d["amount_wan"],
+        note=d["note"]), request.user)
+    return f"已登记处理结果「{ACTIONS[d['code']].label}」"
 
 
-@require_POST
-@_guard
-def lead_propose(request, ref):
-    lead = _lead(request, ref)
-    form = forms.ProposalForm(request.POST)
-    if form.is_valid():
-        d = form.cleaned_data
-        req = workflow.propose_sanction(lead, workflow.SanctionProposal(
-            action_code=d["action_code"], subject_id=d["subject_id"], reason=d["reason"],
-            valid_from=d["valid_from"], valid_until=d["valid_until"],
-            monthly_turnover_wan=d["monthly_turnover_wan"], violation_wan=d["violation_wan"],
-            confiscated_wan=d["confiscated_wan"]), request.user)
-        messages.success(request, f"已提议「{req.action_label}」，待另一名审核人批准")
-    else:
-        _form_errors(request, form)
-    return redirect("lead-detail", ref=ref)
+@_lead_form(forms.InspectionForm)
+def lead_inspection(request, lead, d):
+    workflow.add_inspection(lead, d["site_id"], d["on_site"], d["inspected_on"], request.user)
+    return "已登记检查"
+
+
+@_lead_form(forms.ProposalForm)
+def lead_propose(request, lead, d):
+    req = workflow.propose_sanction(lead, workflow.SanctionProposal(
+        action_code=d["action_code"], subject_id=d["subject_id"], reason=d["reason"],
+        valid_from=d["valid_from"], valid_until=d["valid_until"],
+        monthly_turnover_wan=d["monthly_turnover_wan"], violation_wan=d["violation_wan"],
+        confiscated_wan=d["confiscated_wan"]), request.user)
+    return f"已提议「{req.action_label}」，待另一名审核人批准"
 
 
 def _sanction(request, request_id) -> SanctionRequest:
