@@ -67,17 +67,6 @@ def generate(path: str, codes: list[str], records: int, seed: int = 3) -> list[t
     return settlements
 
 
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def redis_cpu(store) -> float:
     info = store.r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -137,7 +126,7 @@ def main() -> int:
 
         def watch():
             while not exited.wait(0.2):
-                hwm[0] = max(hwm[0], vm_hwm_mb(cli.pid))
+                hwm[0] = max(hwm[0], common.vm_hwm_mb(cli.pid))
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()

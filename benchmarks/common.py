@@ -152,6 +152,18 @@ def replay_ceiling(store: Store, calls: list) -> float:
     return time.perf_counter() - start
 
 
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory of a process (Linux /proc VmHWM), MB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def cpu_of(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc); 0 once it is gone."""
     try:

@@ -119,17 +119,6 @@ def sites_file(data: str) -> str:
     return path
 
 
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 CPU = {}  # command name -> CPU seconds (user + system) of the process and its children
 
 
@@ -159,9 +148,9 @@ def timed(cmd: list[str], watch_tree: bool = True) -> tuple[float, float, str]:
         while not done.wait(0.1):
             if watch_tree:
                 hwm[0] = max(hwm[0], sum(vm_rss_mb(p) for p in common.process_tree(proc.pid)),
-                             vm_hwm_mb(proc.pid))
+                             common.vm_hwm_mb(proc.pid))
             else:
-                hwm[0] = max(hwm[0], vm_hwm_mb(proc.pid))
+                hwm[0] = max(hwm[0], common.vm_hwm_mb(proc.pid))
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     out, err = proc.communicate()

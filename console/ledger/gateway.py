@@ -62,16 +62,21 @@ _client_lock = threading.Lock()
 _client = None
 
 
+def service_metadata() -> tuple[tuple[str, str], ...]:
+    """The call metadata of the console's gRPC clients: its bearer token when one is configured."""
+    if not settings.TRACECODE_TOKEN_FILE:
+        return ()
+    with open(settings.TRACECODE_TOKEN_FILE, encoding="ascii") as fh:
+        return (("authorization", f"Bearer {fh.read().strip()}"),)
+
+
 def client():
     """One AdminClient per process (a gRPC channel reconnects by itself)."""
     global _client
     with _client_lock:
         if _client is None:
             from tracecode.clients.admin import AdminClient
-            metadata = ()
-            if settings.TRACECODE_TOKEN_FILE:
-                with open(settings.TRACECODE_TOKEN_FILE, encoding="ascii") as fh:
-                    metadata = (("authorization", f"Bearer {fh.read().strip()}"),)
+            metadata = service_metadata()
             _client = AdminClient(settings.TRACECODE_SERVER, metadata=metadata,
                                   timeout_s=settings.TRACECODE_RPC_TIMEOUT_S)
         return _client

@@ -22,10 +22,8 @@ def _client():
     with _lock:
         if _pos is None:
             from tracecode.clients.pos import PosClient
-            metadata = ()
-            if settings.TRACECODE_TOKEN_FILE:
-                with open(settings.TRACECODE_TOKEN_FILE, encoding="ascii") as fh:
-                    metadata = (("authorization", f"Bearer {fh.read().strip()}"),)
+            from .gateway import service_metadata
+            metadata = service_metadata()
             _pos = PosClient(settings.TRACECODE_SERVER, deadline_s=min(settings.TRACECODE_RPC_TIMEOUT_S, 2.0),
                              retries=0, metadata=metadata)
         return _pos
