@@ -282,8 +282,14 @@ def test_health_is_public_reflection_is_not(mtls):
     # Health needs a TLS connection (the port speaks nothing else) but no identity inside it.
     channel = grpc.secure_channel(mtls.target, mtls.creds("POS without identity"))
     try:
-        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert resp.status == health_pb2.HealthCheckResponse.SERVING  # Redis is up: the real answer
+        # Redis is up, so the answer must become SERVING (the health watch and the sanction view
+        # set it within a moment of the server's start; NOT_SERVING may come before that).
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 10
+        while (status := stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status) \
+                != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
