@@ -116,7 +116,8 @@ def test_one_data_dir_serves_one_tracecode(served, tmp_path):
     assert second.wait(30) != 0
     assert f"data dir {tmp_path / 'data'} is in use by another tracecode (pid {first.proc.pid})" in second.log()
     # The first one and its Redis are untouched.
-    assert _alive(redis_pid) and _health(first.target) == SERVING
+    assert _alive(redis_pid)
+    wait_for(lambda: _health(first.target) == SERVING, 10, "the first serve still SERVING")
 
 
 def test_an_orphan_found_at_start_is_stopped_before_redis_starts_again(served, tmp_path):
