@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracecode.server.pseudonym import Pseudonymizer
+from tracecode.server.verifier import RulesSettings
 from tracecode.clients.files import ISSUANCE_FIELDS, SETTLEMENT_FIELDS, RowError, read_rows
 from tracecode.clients.reverify import parse_time
 
@@ -47,13 +48,8 @@ class InputError:
     reason: str
 
 
-@dataclass(slots=True)
-class Limits:
-    """The server's settlement limits the leads run must apply the same way (server Config)."""
-    max_lines: int = 200
-    max_code_length: int = 512
-    max_units: int = 100_000
-    timezone: str = "Asia/Shanghai"
+# The server's settlement limits, which a leads run applies the same way: the verifier's own.
+Limits = RulesSettings
 
 
 # ------------------------------------------------------------------ generic readers

@@ -93,7 +93,7 @@ DROP_AFTER = {"s3": ("s1", "s2"), "settlements": ("s3",), "jl2": ("jl", "repeats
 
 def run(opts: Options) -> Result:
     cfg = opts.server_config or Config()
-    limits = Limits(cfg.max_lines, cfg.max_code_length, cfg.max_units, cfg.timezone)
+    limits = Limits.from_config(cfg)
     profile = canon.profile_of(cfg)
     tz = ZoneInfo(cfg.timezone)
     os.makedirs(opts.out, exist_ok=True)

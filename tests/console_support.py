@@ -41,7 +41,7 @@ def _pg_bin(name: str) -> str:
                         key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
     path = candidates[-1] if candidates else (found or shutil.which(name))
     if not path:
-        raise RuntimeError(f"PostgreSQL's {name} not found: install Debian's postgresql (bash tools/test does)")
+        raise RuntimeError(f"PostgreSQL's {name} not found: install Debian's postgresql (bash scripts/test does)")
     return path
 
 

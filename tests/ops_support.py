@@ -26,7 +26,7 @@ def tool(name: str) -> str:
     path = shutil.which(name)
     if not path:
         pytest.fail(f"{name} not found on PATH: install Debian's prometheus package "
-                    "(apt-get install prometheus), as tools/test does")
+                    "(apt-get install prometheus), as scripts/test does")
     return path
 
 

@@ -33,7 +33,7 @@ def chromium():
     the test sets the ledger up first, then opens the browser."""
     from playwright.sync_api import sync_playwright
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} missing: install Debian's chromium (bash tools/test does, tools/system-deps.txt)")
+        pytest.fail(f"{CHROMIUM} missing: install Debian's chromium (bash scripts/test does, scripts/system-deps.txt)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
