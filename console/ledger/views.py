@@ -257,16 +257,22 @@ def _delivery_message(request, req: SanctionRequest) -> None:
         messages.success(request, "已下发结算服务" + ("，当前生效" if req.service_in_force else ""))
 
 
+def _typed_insured_id(request, req: SanctionRequest) -> str:
+    """The raw id an approver may type for a card suspension ('' when none). The person is named
+    by the lead's pseudonym; a typed id is a check that the right person is meant: it must match
+    that pseudonym, and is never kept."""
+    form = forms.ApproveForm(request.POST)
+    insured_id = form.data.get("insured_id", "").strip() if form.is_valid() else ""
+    if req.subject_type == "INSURED" and insured_id and intake.as_pseudonym(insured_id) != req.subject_id:
+        raise workflow.RuleError("证件号与线索对象的化名不符（与线索对象的化名核对）")
+    return insured_id
+
+
 @require_POST
 @_guard
 def sanction_approve(request, request_id):
     req = _sanction(request, request_id)
-    form = forms.ApproveForm(request.POST)
-    insured_id = form.data.get("insured_id", "").strip() if form.is_valid() else ""
-    # A card suspension names the person by the lead's pseudonym; a raw id typed by the approver
-    # must match it (a check that the right person is meant), and is never kept.
-    if req.subject_type == "INSURED" and insured_id and intake.as_pseudonym(insured_id) != req.subject_id:
-        raise workflow.RuleError("证件号与线索对象的化名不符（与线索对象的化名核对）")
+    insured_id = _typed_insured_id(request, req)
     req = workflow.approve_sanction(req, request.user)
     _delivery_message(request, gateway.deliver(req, insured_id=insured_id))
     return redirect("lead-detail", ref=req.lead.ref)
@@ -278,10 +284,7 @@ def sanction_retry(request, request_id):
     req = _sanction(request, request_id)
     if not has(request.user, Perm.APPROVE_SANCTION):
         raise workflow.Forbidden("无权限下发制裁")
-    form = forms.ApproveForm(request.POST)
-    insured_id = form.data.get("insured_id", "").strip()
-    if insured_id and intake.as_pseudonym(insured_id) != req.subject_id:
-        raise workflow.RuleError("证件号与线索对象的化名不符")
+    insured_id = _typed_insured_id(request, req)
     _delivery_message(request, gateway.deliver(req, insured_id=insured_id))
     return redirect("lead-detail", ref=req.lead.ref)
 
