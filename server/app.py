@@ -20,11 +20,11 @@ from .api.server import Server
 from .config import Config
 from .logs import setup_logging
 from .sanction_service import resolve_key_file
-from .store import EmbeddedRedis, KeySpace, Store, StoreLimits
+from .store import EmbeddedRedis, KeySpace, MigrationSummary, Store, StoreLimits, migrate_layout1
 
 log = logging.getLogger("tracecode.server")
 
-__all__ = ["Server", "make_store", "serve", "setup_logging"]
+__all__ = ["Server", "make_store", "migrate_layout", "serve", "setup_logging"]
 
 
 def make_store(config: Config, url: str) -> Store:
@@ -37,8 +37,29 @@ def make_store(config: Config, url: str) -> Store:
     timeout_s = max(config.redis_timeout_s,
                     config.replica_ack_timeout_ms / 1000 + 0.5 if config.min_replicas_acked else 0)
     store = Store.from_url(url, timeout_s=timeout_s, max_connections=config.threads * 2 + 4,
-                           keys=KeySpace(config.key_prefix), limits=limits, cluster=config.redis_cluster)
+                           keys=KeySpace(config.key_prefix, layout=config.store_layout, code_buckets=config.code_buckets),
+                           limits=limits, cluster=config.redis_cluster)
     return metrics.instrument_store(store)
+
+
+def migrate_layout(config: Config, progress=None) -> MigrationSummary:
+    """`tracecode migrate-layout`: move the data set under config.key_prefix from layout 1 to
+    layout 2 (store/migrate.py), on --redis-url or on the embedded Redis of config.data_dir (which
+    it starts and stops: run it with `tracecode serve` stopped)."""
+    if config.store_layout != 2:
+        raise ValueError("migrate-layout moves data to layout 2: run it with store_layout = 2")
+    embedded = None
+    url = auth.redis_url(config, config.redis_url) if config.redis_url else ""
+    if not url:
+        embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync).start()
+        url = embedded.url
+    store = make_store(config, url)
+    try:
+        return migrate_layout1(store, progress=progress)
+    finally:
+        store.close()
+        if embedded:
+            embedded.stop()
 
 
 def serve(config: Config) -> int:

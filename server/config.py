@@ -34,6 +34,10 @@ class Config:
     replica_ack_timeout_ms: int = _opt(500, "how long to wait for those replicas before answering UNAVAILABLE")
     reservation_s: float = _opt(30.0, "cluster ALL_OR_NOTHING over several slots: how long prepared units stay reserved")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
+    store_layout: int = _opt(2, "Redis data layout: 2 (bucketed hashes, docs/scaling.md); 1 only until "
+                                "`tracecode migrate-layout` has moved a data set off it")
+    code_buckets: int = _opt(64, "layout 2: hashes per hash tag (1024 tags); fixed for a data set's life: "
+                                 "codes / 1024 / 300 at full size (docs/scaling.md)")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
     workers: int = _opt(0, "server processes sharing the port (SO_REUSEPORT) under one supervising parent; "
                            "0 = one per core (docs/performance.md)")

@@ -20,7 +20,7 @@ from tracecode import codec
 
 from .config import Config
 from .errors import InvalidRequest, Sanctioned, SettlementConflict
-from .store import KeySpace, Store, now_ms
+from .store import Store, now_ms
 from .store.types import CodeHistory, PlanLine, SettlementCall, SettlementResult
 
 if TYPE_CHECKING:  # the service holds the verifier's collaborators, not the reverse
@@ -192,7 +192,7 @@ class Verifier:
 
     def job_namespace(self, job_id: str):
         """The key namespace of a bulk REPLAY job (its own dispense state)."""
-        return KeySpace(f"{self.store.keys.prefix}-job-{job_id}")
+        return self.store.keys.job(f"{self.store.keys.prefix}-job-{job_id}")
 
     def bulk_run(self, prepared: "BulkChunk") -> list:
         """The store's answers to a prepared chunk's calls, one pipelined round trip."""
