@@ -52,7 +52,8 @@ class Config:
     gs_substitutes: str = _opt("", "comma-separated strings a scanner sends instead of ASCII 29 (e.g. '|' or '<GS>')")
     history_max: int = _opt(256, "events kept per code for GetCodeHistory (older ones are counted, not kept)")
     audit_max: int = _opt(1_000_000, "approximate length of each audit stream partition")
-    settlement_ttl_days: int = _opt(400, "how long settlement records (idempotency, return ledger) are kept")
+    settlement_ttl_days: int = _opt(40, "how long settlement records (idempotency, return ledger) are kept: "
+                                        "past the return window, for late retries and bulk checks")
     grace_s: float = _opt(10.0, "on SIGTERM, time in-flight calls get to finish")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
     log_json: bool = _opt(False, "log one JSON object per line")
@@ -120,7 +121,17 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     for name, v in (flags or {}).items():
         if v is not None and name in fields:
             values[name] = v
-    return Config(**{k: _coerce(fields[k], v) for k, v in values.items()})
+    config = Config(**{k: _coerce(fields[k], v) for k, v in values.items()})
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Settings that only make sense together, refused at start with the reason."""
+    if config.settlement_ttl_days < config.return_window_days:
+        raise ValueError(f"settlement_ttl_days ({config.settlement_ttl_days}) must cover return_window_days "
+                         f"({config.return_window_days}): a return needs its settlement's record")
+    # store_layout and code_buckets are checked where they are used (store.keys.KeySpace).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

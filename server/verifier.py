@@ -250,7 +250,7 @@ class Verifier:
     def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
                       lines: Sequence[Line]) -> str:
         """The digest records written before "2." carry (fields joined by ASCII 30/31). Used only
-        to recognise a retry of such a record; settlement records live settlement_ttl (400 days).
+        to recognise a retry of such a record; settlement records live settlement_ttl_days (40 by default).
         It is unambiguous for bodies that pass today's validation except through raw codes that
         carry ASCII 30/31, so such a body never matches a legacy record (see dispense)."""
         h = hashlib.blake2b(digest_size=16)

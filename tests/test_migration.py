@@ -174,3 +174,17 @@ def test_layout_2_keeps_a_dispensed_pack_in_one_field(redis_server, config):
         assert [e.type for e in store.code_history(c[0]).events] == ["DISPENSED"]
     finally:
         store.close()
+
+
+@pytest.mark.all_backends
+def test_a_redis_that_would_not_keep_buckets_compact_is_named_at_start(redis_server, config):
+    store = _store(redis_server, config, f"{config.key_prefix}w{next(_runs)}", 2)
+    node = store.r.get_redis_connection(store.r.get_primaries()[0]) if store.cluster else store.r
+    try:
+        assert store.config_warnings() == []
+        node.config_set("hash-max-listpack-entries", 128)
+        (warning,) = store.config_warnings()
+        assert "hash-max-listpack-entries is 128 (want >= 512)" in warning
+    finally:
+        node.config_set("hash-max-listpack-entries", 512)
+        store.close()

@@ -118,6 +118,15 @@ class KeySpace:
         k = (h >> 10) % self.code_buckets
         return f"{p}:{t}:c:{k}", f"{p}:{t}:L", f"{q}:{t}:c:{k}", f"{q}:{t}:h:{code}"
 
+    def buckets(self) -> list[tuple[str, str]]:
+        """Layout 2: every bucket hash with its tag's lot dictionary (what a walk over all codes reads)."""
+        p = self.prefix
+        return [(f"{p}:{t}:c:{k}", f"{p}:{t}:L") for t in _TAGS for k in range(self.code_buckets)]
+
+    def history(self, code: str) -> str:
+        """A code's history list (both layouts)."""
+        return self.code_keys(code)[-1]
+
     def issuance(self, code: str) -> str:
         """The key holding a code's issuance record (layout 2: its bucket hash)."""
         return self.code_keys(code)[0]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .keys import KeySpace, slot_of
-from .store import Store, script_text, wrap_errors
+from .store import Store, wrap_errors
 
 
 @dataclass
@@ -46,7 +46,7 @@ def migrate_layout1(store: Store, *, chunk: int = 200, scan_count: int = 1000,
     if store.layout != 2:
         raise ValueError("migrate_layout1 writes layout 2: give it a layout-2 store")
     old = KeySpace(store.keys.prefix, layout=1)
-    script = store.r.register_script(script_text("migrate.lua", 2))
+    script = store._scripts["migrate"]
     summary = MigrationSummary()
     pending: dict[int, list[str]] = {}
 

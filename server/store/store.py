@@ -20,6 +20,7 @@ import redis
 from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
 from ..failpoints import failpoint
+from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
 from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout
 from .types import (ROW_FIELDS, ROW_INT_POSITIONS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
@@ -50,7 +51,7 @@ def script_text(name: str, layout: int = 2) -> str:
 class StoreLimits:
     audit_max: int = 1_000_000  # per audit stream (there are keys.BUCKETS of them); approximate trim
     history_max: int = 256  # events kept per code; the total is counted past it
-    settlement_ttl_s: int = 400 * 86400  # idempotency record and return ledger lifetime
+    settlement_ttl_s: int = 40 * 86400  # idempotency record and return ledger lifetime (config.py)
     reservation_ms: int = 30_000  # cluster ALL_OR_NOTHING: how long prepared units stay reserved
     # Durability across failover: a write is acknowledged only once this many replicas have it
     # (WAIT after the write; 0 = asynchronous replication, Redis's default).
@@ -225,7 +226,7 @@ class Store:
         self.limits = limits or StoreLimits()
         names = ["verify", "reverse", "issue", "status", "commit", "claim", "decide", "sanction"]
         if self.layout == 2:
-            names += ["read", "migrate"]
+            names += ["read", "migrate", "prune"]
         self._scripts = {name: client.register_script(script_text(f"{name}.lua", self.layout)) for name in names}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
@@ -257,6 +258,21 @@ class Store:
             info = self.r.cluster_info()
             return info.get("cluster_state") == "ok"
         return bool(self.r.ping())
+
+    def config_warnings(self) -> list[str]:
+        """What in the Redis server's configuration costs layout 2 memory (never correctness):
+        hashes above the listpack limits are kept as hashtables, ~70 bytes more per code."""
+        if self.layout != 2:
+            return ["store_layout = 1: a layout kept only for migration; run `tracecode migrate-layout`"]
+        want = dict(zip(LISTPACK_CONFIG[0::2], LISTPACK_CONFIG[1::2]))
+        try:
+            node = self.r.get_redis_connection(self.r.get_primaries()[0]) if self.cluster else self.r
+            got = node.config_get("hash-max-listpack-*")
+        except redis.RedisError as exc:  # CONFIG is often disabled on managed Redis
+            return [f"cannot read the Redis configuration ({exc}); layout 2 needs {LISTPACK_CONFIG}"]
+        low = [f"{k.lstrip('-')} is {got.get(k.lstrip('-'))} (want >= {v})" for k, v in want.items()
+               if int(got.get(k.lstrip("-"), 0) or 0) < int(v)]
+        return [f"Redis {', '.join(low)}: codes will take more memory (docs/scaling.md)"] if low else []
 
     # ------------------------------------------------------------------ script calls
 

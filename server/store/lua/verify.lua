@@ -162,7 +162,9 @@ for i = 1, n do
       f.UNKNOWN = true
     else
       if r.s ~= 'ACTIVE' then f.BLOCKED = true end
-      local mine = own[ARGV[CODE0 + u - 1]]
+      -- A check of a settlement whose record has expired (settlement_ttl_days) still knows the
+      -- pack's first dispense as its own when it was this settlement's.
+      local mine = own[ARGV[CODE0 + u - 1]] or (mode == 'C' and sid ~= '' and s.fs == site and s.fi == sid)
       -- A used pack is a duplicate at any other site; at its own site a whole-pack line on a used-up
       -- pack is a resale too, while a split line there asks more than remains (QUANTITY_EXCEEDED).
       local whole = units == 0 or units == r.n
