@@ -98,11 +98,17 @@ def traffic(w: World, c: list[str], g: list[str]) -> list:
         w.settle("SITE-H", "", [(c[2], "8123456"), (c[9], "8123456")], dispense=False),
         w.reverse("SITE-A", "S1"),
         w.settle("SITE-I", "N6", [(x, "8123456") for x in c[:5]]),
+        # A recall after the move finds the batch through the moved index.
+        [w.store.set_status(chunk, "RECALLED", now_ms=w.at, reason="r2", actor="admin", only=("8123456", "B1"))
+         for chunk in w.store.batch_codes("8123456", "B1")],
+        w.settle("SITE-J", "N7", [(c[11], "8123456")]),
     ]
 
 
 def snapshot(store, codes: list[str], settlements: list[tuple[str, str]]) -> dict:
-    return {"issuance": [store.get_issuance(x) for x in codes],
+    return {"batches": {b: sorted(c for chunk in store.batch_codes(p, b) for c in chunk)
+                        for p, b in (("8123456", "B1"), ("P-AMOX", "L1"), ("8123456", "B0"))},
+            "issuance": [store.get_issuance(x) for x in codes],
             "history": [store.code_history(x) for x in codes],
             "stored": [store.stored_settlement(site, sid) for site, sid in settlements]}
 
@@ -139,6 +145,7 @@ def test_a_migrated_data_set_answers_as_the_old_layout_did(redis_server, config)
             # Nothing of layout 1's per-code keys is left, and a second run has nothing to do.
             old = KeySpace(moved.keys.prefix, layout=1)
             assert all(moved.r.exists(*old.code_keys(x)[:2]) == 0 for x in codes)
+            assert moved.r.exists(old.batch("8123456", "B1"), old.batch("P-AMOX", "L1")) == 0
             assert migrate_layout1(moved).moved == 0
 
             assert snapshot(moved, codes, SETTLEMENTS) == before
