@@ -22,7 +22,7 @@ that reads and writes it, the migration from layout 1 and the store's readers sh
 """
 from __future__ import annotations
 
-from .types import ROW_FIELDS
+from .types import ROW_FIELDS, ROW_INT_POSITIONS
 
 # verify.lua's fixed arguments, in ARGV order (1-based in Lua).
 VERIFY_ARGV = (
@@ -87,4 +87,15 @@ def lua_layout() -> str:
         # A row from named fields, in ROW_FIELDS order (no loop: one table constructor).
         "local function make_row(t) return {"
         + ", ".join(f"t.{f}" for f in ROW_FIELDS + ROW_INTERNAL) + "} end",
+        # Tables of a known size are made by one constructor: Lua 5.1 grows a table built field by
+        # field through every power of two, and that growth measured as the costliest part of
+        # packing and unpacking (callgrind, benchmarks/memory.py's settlements).
+        f"local function new_entry() return {{{', '.join(['false'] * len(ENTRY_FIELDS))}}} end",
+        f"local function new_lot() return {{{', '.join(['false'] * len(LOT_FIELDS))}}} end",
     ])
+
+
+def lua_row_text() -> str:
+    """The Lua function that packs one result row: one concatenation, numbers through istr."""
+    parts = [f"istr(r[{i + 1}])" if i in ROW_INT_POSITIONS else f"r[{i + 1}]" for i in range(len(ROW_FIELDS))]
+    return "local function row_text(r) return " + " .. US .. ".join(parts) + " end"

@@ -22,7 +22,7 @@ from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, Stor
 from ..failpoints import failpoint
 from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
-from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout
+from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout, lua_row_text
 from .types import (ROW_FIELDS, ROW_INT_POSITIONS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
@@ -42,7 +42,7 @@ def script_text(name: str, layout: int = 2) -> str:
         text = lua.joinpath("gate.lua").read_text().replace("--@VERIFY@--", text)
     if "--@HISTORY@--" in text:  # layout 1
         text = text.replace("--@HISTORY@--", lua.joinpath("v1", "_history.lua").read_text())
-    text = text.replace("--@STATE@--", lua.joinpath("_state.lua").read_text())
+    text = text.replace("--@STATE@--", lua.joinpath("_state.lua").read_text().replace("--@ROWTEXT@--", lua_row_text()))
     text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 

@@ -20,7 +20,7 @@ for j = 2, #ARGV do
   local code = ARGV[j]
   local e = entry_read(KEYS[1], code)
   local r = e and issuance_of(KEYS[2], e)
-  if r and r.e > 0 and r.e < cutoff and (e[E.rv] == nil or e[E.rv] == '') then
+  if r and r.e > 0 and r.e < cutoff and (not e[E.rv] or e[E.rv] == '') then
     redis.call('HDEL', KEYS[1], code)
     redis.call('DEL', KEYS[2 * j - 1])
     redis.call('HDEL', KEYS[2 * j], code)

@@ -58,7 +58,7 @@
 local PRECEDENCE = {--@PRECEDENCE@--}
 
 local mode, site, sid = ARGV[A.mode], ARGV[A.site], ARGV[A.settlement_id]
-local at, day = tonumber(ARGV[A.settled_at_ms]), tonumber(ARGV[A.settle_day])
+local at, day = inum(ARGV[A.settled_at_ms]), tonumber(ARGV[A.settle_day])
 local digest, policy = ARGV[A.digest], ARGV[A.policy]
 local audit_max, hist_max = tonumber(ARGV[A.audit_max]), tonumber(ARGV[A.history_max])
 local ttl, n, state_ttl = tonumber(ARGV[A.settlement_ttl_s]), tonumber(ARGV[A.n_lines]), tonumber(ARGV[A.state_ttl])
@@ -96,7 +96,9 @@ if mode == 'C' then
 end
 
 -- Per distinct code: issuance record (false when never issued), entry and dispense state, read once.
-local rec, st, ent, orig_used = {}, {}, {}, {}
+-- Tables indexed by code (1..U) or line (1..n) are made at their size at once (presized).
+local U = #ARGV - CODE0 + 1
+local rec, st, ent, orig_used = presized(U), presized(U), presized(U), presized(U)
 local function load(u)
   if rec[u] ~= nil then return end
   local k = 2 + KPC * (u - 1)
@@ -113,8 +115,8 @@ local function load(u)
   else
     rec[u] = r
     local rv = e[E.rv]
-    st[u] = {u = tonumber(e[E.u]) or 0, fs = e[E.fs] or '', fi = e[E.fi] or '', fa = tonumber(e[E.fa]) or 0,
-             at = tonumber(e[E.at]) or 0, rv = (rv and rv ~= '') and cjson.decode(rv) or nil}
+    st[u] = {u = inum(e[E.u]) or 0, fs = e[E.fs] or '', fi = e[E.fi] or '', fa = inum(e[E.fa]) or 0,
+             at = inum(e[E.at]) or 0, rv = (rv and rv ~= '') and cjson.decode(rv) or nil}
     st[u].stored = st[u].u
     -- Units other settlements hold in reservation count as used while unexpired; on an unused
     -- pack the earliest of them stands as its first dispense.
@@ -135,10 +137,10 @@ local function load(u)
   orig_used[u] = st[u].u
 end
 
-local results = {}
-local seen, split_only, asked = {}, {}, {}
+local results = presized(n)
+local seen, split_only, asked = presized(U), presized(U), presized(U)
 local any_ok, any_flagged = false, false
-local opened, duplicated = {}, {}  -- per code: took units here / got a DUPLICATE verdict here
+local opened, duplicated = presized(U), presized(U)  -- per code: took units here / got a DUPLICATE verdict here
 
 for i = 1, n do
   local a = LINE0 + STRIDE * (i - 1)
@@ -230,7 +232,7 @@ local prepared = mode == 'P' and recorded
 local part_state = prepared and 'P' or 'F'
 
 if writes then
-  local dirty = {}
+  local dirty = presized(U)
   for u = 1, #ARGV - CODE0 + 1 do
     local e, s = ent[u], st[u]
     if mode == 'P' and ((prepared and opened[u]) or (s.rv and s.rv[me])) then
@@ -263,14 +265,14 @@ if writes then
   local function event(u, i, etype, units, detail)
     if not log_events then return end
     local code = ARGV[CODE0 + u - 1]
-    local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
+    local li = inum(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
     if rec[u] then
       history_push(KEYS[2 + KPC * (u - 1) + 4], ent[u], {t = etype, a = at, s = site, i = sid, l = li, u = units,
                                                           x = detail, p = insured}, hist_max)
       dirty[u] = true
     end
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
-               'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at, 'p', insured)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[A.audit_max], '*', 't', etype, 'c', code, 's', site,
+               'i', sid, 'l', istr(li), 'u', istr(units), 'x', detail, 'a', ARGV[A.settled_at_ms], 'p', insured)
   end
 
   -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).
@@ -298,18 +300,18 @@ if writes then
 end
 
 -- Ledger for returns: per line, the code, the units it took, the units returned, its line index.
-local ledger = {}
+local ledger = presized(n)
 for i = 1, n do
   local res = results[i]
   local u = res[R.code_index]
   ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
-               tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
+               inum(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
   res[R.code_index], res[R.want] = nil, nil
 end
 local out = results_encode(recorded, results)
 if writes then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', results_encode(recorded, results, {site, sid, at}), 'l', cjson.encode(ledger), 'site', site, 'i', sid,
-             'at', at, 'ps', part_state)
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', results_encode(recorded, results, {site, sid, at}), 'l', ledger_json(ledger),
+             'site', site, 'i', sid, 'at', ARGV[A.settled_at_ms], 'ps', part_state)
   if prepared then
     local pu = {}
     for u = 1, #ARGV - CODE0 + 1 do
