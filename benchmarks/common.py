@@ -55,7 +55,9 @@ def start_redis(appendonly: bool = True, unix_socket: bool = False, auto_rewrite
     settings of `redis_config()` (the same for every layout, so comparisons are fair). unix_socket:
     also listen on `unix_url(rp)`, as the embedded Redis of `tracecode serve` is reached.
     auto_rewrite False: no automatic AOF rewrite, whose fork would land in some measurement at random."""
-    rp = RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec", extra=redis_config())
+    rp = RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec")
+    if " ".join(redis_config()) not in " ".join(rp.argv()):  # RedisProcess may pass them itself
+        rp.extra = redis_config()
     if unix_socket:
         rp.extra += ["--unixsocket", os.path.join(rp.data_dir, "redis.sock"), "--unixsocketperm", "700"]
     if not auto_rewrite:

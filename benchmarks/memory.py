@@ -252,7 +252,9 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
         settings = {"store_layout": layout, **({"code_buckets": code_buckets} if layout == 2 else {}),
                     "settlement_ttl_days": config.settlement_ttl_days, "history_max": config.history_max,
                     "audit_max": config.audit_max}
-        out: dict = {"layout": layout, "config": settings}
+        # What the server runs with (the listpack limits decide layout 2's encoding).
+        server = {k: v for k, v in r.config_get("hash-max-listpack-*").items()}
+        out: dict = {"layout": layout, "config": settings, "redis_server_config": server}
         c0 = census(r, seed)
         base = used(r)
         t0 = time.perf_counter()
