@@ -33,6 +33,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,65 @@ CHUNK_ISSUE = 2000
 CHUNK_SETTLE = 1000  # settlements per pipelined verify_batch
 CENSUS_EXACT = 5000  # kinds with at most this many keys are measured key by key, the rest sampled
 CENSUS_SAMPLE = 1000
+
+
+@dataclass(frozen=True)
+class Nation:
+    """The national deployment docs/scaling.md sizes (assumptions; plug in real numbers)."""
+    issued_per_year: float = 20e9  # packs issued a year
+    shelf_life_years: float = 2.0  # a code's record is kept until its pack's expiry + the return window
+    dispensed_per_year: float = 6e9  # insured pack sales a year
+    settlement_ttl_days: int = 400  # Config.settlement_ttl_days: settlement records (retries, returns)
+    audit_partitions: int = keyspace.BUCKETS  # one audit stream per hash tag ...
+    audit_max: int = 1_000_000  # ... each trimmed to about Config.audit_max entries (shipped off Redis)
+    headroom: float = 1.3  # 30 % above the data
+    data_per_master_gb: float = 48  # a 64 GB master holding ~48 GB of data
+
+    @property
+    def live_codes(self) -> float:
+        return self.issued_per_year * self.shelf_life_years
+
+    @property
+    def live_dispensed(self) -> float:
+        """Dispensed codes whose state is still kept: the dispensed share of the live codes (the
+        state lives as long as the code's record)."""
+        return self.live_codes * self.dispensed_per_year / self.issued_per_year
+
+
+def split_dispensed(run: dict, phase: str) -> dict:
+    """A dispensed code's bytes (the used_memory delta of its phase) split into its settlement
+    record's share ('s' keys), its audit entry ('audit') and the rest, its dispense state (state,
+    history, the layout's other keys). MEMORY USAGE leaves out part of a key's cost (the main
+    dict's bucket slot, the expires entry of a key with a TTL): that remainder is shared out in
+    proportion to the keys each kind added."""
+    p = run[phase]
+    per_code = run["census_per_code"][phase]
+    measured = sum(v["bytes_per_code"] for v in per_code.values())
+    new_keys = sum(max(0, v["keys"]) for v in per_code.values())
+    rest = p["bytes_per_dispensed_code"] - measured
+
+    def share(kind: str) -> float:
+        v = per_code.get(kind, {"keys": 0, "bytes_per_code": 0.0})
+        return v["bytes_per_code"] + (rest * max(0, v["keys"]) / new_keys if new_keys else 0.0)
+
+    record, audit = share("s"), share("audit")
+    return {"state": round(p["bytes_per_dispensed_code"] - record - audit, 1),
+            "settlement_record": round(record, 1), "audit_entry": round(audit, 1)}
+
+
+def national(run: dict, phase: str, nation: Nation) -> dict:
+    """Terabytes of Redis data for the nation from one layout's figures at one settlement size;
+    each part of a dispensed code's bytes lives for its own time."""
+    split = split_dispensed(run, phase)
+    tb = {
+        "issued": nation.live_codes * run["bytes_per_issued_code"] / 1e12,
+        "dispense_state": nation.live_dispensed * split["state"] / 1e12,
+        "settlement_records": nation.dispensed_per_year * nation.settlement_ttl_days / 365 * split["settlement_record"] / 1e12,
+        "audit_streams": nation.audit_partitions * nation.audit_max * split["audit_entry"] / 1e12,
+    }
+    total = sum(tb.values())
+    return {"bytes_per_dispensed_code": split, "tb": {k: round(v, 2) for k, v in tb.items()}, "total_tb": round(total, 1),
+            "masters": math.ceil(total * 1e12 * nation.headroom / (nation.data_per_master_gb * 1e9))}
 
 
 class Issued(NamedTuple):
@@ -371,6 +431,11 @@ def main() -> int:
                         "redis_server_cpu_usec_per_code_1_line": v["dispense_1_line"]["redis_server_cpu_usec_per_code"],
                         "dbsize": v["dbsize"]} for k, v in runs.items()}
     doc["summary"] = summary
+    nation = Nation()
+    doc["national"] = {"assumptions": {**asdict(nation), "live_codes": nation.live_codes,
+                                       "live_dispensed": nation.live_dispensed},
+                       **{f"layout_{k}_{phase}": national(v, phase, nation) for k, v in runs.items()
+                          for phase in ("dispense_5_lines", "dispense_1_line")}}
     if "1" in summary and "2" in summary:
         doc["ratio_layout2_to_layout1"] = {k: ratio(summary["2"][k], summary["1"][k]) for k in summary["1"]}
     print(common.write_results(args.out, doc))
