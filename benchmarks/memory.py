@@ -65,7 +65,8 @@ class Nation:
     issued_per_year: float = 20e9  # packs issued a year
     shelf_life_years: float = 2.0  # a code's record is kept until its pack's expiry + the return window
     dispensed_per_year: float = 6e9  # insured pack sales a year
-    settlement_ttl_days: int = 400  # Config.settlement_ttl_days: settlement records (retries, returns)
+    # Settlement records serve retries and returns only: Config.settlement_ttl_days (its default).
+    settlement_ttl_days: int = Config().settlement_ttl_days
     audit_partitions: int = keyspace.BUCKETS  # one audit stream per hash tag ...
     audit_max: int = 1_000_000  # ... each trimmed to about Config.audit_max entries (shipped off Redis)
     headroom: float = 1.3  # 30 % above the data
@@ -406,7 +407,10 @@ def main() -> int:
     runs = {}
     for layout in layouts:
         print(f"layout {layout}: {args.codes} codes ...", flush=True)
+        load = os.getloadavg()[0]
         runs[layout] = run_layout(layout, records, issued, buckets, args.seed)
+        # The machine is shared: how busy it was (CPU figures are per process, not wall time).
+        runs[layout]["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     doc: dict = {
         "benchmark": "Redis memory per issued and per dispensed code, and Redis CPU per dispensed code, store layouts side by side",
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
