@@ -299,8 +299,9 @@ def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, fir
     }
 
 
-def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buckets: int, seed: int) -> dict:
-    rp = common.start_redis(appendonly=False)
+def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buckets: int, seed: int,
+               redis_args: list[str]) -> dict:
+    rp = common.start_redis(appendonly=False, extra=redis_args)
     # Before layout 2 existed Config had neither field (and the store was layout 1).
     extra = {"store_layout": layout, "code_buckets": code_buckets} if len(layouts_available()) > 1 else {}
     config = Config(metrics_port=0).replace(**extra)
@@ -396,6 +397,8 @@ def main() -> int:
                     help=f"layout 2's hashes per hash tag; 0: about {CODES_PER_HASH} codes per hash")
     ap.add_argument("--layouts", default="", help="comma-separated layouts to run (default: every one available)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--redis-args", default="", help="more redis-server arguments for every layout, after LISTPACK_CONFIG "
+                                                    "(what-if runs, e.g. '--hash-max-listpack-value 64': Redis's default)")
     ap.add_argument("--out", default="memory.json", help="results file (a name under benchmarks/results/, or a path)")
     args = ap.parse_args()
     layouts = [int(x) for x in args.layouts.split(",")] if args.layouts else layouts_available()
@@ -408,14 +411,14 @@ def main() -> int:
     for layout in layouts:
         print(f"layout {layout}: {args.codes} codes ...", flush=True)
         load = os.getloadavg()[0]
-        runs[layout] = run_layout(layout, records, issued, buckets, args.seed)
+        runs[layout] = run_layout(layout, records, issued, buckets, args.seed, args.redis_args.split())
         # The machine is shared: how busy it was (CPU figures are per process, not wall time).
         runs[layout]["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     doc: dict = {
         "benchmark": "Redis memory per issued and per dispensed code, and Redis CPU per dispensed code, store layouts side by side",
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
         "machine": common.machine(),
-        "redis_config": common.redis_config(),
+        "redis_config": common.redis_config() + args.redis_args.split(),
         "codes": args.codes,
         "data": {"kinds": "half 20-digit codes (5 products), half GS1 (4 GTINs)", "batch_size": args.batch_size,
                  "lots": math.ceil(args.codes / 2 / args.batch_size) * 2,
