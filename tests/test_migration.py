@@ -98,11 +98,17 @@ def traffic(w: World, c: list[str], g: list[str]) -> list:
         w.settle("SITE-H", "", [(c[2], "8123456"), (c[9], "8123456")], dispense=False),
         w.reverse("SITE-A", "S1"),
         w.settle("SITE-I", "N6", [(x, "8123456") for x in c[:5]]),
+        # A recall after the move finds the batch through the moved index.
+        [w.store.set_status(chunk, "RECALLED", now_ms=w.at, reason="r2", actor="admin", only=("8123456", "B1"))
+         for chunk in w.store.batch_codes("8123456", "B1")],
+        w.settle("SITE-J", "N7", [(c[11], "8123456")]),
     ]
 
 
 def snapshot(store, codes: list[str], settlements: list[tuple[str, str]]) -> dict:
-    return {"issuance": [store.get_issuance(x) for x in codes],
+    return {"batches": {b: sorted(c for chunk in store.batch_codes(p, b) for c in chunk)
+                        for p, b in (("8123456", "B1"), ("P-AMOX", "L1"), ("8123456", "B0"))},
+            "issuance": [store.get_issuance(x) for x in codes],
             "history": [store.code_history(x) for x in codes],
             "stored": [store.stored_settlement(site, sid) for site, sid in settlements]}
 
@@ -139,6 +145,7 @@ def test_a_migrated_data_set_answers_as_the_old_layout_did(redis_server, config)
             # Nothing of layout 1's per-code keys is left, and a second run has nothing to do.
             old = KeySpace(moved.keys.prefix, layout=1)
             assert all(moved.r.exists(*old.code_keys(x)[:2]) == 0 for x in codes)
+            assert moved.r.exists(old.batch("8123456", "B1"), old.batch("P-AMOX", "L1")) == 0
             assert migrate_layout1(moved).moved == 0
 
             assert snapshot(moved, codes, SETTLEMENTS) == before
@@ -188,3 +195,37 @@ def test_a_redis_that_would_not_keep_buckets_compact_is_named_at_start(redis_ser
     finally:
         node.config_set("hash-max-listpack-entries", 512)
         store.close()
+
+
+@pytest.mark.backend_independent
+def test_the_migrate_layout_and_prune_expired_commands(redis_server, config):
+    """The operators' commands, as they run them: a child process against the same Redis."""
+    import subprocess
+    import sys
+
+    prefix = f"{config.key_prefix}c{next(_runs)}"
+    old = _store(redis_server, config, prefix, 1)
+    c = [cn20() for _ in range(4)]
+    try:
+        old.upsert_issuance([(x, "8123456", "", "B1", 20200101 if i == 0 else 20991231, 1, "Demo", "")
+                             for i, x in enumerate(c)], replace=False)
+        World(old, config).settle("SITE-A", "C1", [(x, "8123456") for x in c])
+    finally:
+        old.close()
+    base = [sys.executable, "-m", "tracecode.clients.cli"]
+    flags = ["--redis-url", redis_server.url, "--key-prefix", prefix, "--code-buckets", "3", "--metrics-port", "0"]
+    out = subprocess.run(base + ["migrate-layout", *flags], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "4 codes moved to layout 2 (4 layout-1 records found" in out.stdout
+    out = subprocess.run(base + ["prune-expired", *flags, "--cutoff", "20200102"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "prune-expired: 1 expired packs dropped of 4 codes" in out.stdout
+    new = _store(redis_server, config, prefix, 2)
+    try:
+        assert new.get_issuance(c[0]) is None
+        assert new.code_history(c[1]).first_settlement_id == "C1"
+    finally:
+        new.close()
+    bad = subprocess.run(base + ["prune-expired", *flags, "--cutoff", "2020"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be YYYYMMDD" in bad.stderr

@@ -14,6 +14,10 @@ one listpack, a few bytes of overhead per field instead of ~90 per key; docs/sca
                                          manufacturer): what many codes share, stored once per tag
     {p}:{bbbb}:h:{code}          list    the code's events beyond its first dispense (created only
                                          when there are such events: attempts, returns, status changes)
+    {p}:{bbbb}:B:{n}:{product}:{batch}  hash  the codes of a batch that live in this tag -> '' (for
+                                         recalls; written with the code's record in one call. A hash,
+                                         not a set: Redis 7.0 keeps small sets of strings only as
+                                         hashtables, ~70 bytes a member; n = len(product))
 
 k = (crc32(code) >> 10) mod code_buckets: the hash within the tag (the tag takes the low 10 bits).
 code_buckets is fixed for the life of a data set, like BUCKETS.
@@ -32,7 +36,7 @@ and the number of audit streams stays bounded (BUCKETS of them) for readers that
     {p}:{bbbb}:audit             stream  every state change and flagged attempt of the bucket's calls
     {p}:{bbbb}:s:{n}:{site}:{sid} hash    a settlement: body digest, stored results, line ledger
     {p}:{bbbb}:sp:{n}:{site}:{sid} hash  cluster only: the lines of a settlement in this slot
-    {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls)
+    {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls; tagged by the batch)
 
 BUCKETS is fixed for the life of a data set: changing it moves every key.
 
@@ -153,7 +157,16 @@ class KeySpace:
         return [f"{self.prefix}:{t}:reg" for t in _TAGS]
 
     def batch(self, product: str, batch: str) -> str:
+        """Layout 1: the one set of a batch's codes."""
         return f"{self.prefix}:{tag_of(product + chr(0) + batch)}:b:{product}:{batch}"
+
+    def batch_part(self, product: str, batch: str, code: str) -> str:
+        """Layout 2: the index of a batch's codes in `code`'s tag."""
+        return f"{self.prefix}:{tag_of(code)}:B:{len(product)}:{product}:{batch}"
+
+    def batch_parts(self, product: str, batch: str) -> list[str]:
+        """Layout 2: every tag's index of a batch (what a recall reads)."""
+        return [f"{self.prefix}:{t}:B:{len(product)}:{product}:{batch}" for t in _TAGS]
 
     def audit_streams(self) -> list[str]:
         return [f"{self.prefix}:{t}:audit" for t in _TAGS]

@@ -7,7 +7,8 @@ bucket hash, its lot in the tag's lot dictionary, and its history list keeps the
 first dispense (lua/migrate.lua, atomic per chunk of codes of one slot: a code is wholly in one
 layout or the other at every instant). What stays as it is: settlement records (layout 2 reads
 layout 1's JSON results, so every stored settlement still replays byte for byte and can still be
-returned), audit streams, the batch index and sanctions.
+returned), audit streams and sanctions. The batch index moves into each tag (keys.py); layout 1's
+batch sets are deleted once every code has moved.
 
 The run is idempotent and resumable: it scans for layout-1 issuance keys, and a code already moved
 has none left. Run it with the servers stopped, or switched to layout 2 only after it finished:
@@ -27,12 +28,11 @@ from .store import Store, wrap_errors
 class MigrationSummary:
     scanned: int = 0  # layout-1 issuance keys found
     moved: int = 0  # codes written into layout 2 by this run
-    skipped: int = 0  # found but gone by the time their chunk ran (moved concurrently)
+    skipped: int = 0  # found but not moved now: gone or changed since (a later run moves them)
 
 
-def _issuance_keys(store: Store, prefix: str, count: int) -> Iterator[str]:
-    """Every layout-1 issuance key ({p}:{tag}:i:{code}), on every master of a cluster."""
-    pattern = f"{prefix}:{{*}}:i:*"
+def _keys(store: Store, pattern: str, count: int) -> Iterator[str]:
+    """Every key matching `pattern`, on every master of a cluster."""
     if store.cluster:
         yield from store.r.scan_iter(match=pattern, count=count, target_nodes=store.r.PRIMARIES)
     else:
@@ -52,12 +52,18 @@ def migrate_layout1(store: Store, *, chunk: int = 200, scan_count: int = 1000,
 
     def flush(slot: int) -> None:
         codes = pending.pop(slot)
-        keys: list[str] = []
+        pipe = store.r.pipeline(transaction=False)
         for code in codes:
+            pipe.hmget(old.issuance(code), "p", "b")
+        keys: list[str] = []
+        args: list[str] = []
+        for code, (product, batch) in zip(codes, pipe.execute()):
             i, d, h = old.code_keys(code)
             bucket, lots, _, _ = store.keys.code_keys(code)
-            keys += [i, d, h, bucket, lots]
-        (res,) = store._run([(script, keys, codes)], durable=True)
+            product, batch = product or "", batch or ""
+            keys += [i, d, h, bucket, lots, store.keys.batch_part(product, batch, code)]
+            args += [code, product, batch]
+        (res,) = store._run([(script, keys, args)], durable=True)
         if isinstance(res, Exception):
             raise res
         moved = sum(int(x) for x in res)
@@ -67,7 +73,7 @@ def migrate_layout1(store: Store, *, chunk: int = 200, scan_count: int = 1000,
             progress(summary)
 
     marker = ":i:"
-    for key in _issuance_keys(store, store.keys.prefix, scan_count):
+    for key in _keys(store, f"{store.keys.prefix}:{{*}}:i:*", scan_count):  # layout 1's issuance records
         code = key[key.index(marker) + len(marker):]
         summary.scanned += 1
         slot = slot_of(code) if store.cluster else 0
@@ -76,4 +82,9 @@ def migrate_layout1(store: Store, *, chunk: int = 200, scan_count: int = 1000,
             flush(slot)
     for slot in list(pending):
         flush(slot)
+    if summary.scanned == summary.moved:
+        # Every code is in layout 2 with its batch index: layout 1's batch sets go (SCAN again:
+        # the sets live in the batches' slots, not the codes').
+        for key in _keys(store, f"{store.keys.prefix}:{{*}}:b:*", scan_count):
+            store.r.unlink(key)
     return summary

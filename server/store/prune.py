@@ -48,7 +48,7 @@ def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
             pipe.hgetall(lots)
         read = pipe.execute()
         calls = []
-        lot_of: dict[str, list[str]] = {}  # candidate code -> its lot's fields (for the batch index)
+        lot_of: dict[str, list[str]] = {}  # candidate code -> its lot's fields (its batch index)
         for n, (bucket, lots) in enumerate(chunk):
             entries, lot_text = read[2 * n], read[2 * n + 1]
             summary.buckets += 1
@@ -61,20 +61,15 @@ def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
                     stale.append(code)
                     lot_of[code] = lot
             if stale:
-                calls.append((script, [bucket, lots, *(keys.history(c) for c in stale)],
+                ks = [bucket, lots]
+                for c in stale:
+                    ks += [keys.history(c), keys.batch_part(lot_of[c][_PRODUCT], lot_of[c][_BATCH], c)]
+                calls.append((script, ks,
                               [cutoff_day, *stale]))
-        unlisted = store.r.pipeline(transaction=False)
         for res in store._run(calls) if calls else []:
             if isinstance(res, Exception):
                 raise res
             summary.pruned += len(res)
-            for code in res:
-                # Out of its batch's recall index too (another slot: a separate, idempotent write;
-                # a recall skips a listed code that has no record anyway).
-                lot = lot_of[code]
-                if lot[_BATCH]:
-                    unlisted.srem(keys.batch(lot[_PRODUCT], lot[_BATCH]), code)
-        unlisted.execute()
         if progress:
             progress(summary)
     return summary

@@ -138,6 +138,26 @@ def _results(text: str) -> tuple[bool, list[ScriptRow]]:
     return parts[0] == "1", rows
 
 
+_OWN = ROW_FIELDS.index("first_site_id")
+
+
+def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
+    """A settlement record's stored results (field 'r'): the reply's form, except that a first
+    dispense that is the settlement's own is written '=', '', '' (lua/_state.lua results_encode)."""
+    if text[:1] == "{":
+        return _results(text)
+    parts = text.split(RS)
+    rows = []
+    for part in parts[1:]:
+        f: list = part.split(US)
+        if f[_OWN] == "=":
+            f[_OWN:_OWN + 3] = site, settlement_id, at_ms
+        for i in ROW_INT_POSITIONS:
+            f[i] = int(f[i])
+        rows.append(ScriptRow(*f))
+    return parts[0] == "1", rows
+
+
 def _decode(reply: list) -> SettlementResult:
     """A verify.lua answer {replayed, results, part state[, sanctions json]}, decoded once, here.
     The 4th element: the sanction entries gate.lua found binding a check (json), when any."""
@@ -639,17 +659,17 @@ class Store:
         if digest is None:
             return None
         if records == [self.keys.settlement(site, settlement_id)]:
-            r = self.r.hget(records[0], "r")
-            return (digest, SettlementResult(True, *_results(r))) if r else None
+            r, at = self.r.hmget(records[0], "r", "at")
+            return (digest, SettlementResult(True, *_stored_results(r, site, settlement_id, int(at or 0)))) if r else None
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
-            pipe.hmget(rk, "r", "l", "ps")
+            pipe.hmget(rk, "r", "l", "ps", "at")
         rows: dict[int, ScriptRow] = {}
         rec = 0
-        for r, ledger, ps in pipe.execute():
+        for r, ledger, ps, at in pipe.execute():
             if r is None or ps != "F":
                 return None  # an interrupted settlement: only a retry can finish it
-            recorded, part_rows = _results(r)
+            recorded, part_rows = _stored_results(r, site, settlement_id, int(at or 0))
             rec |= recorded
             for entry, row in zip(json.loads(ledger), part_rows):
                 rows[entry[3]] = row
@@ -710,6 +730,7 @@ class Store:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
                 keys += self.keys.code_keys(code)[:2]  # layout 2: bucket, lots; layout 1: issuance, dispense
                 if self.layout == 2:
+                    keys.append(self.keys.batch_part(product, batch_id, code))
                     args.append(code)
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
@@ -719,11 +740,12 @@ class Store:
                 raise res
             for p, outcome in zip(positions, res):
                 out[p] = int(outcome)
-        pipe = self.r.pipeline(transaction=False)
-        for code, product, _, batch_id, *_ in records:
-            if batch_id:
-                pipe.sadd(self.keys.batch(product, batch_id), code)
-        pipe.execute()
+        if self.layout == 1:  # layout 2 writes its batch index in the script, atomically
+            pipe = self.r.pipeline(transaction=False)
+            for code, product, _, batch_id, *_ in records:
+                if batch_id:
+                    pipe.sadd(self.keys.batch(product, batch_id), code)
+            pipe.execute()
         return out
 
     def _by_slot(self, codes: Sequence[str]) -> list[list[int]]:
@@ -779,7 +801,11 @@ class Store:
         return out
 
     def batch_codes(self, product: str, batch: str, chunk: int = 500) -> Iterator[list[str]]:
-        """The codes of a batch in chunks, scanned with SSCAN (the cursor is a page each)."""
+        """The codes of a batch in chunks: layout 2 reads the batch's index in every tag (pipelined,
+        64 tags a round trip); layout 1 scans its one set with SSCAN (the cursor is a page each)."""
+        if self.layout == 2:
+            yield from self._batch_parts(product, batch, chunk)
+            return
         key = self.keys.batch(product, batch)
         cursor = 0
         buf: list[str] = []
@@ -791,6 +817,25 @@ class Store:
                 buf = []
             if cursor == 0:
                 return
+
+    def _batch_parts(self, product: str, batch: str, chunk: int) -> Iterator[list[str]]:
+        parts = self.keys.batch_parts(product, batch)
+        buf: list[str] = []
+        for start in range(0, len(parts), 64):
+            for codes in self._hkeys(parts[start:start + 64]):
+                buf.extend(codes)
+            while len(buf) >= chunk:
+                yield sorted(buf[:chunk])
+                buf = buf[chunk:]
+        if buf:
+            yield sorted(buf)
+
+    @_wrap_errors
+    def _hkeys(self, keys: list[str]) -> list[list[str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hkeys(key)
+        return pipe.execute()
 
     @_wrap_errors
     def _sscan(self, key: str, cursor: int, count: int) -> tuple[int, list[str]]:

@@ -28,12 +28,9 @@ end
 local function entry_write(bkey, code, e)
   local n = NENTRY
   while n > 1 and (e[n] == nil or e[n] == '') do n = n - 1 end
+  -- table.concat writes numbers as %.14g: integers below 10^14 (ms until the year 5138) exactly.
   local t = {}
-  for i = 1, n do
-    local x = e[i]
-    if x == nil then x = '' elseif type(x) == 'number' then x = string.format('%d', x) end
-    t[i] = x
-  end
+  for i = 1, n do t[i] = e[i] or '' end
   redis.call('HSET', bkey, code, table.concat(t, US))
 end
 
@@ -77,12 +74,13 @@ end
 -- the first-ever DISPENSED event: a flood of duplicate attempts (every one of them also in the
 -- audit stream) can never push out the evidence of who dispensed the pack first.
 local function history_push(hkey, e, event, hist_max)
-  e[E.ev] = (tonumber(e[E.ev]) or 0) + 1
+  local before = tonumber(e[E.ev]) or 0
+  e[E.ev] = before + 1
   local fd = tonumber(e[E.fd])
   local implicit = fd and e[E.fx] ~= '1'
   local len
   if not fd and event.t == 'DISPENSED' then
-    len = redis.call('LLEN', hkey)
+    len = before == 0 and 0 or redis.call('LLEN', hkey)  -- no event yet: no list either
     e[E.fd], e[E.fl], e[E.fu] = len, event.l, event.u
     fd, implicit = len, true
   else
@@ -123,26 +121,27 @@ local function history_explicit(hkey, e)
   e[E.fx], e[E.fl], e[E.fu] = '1', '', ''
 end
 
--- Results: "0"|"1", then per line RS and the row's NROW fields joined by US (layout.py).
-local function results_encode(recorded, rows)
+-- Results: "0"|"1", then per line RS and the row's NROW fields joined by US (layout.py). With
+-- `own` ({site, settlement id, settled_at}) the stored form: a first dispense that is the
+-- settlement's own (most OK lines) is written '=', '', '' instead of repeating them on every line.
+local function results_encode(recorded, rows, own)
   local t = {recorded and '1' or '0'}
   for i, row in ipairs(rows) do
     local f = {}
-    for k = 1, NROW do
-      local x = row[k]
-      if type(x) == 'number' then x = string.format('%d', x) end
-      f[k] = x
+    for k = 1, NROW do f[k] = row[k] end
+    if own and f[R.first_site_id] == own[1] and f[R.first_settlement_id] == own[2]
+       and f[R.first_settled_at_ms] == own[3] then
+      f[R.first_site_id], f[R.first_settlement_id], f[R.first_settled_at_ms] = '=', '', ''
     end
     t[i + 1] = table.concat(f, US)
   end
   return table.concat(t, RS)
 end
 
--- The inverse, and layout 1's JSON form too (a record stored before the migration). The numbers
--- come back as numbers, in ROW_FIELDS' int positions.
-local ROW_INTS = {[R.accepted] = true, [R.used] = true, [R.pack_units] = true, [R.expiry] = true,
-                  [R.first_settled_at_ms] = true, [R.attempts] = true}
-local function results_decode(text)
+-- The inverse, of either form (`own` as above), and of layout 1's JSON too (a record stored before
+-- the migration). The numbers come back as numbers, in ROW_FIELDS' int positions.
+local ROW_INTS = {R.accepted, R.used, R.pack_units, R.expiry, R.first_settled_at_ms, R.attempts}
+local function results_decode(text, own)
   if string.sub(text, 1, 1) == '{' then
     local doc = cjson.decode(text)
     return doc.rec == 1, doc.l
@@ -151,8 +150,18 @@ local function results_decode(text)
   local rows = {}
   for i = 2, #parts do
     local row = split(parts[i], US)
-    for k in pairs(ROW_INTS) do row[k] = tonumber(row[k]) end
+    if row[R.first_site_id] == '=' then
+      row[R.first_site_id], row[R.first_settlement_id], row[R.first_settled_at_ms] = own[1], own[2], own[3]
+    end
+    for _, k in ipairs(ROW_INTS) do row[k] = tonumber(row[k]) end
     rows[i - 1] = row
   end
   return parts[1] == '1', rows
+end
+
+-- A stored answer as a reply: the full form (layout 1's JSON stays as it is; the store reads both).
+local function results_reply(stored, own)
+  if string.sub(stored, 1, 1) == '{' then return stored end
+  local recorded, rows = results_decode(stored, own)
+  return results_encode(recorded, rows)
 end

@@ -28,12 +28,13 @@
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
-if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
 local site, sid, at = p[4], p[5], tonumber(p[6])
+local own = {site, sid, at}
+if p[3] ~= 'P' then return {results_reply(p[1], own), p[3] or 'F', 0} end
 local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
 local me = site .. '\31' .. sid
 local ledger = cjson.decode(p[2])
-local recorded, rows = results_decode(p[1])
+local recorded, rows = results_decode(p[1], own)
 local KPC = 4
 
 local index = {}
@@ -139,6 +140,5 @@ else
   for _, e in ipairs(ledger) do e[2] = 0 end
 end
 for c in pairs(dirty) do entry_write(KEYS[2 + KPC * (c - 1) + 3], ARGV[c + 3], ent[c]) end
-local out = results_encode(recorded, rows)
-redis.call('HSET', KEYS[1], 'r', out, 'l', cjson.encode(ledger), 'ps', 'F')
-return {out, decision == 'E' and 'E' or 'F', 1}
+redis.call('HSET', KEYS[1], 'r', results_encode(recorded, rows, own), 'l', cjson.encode(ledger), 'ps', 'F')
+return {results_encode(recorded, rows), decision == 'E' and 'E' or 'F', 1}

@@ -3,20 +3,22 @@
 -- beyond the first dispense), atomically per call: a code is either wholly in layout 1 or wholly
 -- in layout 2, never half, so the migration can be stopped and run again at any point.
 --
--- KEYS: five per code, all in one slot: layout 1 issuance, dispense, history (whose name layout 2
---   keeps for its history list), then layout 2 bucket and lot dictionary.
--- ARGV: the canonical codes, in key order.
--- Returns per code 1 migrated, 0 nothing to do (no layout-1 issuance record: absent or moved).
+-- KEYS: six per code, all in one slot: layout 1 issuance, dispense, history (whose name layout 2
+--   keeps for its history list), then layout 2 bucket, lot dictionary and batch index part.
+-- ARGV: three per code, in key order: the canonical code, and the product and batch the caller
+--   read from its issuance record (naming the batch index part).
+-- Returns per code 1 migrated, 0 not now: no layout-1 issuance record (absent or already moved),
+-- or its product or batch changed since the caller read them (a later run moves it).
 --@LAYOUT@--
 --@STATE@--
 
 local out = {}
-for j = 1, #ARGV do
-  local k = 5 * (j - 1)
+for j = 1, #ARGV / 3 do
+  local k = 6 * (j - 1)
   local ikey, dkey, hkey, bkey, lkey = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  local code = ARGV[j]
+  local code = ARGV[3 * j - 2]
   local i = redis.call('HMGET', ikey, 'p', 'g', 'b', 'e', 'n', 'm', 's')
-  if not i[1] then
+  if not i[1] or i[1] ~= ARGV[3 * j - 1] or (i[3] or '') ~= ARGV[3 * j] then
     out[j] = 0
   else
     local e = entry_read(bkey, code) or {}
@@ -44,6 +46,7 @@ for j = 1, #ARGV do
       end
     end
     entry_write(bkey, code, e)
+    if ARGV[3 * j] ~= '' then redis.call('HSET', KEYS[k + 6], code, '') end
     redis.call('DEL', ikey, dkey)
     out[j] = 1
   end

@@ -79,7 +79,7 @@ if writes then
     if prev[1] ~= digest then
       return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
     end
-    if not (mode == 'P' and prev[3] == 'P') then return {1, prev[2], prev[3] or 'F'} end
+    if not (mode == 'P' and prev[3] == 'P') then return {1, results_reply(prev[2], {site, sid, at}), prev[3] or 'F'} end
   end
 end
 
@@ -308,7 +308,7 @@ for i = 1, n do
 end
 local out = results_encode(recorded, results)
 if writes then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', results_encode(recorded, results, {site, sid, at}), 'l', cjson.encode(ledger), 'site', site, 'i', sid,
              'at', at, 'ps', part_state)
   if prepared then
     local pu = {}
