@@ -251,14 +251,17 @@ def settlements(issued: list[Issued], size: int, first: int, verifier: Verifier,
                              digest=digest, all_or_nothing=False, lines=plan, codes=codes, insured=insured)
 
 
-def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, first: int, seed: int) -> dict:
-    """Dispense `issued` in settlements of `size` lines; memory, Redis CPU and verdicts of the phase."""
+def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, first: int, seed: int):
+    """Dispense `issued` in settlements of `size` lines; returns the phase's memory, Redis CPU and
+    verdicts. A generator: it yields after each pipelined chunk, so that lockstep() can run the
+    layouts' phases chunk by chunk in turn (see main)."""
     r = store.r
     rnd = random.Random(seed)
     now = int(time.time() * 1000)
     day = verifier.settle_day(now)
     r.config_resetstat()
-    mem0, cpu0, t0 = used(r), server_cpu(r), time.perf_counter()
+    mem0, cpu0 = used(r), server_cpu(r)
+    busy = 0.0  # this layout's own seconds, not the other layout's turns
     verdicts: dict[str, int] = {}
     count = 0
     chunk: list[SettlementCall] = []
@@ -272,15 +275,19 @@ def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, fir
         chunk.clear()
 
     first_call = None
+    t0 = time.perf_counter()
     for call in settlements(issued, size, first, verifier, pseudo, rnd, now, day):
         first_call = first_call or call
         chunk.append(call)
         count += 1
         if len(chunk) == CHUNK_SETTLE:
             flush()
+            busy += time.perf_counter() - t0
+            yield
+            t0 = time.perf_counter()
     if chunk:
         flush()
-    elapsed = time.perf_counter() - t0
+    busy += time.perf_counter() - t0
     cpu = server_cpu(r) - cpu0
     mem = used(r) - mem0
     stats = commandstats(r)
@@ -289,8 +296,9 @@ def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, fir
     return {
         "lines_per_settlement": size, "settlements": count,
         "first_settlement": ({"site": first_call.site, "settlement_id": first_call.settlement_id}
-                             if first_call else None), "codes": codes, "verdicts": verdicts,
-        "seconds": round(elapsed, 1),
+                             if first_call else None),
+        "codes": codes, "verdicts": verdicts,
+        "seconds": round(busy, 1),
         "used_memory_delta": mem, "bytes_per_dispensed_code": round(mem / codes, 1),
         "redis_script_usec_per_code": round(script_usec / codes, 2),
         "redis_script_usec_per_settlement": round(script_usec / count, 2),
@@ -299,8 +307,30 @@ def dispense_phase(store, verifier, pseudo, issued: list[Issued], size: int, fir
     }
 
 
+def lockstep(runs: list) -> list:
+    """Drive generators in turn, one step each, until all have returned; their return values.
+    The machine is shared: in turn, a busy spell slows every layout alike, so their CPU figures
+    compare even when the machine's load changes during the run."""
+    out: list = [None] * len(runs)
+    live = list(range(len(runs)))
+    try:
+        while live:
+            for i in list(live):
+                try:
+                    next(runs[i])
+                except StopIteration as done:
+                    out[i] = done.value
+                    live.remove(i)
+    finally:
+        for run in runs:  # one failed: the others' servers are stopped too (their finally)
+            run.close()
+    return out
+
+
 def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buckets: int, seed: int,
-               redis_args: list[str]) -> dict:
+               redis_args: list[str]):
+    """One layout's whole run on its own fresh redis-server; a generator (yields between chunks,
+    see lockstep) returning the layout's figures."""
     rp = common.start_redis(appendonly=False, extra=redis_args)
     # Before layout 2 existed Config had neither field (and the store was layout 1).
     extra = {"store_layout": layout, "code_buckets": code_buckets} if len(layouts_available()) > 1 else {}
@@ -320,9 +350,13 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
         c0 = census(r, seed)
         base = used(r)
         t0 = time.perf_counter()
+        busy = 0.0
         for i in range(0, len(records), CHUNK_ISSUE):
             store.upsert_issuance(records[i:i + CHUNK_ISSUE], replace=False)
-        out["issue_seconds"] = round(time.perf_counter() - t0, 1)
+            busy += time.perf_counter() - t0
+            yield
+            t0 = time.perf_counter()
+        out["issue_seconds"] = round(busy, 1)
         issued_mem = used(r)
         out["bytes_per_issued_code"] = round((issued_mem - base) / len(records), 1)
         c1 = census(r, seed)
@@ -331,9 +365,9 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
         order = list(issued)
         random.Random(seed).shuffle(order)
         half = len(order) // 2
-        five = dispense_phase(store, verifier, pseudo, order[:half], 5, 0, seed + 1)
+        five = yield from dispense_phase(store, verifier, pseudo, order[:half], 5, 0, seed + 1)
         c2 = census(r, seed)
-        one = dispense_phase(store, verifier, pseudo, order[half:], 1, five["settlements"], seed + 2)
+        one = yield from dispense_phase(store, verifier, pseudo, order[half:], 1, five["settlements"], seed + 2)
         c3 = census(r, seed)
         for phase in (five, one):
             bad = {v: n for v, n in phase["verdicts"].items() if v != "OK"}
@@ -392,7 +426,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--codes", type=int, default=1_000_000, help="issued codes per layout (half dispensed in 5-line, "
                                                                  "half in 1-line settlements)")
-    ap.add_argument("--batch-size", type=int, default=20_000, help="codes per lot (batch id and expiry)")
+    ap.add_argument("--batch-size", type=int, default=50_000,
+                    help="codes per lot (batch id and expiry); lot size / 1024 = codes per lot and tag, as nationally")
     ap.add_argument("--code-buckets", type=int, default=0,
                     help=f"layout 2's hashes per hash tag; 0: about {CODES_PER_HASH} codes per hash")
     ap.add_argument("--layouts", default="", help="comma-separated layouts to run (default: every one available)")
@@ -407,19 +442,22 @@ def main() -> int:
         raise SystemExit(f"layout(s) {sorted(missing)} not in this checkout (Config has no store_layout)")
     buckets = args.code_buckets or code_buckets_for(args.codes)
     records, issued = make_codes(args.codes, args.batch_size, args.seed)
-    runs = {}
-    for layout in layouts:
-        print(f"layout {layout}: {args.codes} codes ...", flush=True)
-        load = os.getloadavg()[0]
-        runs[layout] = run_layout(layout, records, issued, buckets, args.seed, args.redis_args.split())
-        # The machine is shared: how busy it was (CPU figures are per process, not wall time).
-        runs[layout]["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
+    print(f"layouts {layouts}: {args.codes} codes each, in turn chunk by chunk ...", flush=True)
+    load = os.getloadavg()[0]
+    results = lockstep([run_layout(layout, records, issued, buckets, args.seed, args.redis_args.split())
+                        for layout in layouts])
+    runs = dict(zip(layouts, results))
+    # The machine is shared: how busy it was (the layouts ran in turn, so alike).
+    load_average = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     doc: dict = {
         "benchmark": "Redis memory per issued and per dispensed code, and Redis CPU per dispensed code, store layouts side by side",
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
         "machine": common.machine(),
         "redis_config": common.redis_config() + args.redis_args.split(),
         "codes": args.codes,
+        "load_average_1min": load_average,
+        "schedule": "the layouts' servers side by side, driven in turn: each issuance chunk and each pipelined chunk "
+                    f"of {CHUNK_SETTLE} settlements alternates between them",
         "data": {"kinds": "half 20-digit codes (5 products), half GS1 (4 GTINs)", "batch_size": args.batch_size,
                  "lots": math.ceil(args.codes / 2 / args.batch_size) * 2,
                  "dispensed": "every code once, whole pack: a shuffled half in 5-line settlements, the other half in 1-line",
