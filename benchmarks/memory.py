@@ -20,6 +20,11 @@ listpack settings of store/embedded.py's LISTPACK_CONFIG, AOF off):
    i, d, h, s, b, audit, ...) and their MEMORY USAGE (every key of a kind with few keys, a random
    sample of the rest), which attributes the used_memory deltas to kinds of keys.
 
+The layouts' servers run side by side and are driven in turn, one chunk each (lockstep): the
+machine is shared, and a busy spell then slows both alike instead of whichever ran at the time.
+commandstats usec is elapsed time inside Redis, inflated when the server is descheduled; used_cpu
+is the process's CPU. Compare the layouts within one run, not figures of separate runs.
+
 Writes benchmarks/results/memory.json (both layouts, their ratios, the command, the machine);
 docs/scaling.md sizes a national cluster from it.
 """
