@@ -43,15 +43,28 @@ def write_results(name: str, doc: dict) -> str:
     return path
 
 
-def start_redis(appendonly: bool = True, unix_socket: bool = False, auto_rewrite: bool = True) -> RedisProcess:
-    """Production-like: AOF on with fsync every second (the embedded default). unix_socket: also
-    listen on `unix_url(rp)`, as the embedded Redis of `tracecode serve` is reached. auto_rewrite
-    False: no automatic AOF rewrite, whose fork would land in some measurement at random."""
+def redis_config() -> list[str]:
+    """The redis-server settings tracecode's data layout needs (store/embedded.py's LISTPACK_CONFIG:
+    hash listpack limits raised so layout 2's bucket hashes stay compact); [] before it existed."""
+    from tracecode.server.store import embedded
+    return list(getattr(embedded, "LISTPACK_CONFIG", []))
+
+
+def start_redis(appendonly: bool = True, unix_socket: bool = False, auto_rewrite: bool = True,
+                extra: list[str] | None = None) -> RedisProcess:
+    """Production-like: AOF on with fsync every second (the embedded default), the listpack
+    settings of `redis_config()` (the same for every layout, so comparisons are fair). unix_socket:
+    also listen on `unix_url(rp)`, as the embedded Redis of `tracecode serve` is reached.
+    auto_rewrite False: no automatic AOF rewrite, whose fork would land in some measurement at random.
+    extra: more redis-server arguments, after those (a later setting wins: memory.py's what-if runs)."""
     rp = RedisProcess(port=free_port(), appendonly=appendonly, appendfsync="everysec")
+    if " ".join(redis_config()) not in " ".join(rp.argv()):  # RedisProcess may pass them itself
+        rp.extra = redis_config()
     if unix_socket:
-        rp.extra = ["--unixsocket", os.path.join(rp.data_dir, "redis.sock"), "--unixsocketperm", "700"]
+        rp.extra += ["--unixsocket", os.path.join(rp.data_dir, "redis.sock"), "--unixsocketperm", "700"]
     if not auto_rewrite:
         rp.extra += ["--auto-aof-rewrite-percentage", "0"]
+    rp.extra += extra or []
     return rp.start()
 
 
