@@ -101,8 +101,17 @@ def observe_settlement(channel: str, outcome, seconds: float) -> None:
         _OUTCOME["replayed", channel].inc()
         return
     _OUTCOME["recorded" if outcome.recorded else "not_recorded", channel].inc()
-    for line in outcome.results:
-        _VERDICT[line.verdict, channel].inc()
+    results = outcome.results
+    if len(results) == 1:
+        _VERDICT[results[0].verdict, channel].inc()
+        return
+    # One inc per verdict, by how many lines got it: each inc takes the metric's lock (and with
+    # --workers writes the shared file), and a settlement's lines mostly share one verdict.
+    counts: dict[str, int] = {}
+    for line in results:
+        counts[line.verdict] = counts.get(line.verdict, 0) + 1
+    for verdict, n in counts.items():
+        _VERDICT[verdict, channel].inc(n)
 
 
 def observe_settlements(channel: str, outcomes, seconds_each: float) -> tuple[int, int]:

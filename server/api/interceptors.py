@@ -81,6 +81,27 @@ def _final_code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc
     return default
 
 
+class WrapCache:
+    """An interceptor's wrapped handler per method, built once: intercept_service runs on every
+    call, and rebuilding the wrapper each time (a method handler and closures per interceptor)
+    cost a few percent of a settlement's CPU (docs/performance.md, issue 19). The entry is used
+    only while the handler below is the very same object, so a changed registration is wrapped
+    afresh. Bounded: only registered methods reach it (an unknown one has no handler)."""
+
+    __slots__ = ("_by_method",)
+
+    def __init__(self):
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler, build) -> grpc.RpcMethodHandler:
+        hit = self._by_method.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = build()
+        self._by_method[method] = (handler, wrapped)  # a race builds it twice: harmless
+        return wrapped
+
+
 def rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
     """The same method with its behavior wrapped: unary(behavior, request_streaming) for handlers
     that return one response, streaming(behavior, request_streaming) for those that stream."""
@@ -138,6 +159,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         """service_names: fully qualified services whose series are created at 0 up front (every
         method, every status code), so rate() and increase() see the first event of each."""
         self._methods: dict[str, _Method] = {}
+        self._wrapped = WrapCache()
         pool = descriptor_pool.Default()
         for name in service_names:
             for m in pool.FindServiceByName(name).methods:
@@ -154,7 +176,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        m = self._method(handler_call_details.method, handler)
+        path = handler_call_details.method
+        return self._wrapped.get(path, handler, lambda: self._wrap(path, handler))
+
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        m = self._method(path, handler)
         return rewrap(handler, lambda b, rs: _unary(m, b, rs), lambda b, rs: _streaming(m, b, rs))
 
 
@@ -272,6 +298,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         self._draining = False
         self._active = 0
         self._last = 0.0  # time.monotonic() of the latest call to reach us
+        self._wrapped = WrapCache()
 
     @property
     def active(self) -> int:
@@ -312,7 +339,8 @@ class DrainInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        return rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b))
+        return self._wrapped.get(handler_call_details.method, handler,
+                                 lambda: rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b)))
 
     def _unary(self, behavior):
         def handle(request, context):
@@ -345,11 +373,15 @@ class LogContextInterceptor(grpc.ServerInterceptor):
     fields. Unary calls only: a stream carries many settlements (or none: health Watch), so there
     is no single one to name."""
 
+    def __init__(self):
+        self._wrapped = WrapCache()
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler.unary_unary:
             return handler
-        return rewrap(handler, lambda b, _: _with_context(b, handler_call_details.method), None)
+        path = handler_call_details.method
+        return self._wrapped.get(path, handler, lambda: rewrap(handler, lambda b, _: _with_context(b, path), None))
 
 
 def _with_context(behavior, path: str):
