@@ -43,20 +43,9 @@ def cpu_ms_per_call(res: dict) -> float:
 
 
 def _module(frame: str) -> str:
-    """'func (path/to/file.py:12)' -> a short module name: tracecode's rooms, grpc, protobuf..."""
-    path = frame.rsplit("(", 1)[-1].split(":", 1)[0]
-    for marker, name in (("/tracecode/", None), ("/wt-", None)):
-        if marker in path:
-            tail = path.split(marker, 1)[1]
-            parts = tail.split("/")
-            if marker == "/wt-":
-                parts = parts[1:]
-            return "tracecode/" + "/".join(parts)
-    for lib in ("grpc", "google/protobuf", "prometheus_client", "redis", "hiredis", "threading", "concurrent",
-                "queue", "logging", "contextlib", "json", "hashlib", "re", "zoneinfo", "datetime"):
-        if f"/{lib}/" in path or path.endswith(f"/{lib}.py"):
-            return lib
-    return os.path.basename(path) or frame
+    """'func (grpc/_server.py:12)' -> 'grpc/_server.py': py-spy names files relative to their
+    sys.path entry, so tracecode's are server/..., ext/... and a library's start with its package."""
+    return frame.rsplit("(", 1)[-1].rsplit(":", 1)[0]
 
 
 def summarise_profile(raw_path: str, top_path: str, n: int = 40) -> dict:

@@ -23,7 +23,7 @@ def test_settle_day_is_the_zone_conversion(zone):
     # Instants around every local midnight and DST change of two years, in shuffled and in
     # sorted order (the cache is filled by one day and then asked about its neighbours).
     points = []
-    for day in range(0, 730):
+    for day in range(730):
         base = 1735689600000 + day * 86_400_000
         for _ in range(6):
             points.append(base + rnd.randrange(-3 * 3_600_000, 27 * 3_600_000))

@@ -212,7 +212,7 @@ def test_verify_argv_is_todays_argv(wire):
     # No Redis needed: packing arguments talks to nobody.
     store = Store.from_url("redis://127.0.0.1:1")
     rnd = random.Random(7)
-    for n in range(400):
+    for _ in range(400):
         call = _random_call(rnd, rnd.randrange(0, 21))
         mode = rnd.choice("DCP")
         idx = list(range(len(call.lines)))

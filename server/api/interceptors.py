@@ -30,6 +30,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram
 
 from .. import logs
+from .. import metrics  # noqa: F401 - first: its value class is set before any metric (metrics.CACHED_PID)
 
 log = logging.getLogger("tracecode.rpc")
 
