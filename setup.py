@@ -97,7 +97,7 @@ setup(
               "tracecode.server.store", "tracecode.clients", "tracecode.leads",
               "tracecode.console", "tracecode.console.ledger", "tracecode.console.ledger.migrations"],
     package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.codec": ["_codec.pyi", "_wire.pyi", "py.typed"],
-                  "tracecode.server.store": ["lua/*.lua"],
+                  "tracecode.server.store": ["lua/*.lua", "lua/v1/*.lua"],
                   "tracecode.console.ledger": ["templates/ledger/*.html", "static/ledger/*"]},
     ext_modules=extensions(),
     cmdclass={"build_py": build_py, "build_ext": build_ext},

@@ -41,6 +41,42 @@ def cmd_serve(args) -> int:
     return serve(config)
 
 
+def cmd_migrate_layout(args) -> int:
+    from tracecode.server import config as cfg
+    from tracecode.server.app import migrate_layout
+    last = [0.0]
+
+    def progress(s) -> None:
+        if time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            print(f"  {s.moved} codes moved of {s.scanned} found", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    try:
+        s = migrate_layout(cfg.from_args(args), progress=progress)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"migrate-layout: {s.moved} codes moved to layout 2 ({s.scanned} layout-1 records found, "
+          f"{s.skipped} already moved) in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_prune_expired(args) -> int:
+    from tracecode.server import config as cfg
+    from tracecode.server.app import prune_expired
+    try:
+        config = cfg.from_args(args)
+        started = time.monotonic()
+        s = prune_expired(config, args.cutoff)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"prune-expired: {s.pruned} expired packs dropped of {s.codes} codes in {s.buckets} buckets "
+          f"in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def _readable_rows(path: str):
     """read_rows(path), ending with one RowError naming the file when it cannot be read (missing,
     unreadable, corrupt .gz, not UTF-8): raised inside the upload stream it would only surface as
@@ -247,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gRPC server (embedded Redis unless --redis-url)")
     cfg.add_arguments(s)
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("migrate-layout", help="move a data set from Redis layout 1 to layout 2 "
+                                              "(servers stopped; resumable; docs/operations.md)")
+    cfg.add_arguments(m)
+    m.set_defaults(func=cmd_migrate_layout)
+
+    x = sub.add_parser("prune-expired", help="drop the state of packs past expiry + return window (layout 2; "
+                                             "safe beside running servers)")
+    cfg.add_arguments(x)
+    x.add_argument("--cutoff", type=int, help="YYYYMMDD: packs expiring before it go (default: today minus "
+                                              "return_window_days, issuer's calendar)")
+    x.set_defaults(func=cmd_prune_expired)
 
     def client_parser(name, help):
         c = sub.add_parser(name, help=help)

@@ -20,11 +20,12 @@ from .api.server import Server
 from .config import Config
 from .logs import setup_logging
 from .sanction_service import resolve_key_file
-from .store import EmbeddedRedis, KeySpace, Store, StoreLimits
+from .store import (EmbeddedRedis, KeySpace, MigrationSummary, PruneSummary, Store, StoreLimits, migrate_layout1,
+                    prune_expired as _prune)
 
 log = logging.getLogger("tracecode.server")
 
-__all__ = ["Server", "make_store", "serve", "setup_logging"]
+__all__ = ["Server", "make_store", "migrate_layout", "prune_expired", "serve", "setup_logging"]
 
 
 def make_store(config: Config, url: str) -> Store:
@@ -37,8 +38,48 @@ def make_store(config: Config, url: str) -> Store:
     timeout_s = max(config.redis_timeout_s,
                     config.replica_ack_timeout_ms / 1000 + 0.5 if config.min_replicas_acked else 0)
     store = Store.from_url(url, timeout_s=timeout_s, max_connections=config.threads * 2 + 4,
-                           keys=KeySpace(config.key_prefix), limits=limits, cluster=config.redis_cluster)
+                           keys=KeySpace(config.key_prefix, layout=config.store_layout, code_buckets=config.code_buckets),
+                           limits=limits, cluster=config.redis_cluster)
     return metrics.instrument_store(store)
+
+
+def _offline(config: Config, job):
+    """Run job(store) against --redis-url, or against the embedded Redis of config.data_dir (started
+    and stopped here: `tracecode serve` must not be running on that data directory)."""
+    embedded = None
+    url = auth.redis_url(config, config.redis_url) if config.redis_url else ""
+    if not url:
+        embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync).start()
+        url = embedded.url
+    store = make_store(config, url)
+    try:
+        return job(store)
+    finally:
+        store.close()
+        if embedded:
+            embedded.stop()
+
+
+def migrate_layout(config: Config, progress=None) -> MigrationSummary:
+    """`tracecode migrate-layout`: move the data set under config.key_prefix from layout 1 to
+    layout 2 (store/migrate.py)."""
+    if config.store_layout != 2:
+        raise ValueError("migrate-layout moves data to layout 2: run it with store_layout = 2")
+    return _offline(config, lambda store: migrate_layout1(store, progress=progress))
+
+
+def prune_expired(config: Config, cutoff_day: int | None = None, progress=None) -> PruneSummary:
+    """`tracecode prune-expired`: drop packs that expired before cutoff_day (default: today in the
+    issuer's calendar minus the return window), store/prune.py. Safe beside running servers."""
+    if cutoff_day is None:
+        from datetime import datetime, timedelta
+        from zoneinfo import ZoneInfo
+        then = datetime.now(ZoneInfo(config.timezone)) - timedelta(days=config.return_window_days)
+        cutoff_day = then.year * 10000 + then.month * 100 + then.day
+    if not 19000101 <= cutoff_day <= 99991231:
+        raise ValueError(f"cutoff day {cutoff_day}: must be YYYYMMDD")
+    cutoff = cutoff_day
+    return _offline(config, lambda store: _prune(store, cutoff, progress=progress))
 
 
 def serve(config: Config) -> int:
@@ -84,6 +125,8 @@ def serve(config: Config) -> int:
             url = embedded.url
             log.info("no --redis-url: started embedded redis-server, data in %s", embedded.data_dir)
         store = make_store(config, url)
+        for warning in store.config_warnings():
+            log.warning(warning)
         server = Server(config, store, **security.server_kwargs()).start()
         # What startup allocated lives as long as the process: out of the collector's sight, a full
         # collection pauses all handler threads ~2 ms instead of ~30 ms (docs/performance.md).

@@ -34,6 +34,10 @@ class Config:
     replica_ack_timeout_ms: int = _opt(500, "how long to wait for those replicas before answering UNAVAILABLE")
     reservation_s: float = _opt(30.0, "cluster ALL_OR_NOTHING over several slots: how long prepared units stay reserved")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
+    store_layout: int = _opt(2, "Redis data layout: 2 (bucketed hashes, docs/scaling.md); 1 only until "
+                                "`tracecode migrate-layout` has moved a data set off it")
+    code_buckets: int = _opt(64, "layout 2: hashes per hash tag (1024 tags); fixed for a data set's life: "
+                                 "codes / 1024 / 300 at full size (docs/scaling.md)")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
     workers: int = _opt(0, "server processes sharing the port (SO_REUSEPORT) under one supervising parent; "
                            "0 = one per core (docs/performance.md)")
@@ -48,7 +52,8 @@ class Config:
     gs_substitutes: str = _opt("", "comma-separated strings a scanner sends instead of ASCII 29 (e.g. '|' or '<GS>')")
     history_max: int = _opt(256, "events kept per code for GetCodeHistory (older ones are counted, not kept)")
     audit_max: int = _opt(1_000_000, "approximate length of each audit stream partition")
-    settlement_ttl_days: int = _opt(400, "how long settlement records (idempotency, return ledger) are kept")
+    settlement_ttl_days: int = _opt(40, "how long settlement records (idempotency, return ledger) are kept: "
+                                        "past the return window, for late retries and bulk checks")
     grace_s: float = _opt(10.0, "on SIGTERM, time in-flight calls get to finish")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
     log_json: bool = _opt(False, "log one JSON object per line")
@@ -116,7 +121,17 @@ def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None =
     for name, v in (flags or {}).items():
         if v is not None and name in fields:
             values[name] = v
-    return Config(**{k: _coerce(fields[k], v) for k, v in values.items()})
+    config = Config(**{k: _coerce(fields[k], v) for k, v in values.items()})
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Settings that only make sense together, refused at start with the reason."""
+    if config.settlement_ttl_days < config.return_window_days:
+        raise ValueError(f"settlement_ttl_days ({config.settlement_ttl_days}) must cover return_window_days "
+                         f"({config.return_window_days}): a return needs its settlement's record")
+    # store_layout and code_buckets are checked where they are used (store.keys.KeySpace).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

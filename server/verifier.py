@@ -21,7 +21,7 @@ from tracecode.codec import wire
 
 from .config import Config
 from .errors import InvalidRequest, Sanctioned, SettlementConflict
-from .store import KeySpace, Store, now_ms
+from .store import Store, now_ms
 from .store.types import CodeHistory, PlanLine, SettlementCall, SettlementResult
 
 if TYPE_CHECKING:  # the service holds the verifier's collaborators, not the reverse
@@ -194,7 +194,7 @@ class Verifier:
 
     def job_namespace(self, job_id: str):
         """The key namespace of a bulk REPLAY job (its own dispense state)."""
-        return KeySpace(f"{self.store.keys.prefix}-job-{job_id}")
+        return self.store.keys.job(f"{self.store.keys.prefix}-job-{job_id}")
 
     def bulk_run(self, prepared: "BulkChunk") -> list:
         """The store's answers to a prepared chunk's calls, one pipelined round trip."""
@@ -272,7 +272,7 @@ class Verifier:
     def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
                       lines: Sequence[Line]) -> str:
         """The digest records written before "2." carry (fields joined by ASCII 30/31). Used only
-        to recognise a retry of such a record; settlement records live settlement_ttl (400 days).
+        to recognise a retry of such a record; settlement records live settlement_ttl_days (40 by default).
         It is unambiguous for bodies that pass today's validation except through raw codes that
         carry ASCII 30/31, so such a body never matches a legacy record (see dispense)."""
         h = hashlib.blake2b(digest_size=16)

@@ -154,3 +154,9 @@ def test_the_readme_check_catches_a_wrong_default_and_an_unknown_setting():
     assert _shown(FIELDS["return_window_days"], "`10`") and not _shown(FIELDS["return_window_days"], "ten")
     assert _shown(FIELDS["redis_cluster"], "off") and not _shown(FIELDS["redis_cluster"], "on")
     assert _shown(FIELDS["redis_url"], "(embedded)") and not _shown(FIELDS["redis_url"], "`localhost`")
+
+
+def test_settlement_records_must_outlive_the_return_window():
+    with pytest.raises(ValueError, match="settlement_ttl_days .* must cover return_window_days"):
+        serve_config(["--settlement-ttl-days", "5"], {})
+    assert serve_config(["--settlement-ttl-days", "10"], {}).settlement_ttl_days == 10

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import redis
 
+from tracecode.server.store.layout import ENTRY_FIELDS, US
 from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
@@ -198,7 +199,9 @@ def test_a_raw_insured_id_is_stored_logged_and_exported_nowhere(tmp_path):
             assert not [name for name, text in reports.items() if form in text], form
         # The pseudonym is where docs/security.md says: dispense state, sanction entries, audit,
         # the bulk report's insured_id / first_insured_id columns.
-        assert any(v == f"fp={pseudonym}" for v in stored)
+        # Layout 2: a code's entry, "<code>=<fields joined by US>", holds it in its fp field.
+        fp = ENTRY_FIELDS.index("fp")
+        assert any("=" in v and v.split("=", 1)[1].split(US)[fp:fp + 1] == [pseudonym] for v in stored)
         assert any(k.endswith(f":x:ins:{pseudonym}") for k in stored)
         with open(report / "flagged.csv", encoding="utf-8") as fh:
             dup = next(r for r in csv.DictReader(fh) if r["verdict"] == "DUPLICATE")

@@ -32,6 +32,11 @@ import redis
 
 log = logging.getLogger("tracecode.redis")
 
+# Layout 2 keeps ~200-400 codes per hash with values of ~100 bytes; Redis stores such a hash as
+# one listpack (a few bytes per field) only under these limits, else as a hashtable (~70 bytes
+# more per field). Correctness never depends on them, memory does: docs/scaling.md, operations.md.
+LISTPACK_CONFIG = ["--hash-max-listpack-entries", "512", "--hash-max-listpack-value", "256"]
+
 INSTALL_HINT = ("redis-server was not found on PATH. Install it (Debian/Ubuntu: "
                 "`sudo apt-get install -y redis-server`; macOS: `brew install redis`) or pass "
                 "--redis-url / TRACECODE_REDIS_URL to use an existing Redis.")
@@ -81,7 +86,7 @@ class RedisProcess:
         return [*self.prefix, self.binary, *net, "--dir", self.data_dir, "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
                 "--logfile", os.path.join(self.data_dir, "redis.log"), "--daemonize", "no",
-                *self.extra]
+                *LISTPACK_CONFIG, *self.extra]
 
     def start(self, timeout: float = 10.0) -> "RedisProcess":
         self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

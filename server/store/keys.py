@@ -1,5 +1,29 @@
 """Redis key layout. Only the store uses it; nothing else needs to know how keys are spelled.
 
+Two data layouts exist (KeySpace.layout). Layout 2 is the one deployments run; layout 1 is kept
+runnable (lua/v1/) for the migration from it (`tracecode migrate-layout`) and for the side-by-side
+memory benchmark. What differs is how a code's state is kept; settlement records, audit streams,
+batch index and sanctions are spelled the same in both.
+
+Layout 2: codes grouped into bucket hashes, ~200-400 codes each (Redis keeps a hash that small as
+one listpack, a few bytes of overhead per field instead of ~90 per key; docs/scaling.md):
+
+    {p}:{bbbb}:c:{k}             hash    code -> entry (layout.ENTRY_FIELDS packed): issuance lot id
+                                         and status, and the dispense state, in ONE field
+    {p}:{bbbb}:L                 hash    lot id -> lot (product, gtin, batch, expiry, pack units,
+                                         manufacturer): what many codes share, stored once per tag
+    {p}:{bbbb}:h:{code}          list    the code's events beyond its first dispense (created only
+                                         when there are such events: attempts, returns, status changes)
+    {p}:{bbbb}:B:{n}:{product}:{batch}  hash  the codes of a batch that live in this tag -> '' (for
+                                         recalls; written with the code's record in one call. A hash,
+                                         not a set: Redis 7.0 keeps small sets of strings only as
+                                         hashtables, ~70 bytes a member; n = len(product))
+
+k = (crc32(code) >> 10) mod code_buckets: the hash within the tag (the tag takes the low 10 bits).
+code_buckets is fixed for the life of a data set, like BUCKETS.
+
+Layout 1 (one to three keys per code):
+
 Every key of one code carries the same hash tag, so on Redis Cluster a code's issuance record,
 dispense state and history sit in one slot and a Lua call can touch them atomically. The tag is a
 *bucket* (crc32 of the canonical code, modulo BUCKETS) rather than the code itself, so that the
@@ -12,7 +36,7 @@ and the number of audit streams stays bounded (BUCKETS of them) for readers that
     {p}:{bbbb}:audit             stream  every state change and flagged attempt of the bucket's calls
     {p}:{bbbb}:s:{n}:{site}:{sid} hash    a settlement: body digest, stored results, line ledger
     {p}:{bbbb}:sp:{n}:{site}:{sid} hash  cluster only: the lines of a settlement in this slot
-    {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls)
+    {p}:{bbbb}:b:{product}:{batch} set   codes of a batch (for recalls; tagged by the batch)
 
 BUCKETS is fixed for the life of a data set: changing it moves every key.
 
@@ -30,6 +54,11 @@ from zlib import crc32
 from redis.crc import key_slot
 
 BUCKETS = 1024
+LAYOUTS = (1, 2)
+# Hashes per tag (layout 2). The default suits up to ~25 million codes (1024 x 64 hashes of ~400);
+# a national data set sets it from its size (docs/scaling.md: codes / 1024 / 300).
+DEFAULT_CODE_BUCKETS = 64
+MAX_CODE_BUCKETS = 1 << 22
 
 _TAGS = tuple("{%04d}" % b for b in range(BUCKETS))
 # The Redis Cluster slot of each bucket (CRC16 of the tag's inside, as Redis computes it).
@@ -60,23 +89,51 @@ class KeySpace:
     """Key names under one prefix. A bulk REPLAY job uses its own prefix for dispense state
     while reading issuance from the live one (same tags, so the same slots)."""
 
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "layout", "code_buckets")
 
-    def __init__(self, prefix: str = "tc"):
+    def __init__(self, prefix: str = "tc", *, layout: int = 2, code_buckets: int = DEFAULT_CODE_BUCKETS):
         if not prefix or any(c in prefix for c in "{}: "):
             raise ValueError(f"key prefix {prefix!r}: must be non-empty without braces, colons or spaces")
+        if layout not in LAYOUTS:
+            raise ValueError(f"store layout {layout!r}: must be one of {', '.join(map(str, LAYOUTS))}")
+        if not 1 <= code_buckets <= MAX_CODE_BUCKETS:
+            raise ValueError(f"code_buckets {code_buckets!r}: must be 1..{MAX_CODE_BUCKETS}")
         self.prefix = prefix
+        self.layout = layout
+        self.code_buckets = code_buckets
 
-    def code_keys(self, code: str, state: "KeySpace | None" = None) -> tuple[str, str, str]:
-        """(issuance, dispense, history) keys of one canonical code; with `state` (a bulk job's
-        namespace) the dispense and history keys are that namespace's."""
-        t = tag_of(code)
+    def job(self, prefix: str) -> "KeySpace":
+        """A bulk job's namespace beside this one: same layout and buckets, its own prefix."""
+        return KeySpace(prefix, layout=self.layout, code_buckets=self.code_buckets)
+
+    def code_keys(self, code: str, state: "KeySpace | None" = None) -> tuple[str, ...]:
+        """The keys of one canonical code that the scripts take, in their order. With `state` (a
+        bulk job's namespace) the dispense state and history are that namespace's.
+
+        layout 2: (issuance bucket, lot dictionary, state bucket, history); the two buckets are
+                  one key in the live namespace, where the entry holds issuance and state.
+        layout 1: (issuance, dispense, history)."""
+        h = crc32(code.encode())
+        t = _TAGS[h & (BUCKETS - 1)]
         p = self.prefix
         q = state.prefix if state is not None else p
-        return f"{p}:{t}:i:{code}", f"{q}:{t}:d:{code}", f"{q}:{t}:h:{code}"
+        if self.layout == 1:
+            return f"{p}:{t}:i:{code}", f"{q}:{t}:d:{code}", f"{q}:{t}:h:{code}"
+        k = (h >> 10) % self.code_buckets
+        return f"{p}:{t}:c:{k}", f"{p}:{t}:L", f"{q}:{t}:c:{k}", f"{q}:{t}:h:{code}"
+
+    def buckets(self) -> list[tuple[str, str]]:
+        """Layout 2: every bucket hash with its tag's lot dictionary (what a walk over all codes reads)."""
+        p = self.prefix
+        return [(f"{p}:{t}:c:{k}", f"{p}:{t}:L") for t in _TAGS for k in range(self.code_buckets)]
+
+    def history(self, code: str) -> str:
+        """A code's history list (both layouts)."""
+        return self.code_keys(code)[-1]
 
     def issuance(self, code: str) -> str:
-        return f"{self.prefix}:{tag_of(code)}:i:{code}"
+        """The key holding a code's issuance record (layout 2: its bucket hash)."""
+        return self.code_keys(code)[0]
 
     def settlement(self, site: str, settlement_id: str) -> str:
         # The site's length keeps "a:b"+"c" and "a"+"b:c" apart.
@@ -100,7 +157,16 @@ class KeySpace:
         return [f"{self.prefix}:{t}:reg" for t in _TAGS]
 
     def batch(self, product: str, batch: str) -> str:
+        """Layout 1: the one set of a batch's codes."""
         return f"{self.prefix}:{tag_of(product + chr(0) + batch)}:b:{product}:{batch}"
+
+    def batch_part(self, product: str, batch: str, code: str) -> str:
+        """Layout 2: the index of a batch's codes in `code`'s tag."""
+        return f"{self.prefix}:{tag_of(code)}:B:{len(product)}:{product}:{batch}"
+
+    def batch_parts(self, product: str, batch: str) -> list[str]:
+        """Layout 2: every tag's index of a batch (what a recall reads)."""
+        return [f"{self.prefix}:{t}:B:{len(product)}:{product}:{batch}" for t in _TAGS]
 
     def audit_streams(self) -> list[str]:
         return [f"{self.prefix}:{t}:audit" for t in _TAGS]

@@ -140,12 +140,7 @@ class SanctionStore:
     @wrap_errors
     def first_insured(self, codes: Sequence[str], state: KeySpace | None = None) -> dict[str, str]:
         """code -> the pseudonym of its first dispense's buyer (codes without one left out)."""
-        if not codes:
-            return {}
-        pipe = self.r.pipeline(transaction=False)
-        for code in codes:
-            pipe.hget(self.keys.code_keys(code, state)[1], "fp")
-        return {c: p for c, p in zip(codes, pipe.execute()) if p}
+        return self.store.first_insured(codes, state)
 
     @wrap_errors
     def set_many(self, reqs: Sequence[SetRequest], *, now_ms: int, batch: int = 1000) -> int:

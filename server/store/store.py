@@ -20,9 +20,10 @@ import redis
 from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
 from ..failpoints import failpoint
+from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
-from .layout import VERIFY_ARGV, lua_layout
-from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
+from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout
+from .types import (ROW_FIELDS, ROW_INT_POSITIONS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
 from ..verdicts import lua_precedence
@@ -30,12 +31,18 @@ from ..verdicts import lua_precedence
 log = logging.getLogger("tracecode.store")
 
 
-def script_text(name: str) -> str:
+def script_text(name: str, layout: int = 2) -> str:
+    """A script's text with its shared parts spliced in. Layout 1's own scripts are in lua/v1/
+    (frozen); the scripts both layouts share (gate, claim, decide, sanction) are in lua/."""
     lua = resources.files("tracecode.server.store").joinpath("lua")
-    text = lua.joinpath(name).read_text()
+    own = lua.joinpath("v1") if layout == 1 else lua
+    source = own if own.joinpath(name).is_file() else lua
+    text = source.joinpath(name).read_text()
     if name == "verify.lua":  # judged inside the sanction gate, in the same call (lua/gate.lua)
         text = lua.joinpath("gate.lua").read_text().replace("--@VERIFY@--", text)
-    text = text.replace("--@HISTORY@--", lua.joinpath("_history.lua").read_text())
+    if "--@HISTORY@--" in text:  # layout 1
+        text = text.replace("--@HISTORY@--", lua.joinpath("v1", "_history.lua").read_text())
+    text = text.replace("--@STATE@--", lua.joinpath("_state.lua").read_text())
     text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
@@ -44,7 +51,7 @@ def script_text(name: str) -> str:
 class StoreLimits:
     audit_max: int = 1_000_000  # per audit stream (there are keys.BUCKETS of them); approximate trim
     history_max: int = 256  # events kept per code; the total is counted past it
-    settlement_ttl_s: int = 400 * 86400  # idempotency record and return ledger lifetime
+    settlement_ttl_s: int = 40 * 86400  # idempotency record and return ledger lifetime (config.py)
     reservation_ms: int = 30_000  # cluster ALL_OR_NOTHING: how long prepared units stay reserved
     # Durability across failover: a write is acknowledged only once this many replicas have it
     # (WAIT after the write; 0 = asynchronous replication, Redis's default).
@@ -52,9 +59,12 @@ class StoreLimits:
     replica_ack_timeout_ms: int = 500
 
 
-# Issuance hash field -> public name.
+# Layout 1's issuance hash field -> public name.
 _ISSUANCE_FIELDS = (("p", "product_id"), ("g", "gtin"), ("b", "batch"), ("e", "expiry"),
                     ("n", "pack_units"), ("m", "manufacturer"), ("s", "status"))
+# Layout 2's entry and lot positions (layout.py), 0-based.
+_E = {f: i for i, f in enumerate(ENTRY_FIELDS)}
+_LOT = {f: i for i, f in enumerate(LOT_FIELDS)}
 
 
 # Failures after which the same call may succeed: Redis down, restarting, or a cluster between
@@ -111,12 +121,49 @@ def _pack(commands: Sequence[tuple]) -> bytes:
 _ROW = len(ROW_FIELDS)
 
 
-def _decode(replayed: bool, results_json: str) -> SettlementResult:
-    """A verify.lua answer, decoded once, here: {"rec": 0|1, "l": [row, ...]} -> typed rows."""
-    doc = json.loads(results_json)
-    # "sx": the sanction entries gate.lua found binding a check (json strings), when any.
-    return SettlementResult(replayed, bool(doc["rec"]), [ScriptRow(*row[:_ROW]) for row in doc["l"]],
-                            doc.get("sx", []))
+def _results(text: str) -> tuple[bool, list[ScriptRow]]:
+    """A settlement's results as verify.lua answers and stores them (layout.py): packed, or the
+    JSON of layout 1 (what records stored before the migration hold)."""
+    if text[:1] == "{":
+        doc = json.loads(text)
+        # "sx": a layout-1 check's sanction entries rode in the JSON; they are the 4th element now.
+        return bool(doc["rec"]), [ScriptRow(*row[:_ROW]) for row in doc["l"]]
+    parts = text.split(RS)
+    rows = []
+    for part in parts[1:]:
+        f: list = part.split(US)
+        for i in ROW_INT_POSITIONS:
+            f[i] = int(f[i])
+        rows.append(ScriptRow(*f))
+    return parts[0] == "1", rows
+
+
+_OWN = ROW_FIELDS.index("first_site_id")
+
+
+def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
+    """A settlement record's stored results (field 'r'): the reply's form, except that a first
+    dispense that is the settlement's own is written '=', '', '' (lua/_state.lua results_encode)."""
+    if text[:1] == "{":
+        return _results(text)
+    parts = text.split(RS)
+    rows = []
+    for part in parts[1:]:
+        f: list = part.split(US)
+        if f[_OWN] == "=":
+            f[_OWN:_OWN + 3] = site, settlement_id, at_ms
+        for i in ROW_INT_POSITIONS:
+            f[i] = int(f[i])
+        rows.append(ScriptRow(*f))
+    return parts[0] == "1", rows
+
+
+def _decode(reply: list) -> SettlementResult:
+    """A verify.lua answer {replayed, results, part state[, sanctions json]}, decoded once, here.
+    The 4th element: the sanction entries gate.lua found binding a check (json), when any."""
+    recorded, rows = _results(reply[1])
+    sx = json.loads(reply[3]) if len(reply) > 3 else []
+    return SettlementResult(bool(reply[0]), recorded, rows, sx)
 
 
 @dataclass
@@ -195,10 +242,12 @@ class Store:
         self.r = client
         self.cluster = cluster
         self.keys = keys or KeySpace()
+        self.layout = self.keys.layout
         self.limits = limits or StoreLimits()
-        self._scripts = {name: client.register_script(script_text(f"{name}.lua"))
-                         for name in ("verify", "reverse", "issue", "status", "commit", "claim", "decide",
-                                      "sanction")}
+        names = ["verify", "reverse", "issue", "status", "commit", "claim", "decide", "sanction"]
+        if self.layout == 2:
+            names += ["read", "migrate", "prune"]
+        self._scripts = {name: client.register_script(script_text(f"{name}.lua", self.layout)) for name in names}
         self._verify = self._scripts["verify"]
         self._reverse = self._scripts["reverse"]
         self._issue = self._scripts["issue"]
@@ -229,6 +278,21 @@ class Store:
             info = self.r.cluster_info()
             return info.get("cluster_state") == "ok"
         return bool(self.r.ping())
+
+    def config_warnings(self) -> list[str]:
+        """What in the Redis server's configuration costs layout 2 memory (never correctness):
+        hashes above the listpack limits are kept as hashtables, ~70 bytes more per code."""
+        if self.layout != 2:
+            return ["store_layout = 1: a layout kept only for migration; run `tracecode migrate-layout`"]
+        want = dict(zip(LISTPACK_CONFIG[0::2], LISTPACK_CONFIG[1::2]))
+        try:
+            node = self.r.get_redis_connection(self.r.get_primaries()[0]) if self.cluster else self.r
+            got = node.config_get("hash-max-listpack-*")
+        except redis.RedisError as exc:  # CONFIG is often disabled on managed Redis
+            return [f"cannot read the Redis configuration ({exc}); layout 2 needs {LISTPACK_CONFIG}"]
+        low = [f"{k.lstrip('-')} is {got.get(k.lstrip('-'))} (want >= {v})" for k, v in want.items()
+               if int(got.get(k.lstrip("-"), 0) or 0) < int(v)]
+        return [f"Redis {', '.join(low)}: codes will take more memory (docs/scaling.md)"] if low else []
 
     # ------------------------------------------------------------------ script calls
 
@@ -413,8 +477,7 @@ class Store:
                 raise out
             return out
         keys, args = self._verify_call(call)
-        replayed, out, _ = self._call(self._verify, keys, args, durable=call.dispense and not call.state)
-        return _decode(bool(replayed), out)
+        return _decode(self._call(self._verify, keys, args, durable=call.dispense and not call.state))
 
     def prepare_batch(self, calls: Sequence[SettlementCall]) -> "PreparedBatch":
         """The CPU half of verify_batch: every call's KEYS, ARGV and (on one node) the pipeline's
@@ -437,7 +500,7 @@ class Store:
         prepared = calls if isinstance(calls, PreparedBatch) else self.prepare_batch(calls)
         if self.cluster:
             return self._verify_sharded(prepared.calls)
-        return [_conflict_or(res, lambda r: _decode(bool(r[0]), r[1]))
+        return [_conflict_or(res, _decode)
                 for res in self._run(prepared.batch or [], wire=prepared.wire)]
 
     def _verify_sharded(self, calls: Sequence[SettlementCall]) -> list:
@@ -493,7 +556,7 @@ class Store:
             if isinstance(res, Exception):
                 out[n] = _conflict_or(res, None)
                 continue
-            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), json.loads(res[1]), res[2]])
+            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), _results(res[1]), res[2]])
         failpoint("after_prepare")
         # Phase 2: record a decision for every settlement with prepared parts.
         in_time = (time.monotonic() - started) * 1000 < self.limits.reservation_ms / 2
@@ -533,7 +596,7 @@ class Store:
             for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
                 if isinstance(res, Exception):
                     raise res
-                p[4], p[5] = json.loads(res[0]), res[1]
+                p[4], p[5] = _results(res[0]), res[1]
                 if int(res[2]):
                     p[3] = False  # this call wrote it: not a replay
                 if res[1] == "E":
@@ -545,11 +608,10 @@ class Store:
             if out[n] is not None:
                 continue
             merged: list = [None] * len(calls[n].lines)
-            for _, idx, _, _, doc, _ in judged:
-                for i, row in zip(idx, doc["l"]):
+            for _, idx, _, _, (_, rows), _ in judged:
+                for i, row in zip(idx, rows):
                     merged[i] = row
-            out[n] = SettlementResult(all(p[3] for p in judged), any(p[4]["rec"] for p in judged),
-                                      [ScriptRow(*row[:_ROW]) for row in merged])
+            out[n] = SettlementResult(all(p[3] for p in judged), any(p[4][0] for p in judged), merged)
         return out
 
     @_wrap_errors
@@ -597,21 +659,21 @@ class Store:
         if digest is None:
             return None
         if records == [self.keys.settlement(site, settlement_id)]:
-            r = self.r.hget(records[0], "r")
-            return (digest, _decode(True, r)) if r else None
+            r, at = self.r.hmget(records[0], "r", "at")
+            return (digest, SettlementResult(True, *_stored_results(r, site, settlement_id, int(at or 0)))) if r else None
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
-            pipe.hmget(rk, "r", "l", "ps")
-        rows: dict[int, list] = {}
+            pipe.hmget(rk, "r", "l", "ps", "at")
+        rows: dict[int, ScriptRow] = {}
         rec = 0
-        for r, ledger, ps in pipe.execute():
+        for r, ledger, ps, at in pipe.execute():
             if r is None or ps != "F":
                 return None  # an interrupted settlement: only a retry can finish it
-            doc = json.loads(r)
-            rec |= doc["rec"]
-            for entry, row in zip(json.loads(ledger), doc["l"]):
+            recorded, part_rows = _stored_results(r, site, settlement_id, int(at or 0))
+            rec |= recorded
+            for entry, row in zip(json.loads(ledger), part_rows):
                 rows[entry[3]] = row
-        return digest, SettlementResult(True, bool(rec), [ScriptRow(*rows[i][:_ROW]) for i in sorted(rows)])
+        return digest, SettlementResult(True, bool(rec), [rows[i] for i in sorted(rows)])
 
     @_wrap_errors
     def reverse(self, *, site: str, settlement_id: str, now_ms: int, window_ms: int,
@@ -639,8 +701,7 @@ class Store:
             codes = sorted({e[0] for e in ledger if e[0]})
             keys = [rk, self.keys.audit_for(rk)]
             for code in codes:
-                _, dkey, hkey = self.keys.code_keys(code)
-                keys += [dkey, hkey]
+                keys += self.keys.code_keys(code)[-2:]  # its state and history (both layouts)
             args = [site, now_ms, window_ms, lim.history_max, lim.audit_max, note, len(codes), *codes, *wanted]
             batch.append((self._reverse, keys, args))
         lines = []
@@ -667,7 +728,10 @@ class Store:
             args: list = ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
-                keys += self.keys.code_keys(code)[:2]
+                keys += self.keys.code_keys(code)[:2]  # layout 2: bucket, lots; layout 1: issuance, dispense
+                if self.layout == 2:
+                    keys.append(self.keys.batch_part(product, batch_id, code))
+                    args.append(code)
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
         out = [0] * len(records)
@@ -676,11 +740,12 @@ class Store:
                 raise res
             for p, outcome in zip(positions, res):
                 out[p] = int(outcome)
-        pipe = self.r.pipeline(transaction=False)
-        for code, product, _, batch_id, *_ in records:
-            if batch_id:
-                pipe.sadd(self.keys.batch(product, batch_id), code)
-        pipe.execute()
+        if self.layout == 1:  # layout 2 writes its batch index in the script, atomically
+            pipe = self.r.pipeline(transaction=False)
+            for code, product, _, batch_id, *_ in records:
+                if batch_id:
+                    pipe.sadd(self.keys.batch(product, batch_id), code)
+            pipe.execute()
         return out
 
     def _by_slot(self, codes: Sequence[str]) -> list[list[int]]:
@@ -693,8 +758,17 @@ class Store:
             groups.setdefault(slot_of(code), []).append(p)
         return list(groups.values())
 
+    def _read(self, code: str, history: bool) -> tuple[list[str], list[str], list[str]]:
+        """Layout 2: (entry fields, lot fields, raw kept events) of a code, one consistent read."""
+        bkey, lkey, _, hkey = self.keys.code_keys(code)
+        entry, lot, events = self._call(self._scripts["read"], [bkey, lkey, hkey], [code, "1" if history else "0"])
+        return (entry.split(US) if entry else []), (lot.split(US) if lot else []), events
+
     @_wrap_errors
     def get_issuance(self, code: str) -> IssuanceRecord | None:
+        if self.layout == 2:
+            entry, lot, _ = self._read(code, False)
+            return _lot_record(entry, lot)
         values = self.r.hmget(self.keys.issuance(code), *(f for f, _ in _ISSUANCE_FIELDS))
         return _issuance(values)
 
@@ -714,7 +788,8 @@ class Store:
             group = [codes[p] for p in positions]
             keys = [self.keys.audit_for(self.keys.issuance(group[0]))]
             for code in group:
-                keys.extend(self.keys.code_keys(code))
+                k = self.keys.code_keys(code)
+                keys.extend(k if self.layout == 1 else (k[0], k[1], k[3]))  # layout 2: bucket, lots, history
             calls.append((self._status, keys, [status, now_ms, reason, actor, lim.history_max, lim.audit_max,
                                                product, batch, *group]))
         out = [""] * len(codes)
@@ -726,7 +801,11 @@ class Store:
         return out
 
     def batch_codes(self, product: str, batch: str, chunk: int = 500) -> Iterator[list[str]]:
-        """The codes of a batch in chunks, scanned with SSCAN (the cursor is a page each)."""
+        """The codes of a batch in chunks: layout 2 reads the batch's index in every tag (pipelined,
+        64 tags a round trip); layout 1 scans its one set with SSCAN (the cursor is a page each)."""
+        if self.layout == 2:
+            yield from self._batch_parts(product, batch, chunk)
+            return
         key = self.keys.batch(product, batch)
         cursor = 0
         buf: list[str] = []
@@ -739,14 +818,54 @@ class Store:
             if cursor == 0:
                 return
 
+    def _batch_parts(self, product: str, batch: str, chunk: int) -> Iterator[list[str]]:
+        parts = self.keys.batch_parts(product, batch)
+        buf: list[str] = []
+        for start in range(0, len(parts), 64):
+            for codes in self._hkeys(parts[start:start + 64]):
+                buf.extend(codes)
+            while len(buf) >= chunk:
+                yield sorted(buf[:chunk])
+                buf = buf[chunk:]
+        if buf:
+            yield sorted(buf)
+
+    @_wrap_errors
+    def _hkeys(self, keys: list[str]) -> list[list[str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hkeys(key)
+        return pipe.execute()
+
     @_wrap_errors
     def _sscan(self, key: str, cursor: int, count: int) -> tuple[int, list[str]]:
         # One page per call, so a Redis failure mid-scan is translated like any other call's.
         return self.r.sscan(key, cursor, count=count)
 
+    def first_insured(self, codes: Sequence[str], state: KeySpace | None = None) -> dict[str, str]:
+        """code -> the pseudonym of its first dispense's buyer (codes without one left out); with
+        `state`, as a bulk job's namespace has it. One pipelined round trip."""
+        if not codes:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for code in codes:
+            keys = self.keys.code_keys(code, state)
+            if self.layout == 1:
+                pipe.hget(keys[1], "fp")
+            else:
+                pipe.hget(keys[2], code)
+        out = {}
+        for code, raw in zip(codes, pipe.execute()):
+            fp = raw if self.layout == 1 else (_field(raw.split(US), "fp") if raw else "")
+            if fp:
+                out[code] = fp
+        return out
+
     @_wrap_errors
     def code_history(self, code: str) -> CodeHistory:
         """A code's issuance record, dispense state and kept events (oldest first), one round trip."""
+        if self.layout == 2:
+            return _history2(*self._read(code, True))
         ikey, dkey, hkey = self.keys.code_keys(code)
         pipe = self.r.pipeline(transaction=not self.cluster)
         pipe.hmget(ikey, *(f for f, _ in _ISSUANCE_FIELDS))
@@ -759,11 +878,42 @@ class Store:
             history.first_site_id, history.first_settlement_id = state["fs"], state.get("fi", "")
             history.first_settled_at_ms, history.attempts = int(state.get("fa", 0)), int(state.get("at", 0))
             history.first_insured_id = state.get("fp", "")
-        for raw in events:
-            e = json.loads(raw)
-            history.events.append(CodeEvent(e["t"], int(e["a"]), e["s"], e["i"], int(e["l"]), int(e["u"]),
-                                            str(e["x"]), e.get("p", "")))
+        history.events = [_event(raw) for raw in events]
         return history
+
+
+def _event(raw: str) -> CodeEvent:
+    e = json.loads(raw)
+    return CodeEvent(e["t"], int(e["a"]), e["s"], e["i"], int(e["l"]), int(e["u"]), str(e["x"]), e.get("p", ""))
+
+
+def _field(entry: list[str], name: str) -> str:
+    i = _E[name]
+    return entry[i] if i < len(entry) else ""
+
+
+def _lot_record(entry: list[str], lot: list[str]) -> IssuanceRecord | None:
+    """Layout 2: a code's entry and its lot's fields -> the issuance record, None if not issued."""
+    if not lot:
+        return None
+    return IssuanceRecord(lot[_LOT["product_id"]], lot[_LOT["gtin"]], lot[_LOT["batch"]], int(lot[_LOT["expiry"]] or 0),
+                          int(lot[_LOT["pack_units"]] or 1), lot[_LOT["manufacturer"]], _field(entry, "status") or "ACTIVE")
+
+
+def _history2(entry: list[str], lot: list[str], events: list[str]) -> CodeHistory:
+    """Layout 2: the history of a code from its entry, lot and list. The first-ever DISPENSED
+    event, while implicit (lua/_state.lua), is rebuilt from the entry at its place."""
+    f = lambda name: _field(entry, name)
+    history = CodeHistory(_lot_record(entry, lot), units_used=int(f("u") or 0), events_total=int(f("ev") or 0))
+    if f("fs"):
+        history.first_site_id, history.first_settlement_id = f("fs"), f("fi")
+        history.first_settled_at_ms, history.attempts = int(f("fa") or 0), int(f("at") or 0)
+        history.first_insured_id = f("fp")
+    history.events = [_event(raw) for raw in events]
+    if f("fd") and f("fx") != "1":
+        history.events.insert(int(f("fd")), CodeEvent("DISPENSED", int(f("fa") or 0), f("fs"), f("fi"), int(f("fl") or 0),
+                                                      int(f("fu") or 0), "", f("fp")))
+    return history
 
 
 def _issuance(values: list) -> IssuanceRecord | None:

@@ -8,7 +8,7 @@ the layout is written once, here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, get_type_hints
 
 from .keys import KeySpace
 
@@ -60,6 +60,8 @@ class ScriptRow(NamedTuple):
 
 
 ROW_FIELDS = ScriptRow._fields
+# The positions of the int fields of a row (the packed results hold text: layout.py).
+ROW_INT_POSITIONS = tuple(i for i, t in enumerate(get_type_hints(ScriptRow).values()) if t is int)
 
 
 @dataclass(slots=True)

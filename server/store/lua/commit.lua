@@ -15,27 +15,47 @@
 -- crash or a stall of many seconds between the decision and this call.
 --
 -- KEYS[1] part record   KEYS[2] audit stream of its slot
--- then three keys per distinct code of the part, in ARGV code order: issuance, dispense, history
+-- then four keys per distinct code of the part, in ARGV code order (layout 2, as verify.lua):
+--   issuance bucket, lot dictionary, state bucket, history
 -- ARGV[1] 'K' commit or 'X' abort   ARGV[2] history max   ARGV[3] audit max
 -- then the part's distinct codes in key order.
--- Returns {results-json, part state, changed}: state 'F' done as decided, 'E' a commit refused as
+-- Returns {results (packed, as verify.lua's), part state, changed}: state 'F' done as decided, 'E' a commit refused as
 -- above; changed 0 when the part was already final (a repeated commit or abort).
 
---@HISTORY@--
 --@LAYOUT@--
+--@STATE@--
 
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
-if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
 local site, sid, at = p[4], p[5], tonumber(p[6])
+local own = {site, sid, at}
+if p[3] ~= 'P' then return {results_reply(p[1], own), p[3] or 'F', 0} end
 local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
 local me = site .. '\31' .. sid
 local ledger = cjson.decode(p[2])
-local results = cjson.decode(p[1])
+local recorded, rows = results_decode(p[1], own)
+local KPC = 4
 
 local index = {}
 for c = 4, #ARGV do index[ARGV[c]] = c - 3 end
+
+-- Each code's entry (state bucket) and issuance, read once; written back once at the end.
+local ent, dirty = {}, {}
+local function entry(c)
+  if not ent[c] then
+    local k = 2 + KPC * (c - 1)
+    local code = ARGV[c + 3]
+    local e = entry_read(KEYS[k + 3], code)
+    ent[c] = e or {}
+  end
+  return ent[c]
+end
+local function pack_units(c)
+  local k = 2 + KPC * (c - 1)
+  local r = issuance_of(KEYS[k + 2], entry_read(KEYS[k + 1], ARGV[c + 3]))
+  return r and r.n or 1
+end
 
 -- Units per code this part took, from its ledger.
 local take = {}
@@ -50,15 +70,16 @@ local refused = {}  -- code -> 'DUPLICATE' | 'QUANTITY_EXCEEDED': its units are 
 if decision == 'K' then
   for code, units in pairs(take) do
     local c = index[code]
-    local d = redis.call('HMGET', KEYS[2 + 3 * (c - 1) + 2], 'u', 'rv', 'fs')
-    local rv = d[2] and cjson.decode(d[2]) or {}
+    local e = entry(c)
+    local d = {e[E.u], e[E.rv], e[E.fs]}
+    local rv = (d[2] and d[2] ~= '') and cjson.decode(d[2]) or {}
     local mine = rv[me]
     if not (mine and mine[2] > now) then
       local used, others = tonumber(d[1]) or 0, 0
       for key, v in pairs(rv) do
         if key ~= me and v[2] > now then others = others + v[1] end
       end
-      local pack = tonumber(redis.call('HGET', KEYS[2 + 3 * (c - 1) + 1], 'n')) or 1
+      local pack = pack_units(c)
       if used ~= prepared_used[code] or used + others + units > pack then
         local by_other = (used > 0 and d[3] ~= site) or others > 0
         refused[code] = by_other and 'DUPLICATE' or 'QUANTITY_EXCEEDED'
@@ -70,18 +91,17 @@ end
 
 for code, units in pairs(take) do
   local c = index[code]
-  local dkey, hkey = KEYS[2 + 3 * (c - 1) + 2], KEYS[2 + 3 * (c - 1) + 3]
-  local d = redis.call('HMGET', dkey, 'u', 'rv')
-  local rv = d[2] and cjson.decode(d[2]) or {}
+  local e = entry(c)
+  local rv = (e[E.rv] and e[E.rv] ~= '') and cjson.decode(e[E.rv]) or {}
   rv[me] = nil
-  if next(rv) == nil then redis.call('HDEL', dkey, 'rv') else redis.call('HSET', dkey, 'rv', cjson.encode(rv)) end
+  e[E.rv] = next(rv) == nil and '' or cjson.encode(rv)
+  dirty[c] = true
   if decision == 'K' then
-    local used = tonumber(d[1]) or 0
+    local used = tonumber(e[E.u]) or 0
     if used == 0 then
-      redis.call('HSET', dkey, 'u', units, 'fs', site, 'fi', sid, 'fa', at, 'at', 0)
-      if insured ~= '' then redis.call('HSET', dkey, 'fp', insured) else redis.call('HDEL', dkey, 'fp') end
+      e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at], e[E.fp] = units, site, sid, at, 0, insured
     else
-      redis.call('HSET', dkey, 'u', used + units)
+      e[E.u] = used + units
     end
   end
 end
@@ -90,17 +110,17 @@ if decision == 'K' then
   for _, e in ipairs(ledger) do
     if e[2] > 0 then
       local c = index[e[1]]
-      local hkey = KEYS[2 + 3 * (c - 1) + 3]
-      history_push(hkey, KEYS[2 + 3 * (c - 1) + 2], {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4], u = e[2],
-                                                     x = '', p = insured}, hist_max)
+      history_push(KEYS[2 + KPC * (c - 1) + 4], entry(c), {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4],
+                                                           u = e[2], x = '', p = insured}, hist_max)
+      dirty[c] = true
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'DISPENSED', 'c', e[1], 's', site,
                  'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at, 'p', insured)
     end
   end
 else
   -- Released: nothing of this part is recorded; every line reports its pack as it stands.
-  results.rec = 0
-  for i, res in ipairs(results.l) do
+  recorded = false
+  for i, res in ipairs(rows) do
     local code = ledger[i][1]
     local c = index[code]
     if res[R.verdict] == 'OK' then
@@ -108,10 +128,10 @@ else
       if refused[code] then res[R.verdict] = refused[code] end
     end
     if c then
-      local d = redis.call('HMGET', KEYS[2 + 3 * (c - 1) + 2], 'u', 'fs', 'fi', 'fa')
-      res[R.used] = tonumber(d[1]) or 0
+      local e = entry(c)
+      res[R.used] = tonumber(e[E.u]) or 0
       if res[R.used] > 0 then
-        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = d[2], d[3], tonumber(d[4])
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = e[E.fs], e[E.fi], tonumber(e[E.fa])
       else
         res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = '', '', 0
       end
@@ -119,6 +139,6 @@ else
   end
   for _, e in ipairs(ledger) do e[2] = 0 end
 end
-local out = cjson.encode(results)
-redis.call('HSET', KEYS[1], 'r', out, 'l', cjson.encode(ledger), 'ps', 'F')
-return {out, decision == 'E' and 'E' or 'F', 1}
+for c in pairs(dirty) do entry_write(KEYS[2 + KPC * (c - 1) + 3], ARGV[c + 3], ent[c]) end
+redis.call('HSET', KEYS[1], 'r', results_encode(recorded, rows, own), 'l', cjson.encode(ledger), 'ps', 'F')
+return {results_encode(recorded, rows), decision == 'E' and 'E' or 'F', 1}

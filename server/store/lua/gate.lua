@@ -10,7 +10,7 @@
 --   ARGV: the insured pseudonym ('' when the POS sent none), the gate mode, G
 -- Gate modes: 'E' enforce (a live dispense: a binding sanction refuses the settlement before
 -- anything is read or marked, unless the settlement id is already recorded, which replays);
--- 'N' notices (a live check: the binding entries are added to the results json as "sx");
+-- 'N' notices (a live check: the binding entries are returned as a json list, the answer's 4th element);
 -- '' none (bulk jobs, the cluster: sanctions are judged by the server).
 -- A refusal is audited (t = REFUSED, n = the sanction entry that refused it) and answered with
 -- the error "TCSANCTION <json list of the binding entries>".
@@ -68,10 +68,7 @@ local answer = verify_body()
 if ARGV[A.mode] == 'P' and insured ~= '' then redis.call('HSET', KEYS[1], 'ip', insured) end
 if gate_mode == 'N' then
   local found = binding(node_now())
-  if #found > 0 then
-    local doc = cjson.decode(answer[2])
-    doc.sx = found
-    answer[2] = cjson.encode(doc)
-  end
+  -- The binding entries ride as a fourth element of the answer (json), beside the results.
+  if #found > 0 then answer[4] = cjson.encode(found) end
 end
 return answer

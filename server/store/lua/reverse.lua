@@ -1,7 +1,8 @@
 -- reverse.lua: a return (退药) of some or all lines of one settlement, atomically.
 --
 -- KEYS[1] settlement record    KEYS[2] audit stream of its slot
--- then two keys per distinct code of the ledger, in ARGV code order: dispense state, history
+-- then two keys per distinct code of the ledger, in ARGV code order: its state bucket (layout 2,
+--   keys.py), its history
 -- ARGV[1] site   ARGV[2] now, ms   ARGV[3] return window, ms   ARGV[4] history max   ARGV[5] audit max
 -- ARGV[6] note   ARGV[7] number of distinct codes C, then the C codes, then the 0-based line indexes
 --   to reverse (none: every recorded line)
@@ -10,7 +11,8 @@
 -- The ledger keeps, per line, [code, units accepted, units returned, line index]; a returned line stays returned,
 -- so a second call changes nothing and reports the same units.
 
---@HISTORY@--
+--@LAYOUT@--
+--@STATE@--
 
 local site, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local hist_max, audit_max, note = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -53,24 +55,27 @@ for _, idx in ipairs(wanted) do
   -- A line that took nothing (flagged, malformed, or not recorded under ALL_OR_NOTHING) has
   -- nothing to give back: it reports 0 units, not "already reversed", and changes nothing.
   local already = returned > 0
+  local e = c and (entry_read(dkey, code) or {})
   if not already and accepted > 0 and c then
-    local used = tonumber(redis.call('HGET', dkey, 'u')) or 0
+    local used = tonumber(e[E.u]) or 0
     used = math.max(used - accepted, 0)
     if used == 0 then
       -- Back at zero the pack is sellable again anywhere: a new first dispense will be recorded,
-      -- and the attempts counted against the old one no longer apply.
-      redis.call('HSET', dkey, 'u', 0, 'fs', '', 'fi', '', 'fa', 0, 'at', 0)
+      -- and the attempts counted against the old one no longer apply. The first-ever dispense,
+      -- implicit in these fields so far, goes into the history list before they are cleared.
+      history_explicit(hkey, e)
+      e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at], e[E.fp] = 0, '', '', 0, 0, ''
     else
-      redis.call('HSET', dkey, 'u', used)
+      e[E.u] = used
     end
     line[3] = accepted
     changed = true
-    history_push(hkey, dkey, {t = 'REVERSED', a = now, s = site, i = sid, l = idx, u = accepted, x = note},
-                 hist_max)
+    history_push(hkey, e, {t = 'REVERSED', a = now, s = site, i = sid, l = idx, u = accepted, x = note}, hist_max)
+    entry_write(dkey, code, e)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'REVERSED', 'c', code, 's', site,
                'i', sid, 'l', idx, 'u', accepted, 'x', note, 'a', now)
   end
-  local used_after = c and (tonumber(redis.call('HGET', dkey, 'u')) or 0) or 0
+  local used_after = c and (tonumber(e[E.u]) or 0) or 0
   out[#out + 1] = {idx, code, line[3], used_after, already and 1 or 0}
 end
 if changed then redis.call('HSET', KEYS[1], 'l', cjson.encode(ledger)) end

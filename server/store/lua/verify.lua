@@ -4,7 +4,9 @@
 -- cluster the lines whose codes share one hash slot (store.py splits and merges).
 --
 -- KEYS[1]  part record (hash)               KEYS[2]  audit stream of the part's slot
--- then three keys per distinct code u = 1..U: issuance (hash), dispense state (hash), history (list)
+-- then four keys per distinct code u = 1..U (layout 2, keys.py): its issuance bucket (hash), the
+--   tag's lot dictionary (hash), its state bucket (hash; the same key as the issuance bucket in
+--   the live namespace, where one entry holds both), its history (list)
 -- then, in a bulk job's namespace only, its registry (set) in the part's slot: every key this
 --   call writes is added to it, so dropping the job unlinks what it wrote instead of scanning
 --   the whole keyspace (store.py drop_namespace)
@@ -28,17 +30,18 @@
 --   malformed reason, the line's 0-based index in the whole settlement
 -- then the U canonical codes, in key order.
 --
--- Reservations live in the dispense hash, field 'rv': json {"<site>\31<settlement>": [units, expires_ms,
+-- Reservations live in the code's entry, field rv: json {"<site>\31<settlement>": [units, expires_ms,
 -- settled_at_ms]}. Unexpired reservations of other settlements count as used units (and as the
 -- first dispense of an unused pack) when judging; expired ones are ignored and pruned.
 --
 -- `insured` (the settlement's insured pseudonym, '' when none) is a local of gate.lua, which
 -- store.py wraps this script in: the sanction gate runs in the same call.
 --
--- Returns {replayed 0|1, results-json, part state}. results-json is what is stored for replays:
---   {"rec": 0|1, "l": [[verdict, accepted, used_after, pack_units, status, issued_product, expiry,
---                       first_site, first_settlement, first_at_ms, attempts, reason], ...]}
---   used_after, first_* and attempts describe the pack after the whole settlement, on every line.
+-- Returns {replayed 0|1, results, part state}. results is what is stored for replays, packed
+--   (layout.py; results_encode): the recorded flag, then per line verdict, accepted, used_after,
+--   pack_units, status, issued_product, expiry, first_site, first_settlement, first_at_ms,
+--   attempts, reason. used_after, first_* and attempts describe the pack after the whole
+--   settlement, on every line. A record stored in layout 1's JSON form replays as it is.
 -- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua). A prepared part met again
 -- in mode 'P' (a retry after its coordinator died before any decision was recorded) is judged
 -- afresh against the state as it is now, its old reservation dropped: the state may have moved
@@ -47,9 +50,9 @@
 -- ('pu'), so commit.lua can tell whether committing after the reservation expired is still safe.
 -- Errors: "TCCONFLICT ..." when the settlement id was used with another body.
 
---@HISTORY@--
-
 --@LAYOUT@--
+
+--@STATE@--
 
 -- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
@@ -66,7 +69,8 @@ local writes = mode ~= 'C'
 local CODE0 = LINE0 + STRIDE * n
 local me = site .. '\31' .. sid
 if mode == 'P' then policy = 'A' end
-local registry = KEYS[2 + 3 * (#ARGV - CODE0 + 1) + 1]
+local KPC = 4
+local registry = KEYS[2 + KPC * (#ARGV - CODE0 + 1) + 1]
 local written = {}  -- keys to register, when there is a registry
 
 if writes then
@@ -75,7 +79,7 @@ if writes then
     if prev[1] ~= digest then
       return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
     end
-    if not (mode == 'P' and prev[3] == 'P') then return {1, prev[2], prev[3] or 'F'} end
+    if not (mode == 'P' and prev[3] == 'P') then return {1, results_reply(prev[2], {site, sid, at}), prev[3] or 'F'} end
   end
 end
 
@@ -91,20 +95,26 @@ if mode == 'C' then
   end
 end
 
--- Per distinct code: issuance record (false when never issued) and dispense state, read once.
-local rec, st, orig_used = {}, {}, {}
+-- Per distinct code: issuance record (false when never issued), entry and dispense state, read once.
+local rec, st, ent, orig_used = {}, {}, {}, {}
 local function load(u)
   if rec[u] ~= nil then return end
-  local k = 2 + 3 * (u - 1)
-  local r = redis.call('HMGET', KEYS[k + 1], 'p', 'n', 'e', 's')
-  if not r[1] then
+  local k = 2 + KPC * (u - 1)
+  local code = ARGV[CODE0 + u - 1]
+  local ie = entry_read(KEYS[k + 1], code)
+  local r = issuance_of(KEYS[k + 2], ie)
+  local e = ie
+  if KEYS[k + 3] ~= KEYS[k + 1] then e = entry_read(KEYS[k + 3], code) end
+  e = e or {}
+  ent[u] = e
+  if not r then
     rec[u] = false
     st[u] = {u = 0, fs = '', fi = '', fa = 0, at = 0, rv = nil}
   else
-    rec[u] = {p = r[1], n = tonumber(r[2]) or 1, e = tonumber(r[3]) or 0, s = r[4] or 'ACTIVE'}
-    local d = redis.call('HMGET', KEYS[k + 2], 'u', 'fs', 'fi', 'fa', 'at', 'rv')
-    st[u] = {u = tonumber(d[1]) or 0, fs = d[2] or '', fi = d[3] or '', fa = tonumber(d[4]) or 0,
-             at = tonumber(d[5]) or 0, rv = d[6] and cjson.decode(d[6]) or nil}
+    rec[u] = r
+    local rv = e[E.rv]
+    st[u] = {u = tonumber(e[E.u]) or 0, fs = e[E.fs] or '', fi = e[E.fi] or '', fa = tonumber(e[E.fa]) or 0,
+             at = tonumber(e[E.at]) or 0, rv = (rv and rv ~= '') and cjson.decode(rv) or nil}
     st[u].stored = st[u].u
     -- Units other settlements hold in reservation count as used while unexpired; on an unused
     -- pack the earliest of them stands as its first dispense.
@@ -152,7 +162,9 @@ for i = 1, n do
       f.UNKNOWN = true
     else
       if r.s ~= 'ACTIVE' then f.BLOCKED = true end
-      local mine = own[ARGV[CODE0 + u - 1]]
+      -- A check of a settlement whose record has expired (settlement_ttl_days) still knows the
+      -- pack's first dispense as its own when it was this settlement's.
+      local mine = own[ARGV[CODE0 + u - 1]] or (mode == 'C' and sid ~= '' and s.fs == site and s.fi == sid)
       -- A used pack is a duplicate at any other site; at its own site a whole-pack line on a used-up
       -- pack is a resale too, while a split line there asks more than remains (QUANTITY_EXCEEDED).
       local whole = units == 0 or units == r.n
@@ -218,10 +230,9 @@ local prepared = mode == 'P' and recorded
 local part_state = prepared and 'P' or 'F'
 
 if writes then
+  local dirty = {}
   for u = 1, #ARGV - CODE0 + 1 do
-    local dkey = KEYS[2 + 3 * (u - 1) + 2]
-    local s = st[u]
-    local wrote = true
+    local e, s = ent[u], st[u]
     if mode == 'P' and ((prepared and opened[u]) or (s.rv and s.rv[me])) then
       -- Rebuilt: expired entries and this settlement's own earlier reservation dropped, its new
       -- one added when this judgement prepared the pack.
@@ -230,36 +241,33 @@ if writes then
         if v[2] > now and key ~= me then rv[key] = v end
       end
       if prepared and opened[u] then rv[me] = {s.u - orig_used[u], now + state_ttl, at} end
-      if next(rv) == nil then redis.call('HDEL', dkey, 'rv') else redis.call('HSET', dkey, 'rv', cjson.encode(rv)) end
-      if s.at ~= 0 or duplicated[u] then redis.call('HSET', dkey, 'at', s.at) end
+      e[E.rv] = next(rv) == nil and '' or cjson.encode(rv)
+      if s.at ~= 0 or duplicated[u] then e[E.at] = s.at end
+      dirty[u] = true
     elseif recorded and opened[u] then
       -- Reserved units of others were only counted for judging: store this settlement's own,
       -- and on a pack nobody has dispensed yet it is the first dispense, not the reservation.
       local held = s.held or 0
       local fs, fi, fa = s.fs, s.fi, s.fa
       if orig_used[u] - held == 0 then fs, fi, fa = site, sid, at end
-      redis.call('HSET', dkey, 'u', s.u - held, 'fs', fs, 'fi', fi, 'fa', fa, 'at', s.at)
+      e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at] = s.u - held, fs, fi, fa, s.at
       -- The first buyer's pseudonym belongs to the first dispense (`insured`: see gate.lua).
-      if fs == site and fi == sid then
-        if insured ~= '' then redis.call('HSET', dkey, 'fp', insured) else redis.call('HDEL', dkey, 'fp') end
-      end
+      if fs == site and fi == sid then e[E.fp] = insured end
+      dirty[u] = true
     elseif duplicated[u] then
-      redis.call('HSET', dkey, 'at', s.at)
-    else
-      wrote = false
+      e[E.at] = s.at
+      dirty[u] = true
     end
-    if wrote and state_ttl > 0 and mode == 'D' then redis.call('EXPIRE', dkey, state_ttl) end
-    if wrote and registry then written[#written + 1] = dkey end
   end
 
   local function event(u, i, etype, units, detail)
     if not log_events then return end
-    local k = 2 + 3 * (u - 1)
     local code = ARGV[CODE0 + u - 1]
     local li = tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
     if rec[u] then
-      history_push(KEYS[k + 3], KEYS[k + 2], {t = etype, a = at, s = site, i = sid, l = li, u = units,
-                                              x = detail, p = insured}, hist_max)
+      history_push(KEYS[2 + KPC * (u - 1) + 4], ent[u], {t = etype, a = at, s = site, i = sid, l = li, u = units,
+                                                          x = detail, p = insured}, hist_max)
+      dirty[u] = true
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', etype, 'c', code, 's', site,
                'i', sid, 'l', li, 'u', units, 'x', detail, 'a', at, 'p', insured)
@@ -277,6 +285,16 @@ if writes then
       end
     end
   end
+
+  -- Each touched entry written once, after its events (which count themselves in it).
+  for u = 1, #ARGV - CODE0 + 1 do
+    if dirty[u] then
+      local skey = KEYS[2 + KPC * (u - 1) + 3]
+      entry_write(skey, ARGV[CODE0 + u - 1], ent[u])
+      if state_ttl > 0 and mode == 'D' then redis.call('EXPIRE', skey, state_ttl) end
+      if registry then written[#written + 1] = skey end
+    end
+  end
 end
 
 -- Ledger for returns: per line, the code, the units it took, the units returned, its line index.
@@ -288,9 +306,9 @@ for i = 1, n do
                tonumber(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
   res[R.code_index], res[R.want] = nil, nil
 end
-local out = cjson.encode({rec = recorded and 1 or 0, l = results})
+local out = results_encode(recorded, results)
 if writes then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', cjson.encode(ledger), 'site', site, 'i', sid,
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', results_encode(recorded, results, {site, sid, at}), 'l', cjson.encode(ledger), 'site', site, 'i', sid,
              'at', at, 'ps', part_state)
   if prepared then
     local pu = {}

@@ -1,0 +1,124 @@
+-- commit.lua: second phase of an ALL_OR_NOTHING settlement that spans hash slots (cluster only).
+--
+-- verify.lua in mode 'P' judged one part and, when every line was OK, reserved its units. Once
+-- every part is prepared the coordinator commits them all ('K') if every part was OK, or releases
+-- them all ('X'). A coordinator that dies between the phases leaves only reservations, which
+-- expire: nothing is half-done. Committing or aborting twice changes nothing.
+--
+-- A commit never takes units another settlement holds or has taken: a reservation that is
+-- still alive (by this node's clock) is committed as it stands; an expired one only when the
+-- pack is exactly as it was at preparation (units used unchanged, 'pu' in the part record) and
+-- still has room beside the live reservations of others. Otherwise the part is not committed
+-- (state 'E'): its reservations are released and its OK lines report the pack as it stands now,
+-- DUPLICATE when another site holds or has used it, QUANTITY_EXCEEDED when its own site did.
+-- The coordinator only commits well inside the reservation's life (store.py), so 'E' needs a
+-- crash or a stall of many seconds between the decision and this call.
+--
+-- KEYS[1] part record   KEYS[2] audit stream of its slot
+-- then three keys per distinct code of the part, in ARGV code order: issuance, dispense, history
+-- ARGV[1] 'K' commit or 'X' abort   ARGV[2] history max   ARGV[3] audit max
+-- then the part's distinct codes in key order.
+-- Returns {results-json, part state, changed}: state 'F' done as decided, 'E' a commit refused as
+-- above; changed 0 when the part was already final (a repeated commit or abort).
+
+--@HISTORY@--
+--@LAYOUT@--
+
+local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
+if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
+if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
+local site, sid, at = p[4], p[5], tonumber(p[6])
+local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
+local me = site .. '\31' .. sid
+local ledger = cjson.decode(p[2])
+local results = cjson.decode(p[1])
+
+local index = {}
+for c = 4, #ARGV do index[ARGV[c]] = c - 3 end
+
+-- Units per code this part took, from its ledger.
+local take = {}
+for _, e in ipairs(ledger) do
+  if e[2] > 0 then take[e[1]] = (take[e[1]] or 0) + e[2] end
+end
+
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local prepared_used = p[7] and cjson.decode(p[7]) or {}
+local refused = {}  -- code -> 'DUPLICATE' | 'QUANTITY_EXCEEDED': its units are no longer ours
+if decision == 'K' then
+  for code, units in pairs(take) do
+    local c = index[code]
+    local d = redis.call('HMGET', KEYS[2 + 3 * (c - 1) + 2], 'u', 'rv', 'fs')
+    local rv = d[2] and cjson.decode(d[2]) or {}
+    local mine = rv[me]
+    if not (mine and mine[2] > now) then
+      local used, others = tonumber(d[1]) or 0, 0
+      for key, v in pairs(rv) do
+        if key ~= me and v[2] > now then others = others + v[1] end
+      end
+      local pack = tonumber(redis.call('HGET', KEYS[2 + 3 * (c - 1) + 1], 'n')) or 1
+      if used ~= prepared_used[code] or used + others + units > pack then
+        local by_other = (used > 0 and d[3] ~= site) or others > 0
+        refused[code] = by_other and 'DUPLICATE' or 'QUANTITY_EXCEEDED'
+      end
+    end
+  end
+  if next(refused) ~= nil then decision = 'E' end
+end
+
+for code, units in pairs(take) do
+  local c = index[code]
+  local dkey, hkey = KEYS[2 + 3 * (c - 1) + 2], KEYS[2 + 3 * (c - 1) + 3]
+  local d = redis.call('HMGET', dkey, 'u', 'rv')
+  local rv = d[2] and cjson.decode(d[2]) or {}
+  rv[me] = nil
+  if next(rv) == nil then redis.call('HDEL', dkey, 'rv') else redis.call('HSET', dkey, 'rv', cjson.encode(rv)) end
+  if decision == 'K' then
+    local used = tonumber(d[1]) or 0
+    if used == 0 then
+      redis.call('HSET', dkey, 'u', units, 'fs', site, 'fi', sid, 'fa', at, 'at', 0)
+      if insured ~= '' then redis.call('HSET', dkey, 'fp', insured) else redis.call('HDEL', dkey, 'fp') end
+    else
+      redis.call('HSET', dkey, 'u', used + units)
+    end
+  end
+end
+
+if decision == 'K' then
+  for _, e in ipairs(ledger) do
+    if e[2] > 0 then
+      local c = index[e[1]]
+      local hkey = KEYS[2 + 3 * (c - 1) + 3]
+      history_push(hkey, KEYS[2 + 3 * (c - 1) + 2], {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4], u = e[2],
+                                                     x = '', p = insured}, hist_max)
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'DISPENSED', 'c', e[1], 's', site,
+                 'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at, 'p', insured)
+    end
+  end
+else
+  -- Released: nothing of this part is recorded; every line reports its pack as it stands.
+  results.rec = 0
+  for i, res in ipairs(results.l) do
+    local code = ledger[i][1]
+    local c = index[code]
+    if res[R.verdict] == 'OK' then
+      res[R.accepted] = 0
+      if refused[code] then res[R.verdict] = refused[code] end
+    end
+    if c then
+      local d = redis.call('HMGET', KEYS[2 + 3 * (c - 1) + 2], 'u', 'fs', 'fi', 'fa')
+      res[R.used] = tonumber(d[1]) or 0
+      if res[R.used] > 0 then
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = d[2], d[3], tonumber(d[4])
+      else
+        res[R.first_site_id], res[R.first_settlement_id], res[R.first_settled_at_ms] = '', '', 0
+      end
+    end
+  end
+  for _, e in ipairs(ledger) do e[2] = 0 end
+end
+local out = cjson.encode(results)
+redis.call('HSET', KEYS[1], 'r', out, 'l', cjson.encode(ledger), 'ps', 'F')
+return {out, decision == 'E' and 'E' or 'F', 1}

@@ -1,0 +1,75 @@
+"""Dropping the state of packs past their expiry plus the return window (layout 2).
+
+    tracecode prune-expired [--redis-url ...]      # e.g. nightly, from cron or a Kubernetes CronJob
+
+A pack's state matters while it can still be sold or returned: a scan after its expiry is refused
+EXPIRED and its last return is possible return_window_days after its last sale, so once its expiry
+lies that far in the past its entry (issuance and dispense state) and its history list can go. This
+is what keeps a national data set near the packs on the market rather than every pack ever issued
+(docs/scaling.md). Layout 2 keeps many codes per hash, so Redis can not expire them one by one
+(per-field TTLs need Redis 7.4): this job walks every bucket instead, reading each once and
+pruning in one atomic call per bucket (lua/prune.lua judges each code again). It is idempotent and
+may be stopped at any point; a bucket's walk costs one HGETALL of at most a few hundred fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .layout import ENTRY_FIELDS, LOT_FIELDS, US
+from .store import Store, wrap_errors
+
+_LOT = ENTRY_FIELDS.index("lot")
+_EXPIRY, _PRODUCT, _BATCH = (LOT_FIELDS.index(f) for f in ("expiry", "product_id", "batch"))
+
+
+@dataclass
+class PruneSummary:
+    buckets: int = 0  # bucket hashes read
+    codes: int = 0  # entries seen
+    pruned: int = 0  # entries (and their history lists) dropped
+
+
+@wrap_errors
+def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
+                  progress: Callable[[PruneSummary], None] | None = None) -> PruneSummary:
+    """Drop every code whose lot expired before cutoff_day (YYYYMMDD) from `store` (layout 2)."""
+    if store.layout != 2:
+        raise ValueError("prune_expired works on layout 2 (run tracecode migrate-layout first)")
+    script = store._scripts["prune"]
+    keys = store.keys
+    summary = PruneSummary()
+    buckets = keys.buckets()
+    for start in range(0, len(buckets), batch):
+        chunk = buckets[start:start + batch]
+        pipe = store.r.pipeline(transaction=False)
+        for bucket, lots in chunk:
+            pipe.hgetall(bucket)
+            pipe.hgetall(lots)
+        read = pipe.execute()
+        calls = []
+        lot_of: dict[str, list[str]] = {}  # candidate code -> its lot's fields (its batch index)
+        for n, (bucket, lots) in enumerate(chunk):
+            entries, lot_text = read[2 * n], read[2 * n + 1]
+            summary.buckets += 1
+            summary.codes += len(entries)
+            fields = {lot_id: text.split(US) for lot_id, text in lot_text.items()}
+            stale = []
+            for code, value in entries.items():
+                lot = fields.get(value.split(US, 1)[_LOT])
+                if lot and 0 < int(lot[_EXPIRY] or 0) < cutoff_day:
+                    stale.append(code)
+                    lot_of[code] = lot
+            if stale:
+                ks = [bucket, lots]
+                for c in stale:
+                    ks += [keys.history(c), keys.batch_part(lot_of[c][_PRODUCT], lot_of[c][_BATCH], c)]
+                calls.append((script, ks,
+                              [cutoff_day, *stale]))
+        for res in store._run(calls) if calls else []:
+            if isinstance(res, Exception):
+                raise res
+            summary.pruned += len(res)
+        if progress:
+            progress(summary)
+    return summary
