@@ -13,12 +13,13 @@ from libc.string cimport memcpy
 import hashlib
 import json
 
-from .wire_types import INT_FIELDS, ROW_WIDTH, Results
+from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
 
 cdef object _loads = json.loads
 cdef object _blake2b = hashlib.blake2b
 cdef object _Results = Results
 cdef Py_ssize_t _WIDTH = ROW_WIDTH
+cdef Py_ssize_t _OWN = OWN
 cdef bint _IS_INT[32]
 for _i in range(32):
     _IS_INT[_i] = _i in INT_FIELDS
@@ -49,7 +50,7 @@ cdef object _int(str text):
     return -v if i else v
 
 
-def decode_results(str text, row_type):
+def decode_results(str text, row_type, own=None):
     cdef list parts, f
     cdef list rows = []
     cdef str head
@@ -66,6 +67,8 @@ def decode_results(str text, row_type):
         f = (<str>parts[k]).split(FIELD_SEP)
         if len(f) != _WIDTH:
             raise ValueError(f"packed results: a line of {len(f)} fields, want {_WIDTH}")
+        if own is not None and f[_OWN] == u"=":
+            f[_OWN:_OWN + 3] = str(own[0]), str(own[1]), str(own[2])
         for j in range(_WIDTH):
             if _IS_INT[j]:
                 f[j] = _int(<str>f[j])

@@ -7,7 +7,9 @@ extension falls back to it with a WARNING). `IMPLEMENTATION` says which: "compil
         - packed (store layout 2): "0" | "1" (recorded), then per line "\\x1e" and the 12 fields
           of a row joined by "\\x1f", int fields in decimal; zero lines is just "0" / "1";
         - legacy JSON (starts with "{"): {"rec": 0|1, "l": [[12 values, extra ones ignored], ...]}.
-        Each row is row_type(*its 12 fields) (the store's ScriptRow).
+        Each row is row_type(*its 12 fields) (the store's ScriptRow). decode_results(text,
+        row_type, own=(site, settlement_id, settled_at_ms)) reads a stored record, whose own
+        first dispense is written '=', '', '' in the packed form.
     encode_results(recorded, rows) -> the packed form (decode_results inverts it exactly).
     verify_argv(fixed, lines, line_indexes, codes, tail) -> list
         One verify.lua call's ARGV: the fixed values (layout.VERIFY_ARGV order), each PlanLine's
@@ -24,9 +26,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .wire_types import INT_FIELDS, ROW_WIDTH, Results
+from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
 
-__all__ = ["IMPLEMENTATION", "INT_FIELDS", "ROW_WIDTH", "Results", "body_digest", "decode_results",
+__all__ = ["IMPLEMENTATION", "INT_FIELDS", "OWN", "ROW_WIDTH", "Results", "body_digest", "decode_results",
            "encode_results", "verify_argv"]
 
 _log = logging.getLogger("tracecode.codec")

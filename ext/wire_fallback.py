@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from .wire_types import INT_FIELDS, ROW_WIDTH, Results
+from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
 
 RECORD_SEP = "\x1e"  # before each line of the packed form
 FIELD_SEP = "\x1f"  # between the fields of a line
@@ -27,8 +27,10 @@ def _int(text: str) -> int:
     return int(text)
 
 
-def decode_results(text: str, row_type: Any) -> Results:
-    """A verify.lua reply or stored results text -> Results(recorded, rows of row_type)."""
+def decode_results(text: str, row_type: Any, own: Sequence[Any] | None = None) -> Results:
+    """A verify.lua reply or stored results text -> Results(recorded, rows of row_type). With
+    `own` (site, settlement id, settled_at ms: a stored record's own), a packed row whose first
+    dispense is written '=' (the settlement's own first dispense) gets those three values."""
     if text[:1] == "{":  # the legacy JSON form
         doc = json.loads(text)
         return Results(bool(doc["rec"]), [row_type(*row[:ROW_WIDTH]) for row in doc["l"]])
@@ -41,6 +43,8 @@ def decode_results(text: str, row_type: Any) -> Results:
         f: list[Any] = part.split(FIELD_SEP)
         if len(f) != ROW_WIDTH:
             raise ValueError(f"packed results: a line of {len(f)} fields, want {ROW_WIDTH}")
+        if own is not None and f[OWN] == "=":
+            f[OWN:OWN + 3] = str(own[0]), str(own[1]), str(own[2])
         for i in INT_FIELDS:
             f[i] = _int(f[i])
         rows.append(row_type(*f))

@@ -12,6 +12,9 @@ from typing import Any, NamedTuple
 ROW_WIDTH = 12
 # Positions of the int fields (accepted, used, pack_units, expiry, first_settled_at_ms, attempts).
 INT_FIELDS = (1, 2, 3, 6, 9, 10)
+# first_site_id, then first_settlement_id and first_settled_at_ms: a stored record writes its
+# own first dispense as '=', '', '' (the store's layout 2), decode_results(own=...) restores it.
+OWN = 7
 
 
 class Results(NamedTuple):

@@ -44,6 +44,12 @@ def test_selected_implementation():
         assert callable(getattr(wire_pkg, name))
 
 
+def test_row_int_positions_are_the_stores():
+    from tracecode.server.store.types import ROW_INT_POSITIONS
+    assert wire_pkg.INT_FIELDS == ROW_INT_POSITIONS
+    assert ROW_FIELDS[wire_pkg.OWN:wire_pkg.OWN + 3] == ("first_site_id", "first_settlement_id", "first_settled_at_ms")
+
+
 def test_row_shape_is_script_rows():
     # The leaf module cannot import ScriptRow: its width and int positions must be ScriptRow's.
     hints = typing.get_type_hints(ScriptRow)
@@ -97,6 +103,49 @@ def test_decode_packed_big_ints(wire):
 def test_decode_packed_refuses_damage(wire, text):
     with pytest.raises(ValueError):
         wire.decode_results(text, ScriptRow)
+
+
+def _stored_oracle(text, site, sid, at_ms):
+    """Layout 2's stored-results reading as the store first wrote it (store._stored_results
+    before the wire module), frozen: a row's own first dispense is '=', '', ''."""
+    if text[:1] == "{":
+        return _today_decode(text)
+    parts = text.split("\x1e")
+    rows = []
+    for part in parts[1:]:
+        f = part.split("\x1f")
+        if f[7] == "=":
+            f[7:10] = site, sid, at_ms
+        for i in (1, 2, 3, 6, 9, 10):
+            f[i] = int(f[i])
+        rows.append(ScriptRow(*f))
+    return parts[0] == "1", rows
+
+
+def test_decode_stored_own_first_dispense(wire):
+    own = OK._replace(first_site_id="=", first_settlement_id="", first_settled_at_ms="")
+    text = packed(True, [own, DUP])
+    got = wire.decode_results(text, ScriptRow, ("S00009", "sid-9", 1764600000999))
+    assert got == (True, [OK._replace(first_site_id="S00009", first_settlement_id="sid-9",
+                                      first_settled_at_ms=1764600000999), DUP])
+    assert got == _stored_oracle(text, "S00009", "sid-9", 1764600000999)
+    with pytest.raises(ValueError):  # without `own` the shorthand is not a row (its time is '')
+        wire.decode_results(text, ScriptRow)
+
+
+def test_stored_results_twins_and_store_agree():
+    from tracecode.server.store import store as store_mod
+    compiled = _compiled()
+    rnd = random.Random(5)
+    for _ in range(1000):
+        rows = [_random_row(rnd) for _ in range(rnd.randrange(0, 5))]
+        rows = [r._replace(first_site_id="=", first_settlement_id="", first_settled_at_ms="") if rnd.random() < 0.4 else r
+                for r in rows]
+        text = packed(rnd.random() < 0.5, rows)
+        own = (f"S{rnd.randrange(99999):05d}", f"sid-{rnd.randrange(10**6)}", rnd.randrange(10**13))
+        want = _stored_oracle(text, *own)
+        assert compiled.decode_results(text, ScriptRow, own) == wire_fallback.decode_results(text, ScriptRow, own) == want
+        assert store_mod._stored_results(text, *own) == want
 
 
 def _today_decode(text):
