@@ -43,6 +43,8 @@ def text_problem(value: str, limit: int, what: str, required: bool = True) -> st
         return f"required: {what}" if required else None
     if len(value) > limit:
         return f"{len(value)} characters, at most {limit}"
+    if value.isascii() and value.isprintable():  # U+0020..U+007E only: none of _CONTROL's
+        return None
     bad = _CONTROL.search(value)
     if bad:
         return f"control character U+{ord(bad.group()):04X} at position {bad.start() + 1}"

@@ -295,7 +295,10 @@ class DrainInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, services: Iterable[str]):
         self._prefixes = tuple(f"/{s}/" for s in services)
-        self._cond = threading.Condition()
+        # Every call enters and leaves under the plain lock (C-level `with`; a Condition's own
+        # __enter__/__exit__ are Python calls); settle() waits on a Condition over the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._draining = False
         self._active = 0
         self._last = 0.0  # time.monotonic() of the latest call to reach us
@@ -323,7 +326,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
                 self._cond.wait(wake - now)
 
     def _enter(self, context) -> None:
-        with self._cond:
+        with self._lock:
             self._last = time.monotonic()
             if not self._draining:
                 self._active += 1
@@ -331,7 +334,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down: retry with the same settlement id")
 
     def _exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
             if self._active == 0:
                 self._cond.notify_all()
