@@ -48,12 +48,37 @@ def _module(frame: str) -> str:
     return frame.rsplit("(", 1)[-1].rsplit(":", 1)[0]
 
 
+# Where a sample's own frame is, by file prefix (first match wins): the table of
+# docs/performance.md's profile section.
+GROUPS = (
+    ("tracecode: servicer, convert, status", ("server/api/servicer.py", "server/api/convert.py", "server/api/status.py",
+                                              "server/priority.py")),
+    ("tracecode: interceptors, auth", ("server/api/interceptors.py", "server/api/auth.py", "server/logs.py")),
+    ("tracecode: verifier", ("server/verifier.py", "server/sanction", "ext/")),
+    ("tracecode: store", ("server/store/",)),
+    ("tracecode: metrics + prometheus_client", ("server/metrics.py", "prometheus_client/")),
+    ("redis-py + hiredis", ("redis/", "hiredis")),
+    ("json", ("json/",)),
+    ("grpc (server, interceptor pipeline)", ("grpc/",)),
+    ("thread pool and locks (threading, concurrent.futures)", ("threading.py", "concurrent/", "queue.py")),
+    ("contextlib", ("contextlib.py",)),
+)
+
+
+def _group(path: str) -> str:
+    for name, prefixes in GROUPS:
+        if path.startswith(prefixes):
+            return name
+    return "other"
+
+
 def summarise_profile(raw_path: str, top_path: str, n: int = 40) -> dict:
     """Self and total shares of the samples, by function and by module, from collapsed stacks."""
     selfs: collections.Counter = collections.Counter()
     totals: collections.Counter = collections.Counter()
     mod_self: collections.Counter = collections.Counter()
     mod_total: collections.Counter = collections.Counter()
+    groups: collections.Counter = collections.Counter()
     samples = 0
     with open(raw_path) as fh:
         for line in fh:
@@ -69,18 +94,20 @@ def summarise_profile(raw_path: str, top_path: str, n: int = 40) -> dict:
                 continue
             selfs[frames[-1]] += c
             mod_self[_module(frames[-1])] += c
+            groups[_group(_module(frames[-1]))] += c
             for f in set(frames):
                 totals[f] += c
             for m in {_module(f) for f in frames}:
                 mod_total[m] += c
     out = {"samples": samples,
+           "by_group_self": {g: round(v / samples, 4) for g, v in groups.most_common()},
            "by_module_self": {m: round(v / samples, 4) for m, v in mod_self.most_common()},
            "by_module_total": {m: round(v / samples, 4) for m, v in mod_total.most_common()},
            "by_function_self": {f: round(v / samples, 4) for f, v in selfs.most_common(n)},
            "by_function_total": {f: round(v / samples, 4) for f, v in totals.most_common(n)}}
     with open(top_path, "w") as fh:
         fh.write(f"{samples} GIL samples\n")
-        for title in ("by_module_self", "by_module_total", "by_function_self", "by_function_total"):
+        for title in ("by_group_self", "by_module_self", "by_module_total", "by_function_self", "by_function_total"):
             fh.write(f"\n== {title}\n")
             for k, v in out[title].items():
                 fh.write(f"{v * 100:6.1f} %  {k}\n")
@@ -103,7 +130,12 @@ def main() -> int:
     ap.add_argument("--profile-all", action="store_true", help="every non-idle sample, not only GIL holders")
     ap.add_argument("--nonblocking", action="store_true", help="py-spy --nonblocking (fewer usable samples)")
     ap.add_argument("--out", default="", help="results file name in benchmarks/results (default: none)")
+    ap.add_argument("--summarise", default="", help="only summarise DIR/raw.txt of an earlier --profile")
     args = ap.parse_args()
+    if args.summarise:
+        summarise_profile(os.path.join(args.summarise, "raw.txt"), os.path.join(args.summarise, "top.txt"))
+        print(open(os.path.join(args.summarise, "top.txt")).read()[:3000])
+        return 0
 
     tmp = tempfile.mkdtemp(prefix="tracecode-cpu-")
     rp = common.start_redis(unix_socket=True, auto_rewrite=False)
