@@ -17,13 +17,15 @@ from typing import Any, Iterator, Sequence
 import hiredis
 import redis
 
+from tracecode.codec import wire
+
 from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
 from ..failpoints import failpoint
 from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
-from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout
-from .types import (ROW_FIELDS, ROW_INT_POSITIONS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
+from .layout import ENTRY_FIELDS, LOT_FIELDS, US, VERIFY_ARGV, lua_layout
+from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
 from ..verdicts import lua_precedence
@@ -123,39 +125,15 @@ _ROW = len(ROW_FIELDS)
 
 def _results(text: str) -> tuple[bool, list[ScriptRow]]:
     """A settlement's results as verify.lua answers and stores them (layout.py): packed, or the
-    JSON of layout 1 (what records stored before the migration hold)."""
-    if text[:1] == "{":
-        doc = json.loads(text)
-        # "sx": a layout-1 check's sanction entries rode in the JSON; they are the 4th element now.
-        return bool(doc["rec"]), [ScriptRow(*row[:_ROW]) for row in doc["l"]]
-    parts = text.split(RS)
-    rows = []
-    for part in parts[1:]:
-        f: list = part.split(US)
-        for i in ROW_INT_POSITIONS:
-            f[i] = int(f[i])
-        rows.append(ScriptRow(*f))
-    return parts[0] == "1", rows
-
-
-_OWN = ROW_FIELDS.index("first_site_id")
+    JSON of layout 1 (what records stored before the migration hold). Decoded by
+    tracecode.codec.wire (compiled; tests/test_wire.py holds it to this definition)."""
+    return wire.decode_results(text, ScriptRow)
 
 
 def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
     """A settlement record's stored results (field 'r'): the reply's form, except that a first
     dispense that is the settlement's own is written '=', '', '' (lua/_state.lua results_encode)."""
-    if text[:1] == "{":
-        return _results(text)
-    parts = text.split(RS)
-    rows = []
-    for part in parts[1:]:
-        f: list = part.split(US)
-        if f[_OWN] == "=":
-            f[_OWN:_OWN + 3] = site, settlement_id, at_ms
-        for i in ROW_INT_POSITIONS:
-            f[i] = int(f[i])
-        rows.append(ScriptRow(*f))
-    return parts[0] == "1", rows
+    return wire.decode_results(text, ScriptRow, (site, settlement_id, at_ms))
 
 
 def _decode(reply: list) -> SettlementResult:
@@ -445,11 +423,6 @@ class Store:
                  "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
                  "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
                  "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
-        args = [fixed[f] for f in VERIFY_ARGV]
-        for line, i in zip(lines, idx):
-            args.extend(line)  # a PlanLine: LINE_FIELDS but the last
-            args.append(i)  # line_index, the last of LINE_FIELDS
-        args.extend(codes)
         # lua/gate.lua's tail: the sanction index keys it reads (on one node only), the insured
         # pseudonym, the gate mode, the number of those keys.
         gate = call.gate if not self.cluster and not state else ""
@@ -459,7 +432,11 @@ class Store:
             if call.insured:
                 gate_keys.append(self.keys.sanction(f"ins:{call.insured}"))
         keys += gate_keys
-        args += [call.insured, gate, len(gate_keys)]
+        # ARGV: the fixed values, per line a PlanLine (LINE_FIELDS but the last) and its
+        # line_index (the last of LINE_FIELDS), the codes, the gate's tail; built in one
+        # compiled call (tracecode.codec.wire.verify_argv).
+        args = wire.verify_argv([fixed[f] for f in VERIFY_ARGV], lines, idx, codes,
+                                (call.insured, gate, len(gate_keys)))
         return keys, args
 
     def _verify_call(self, call: SettlementCall) -> tuple[list, list]:
