@@ -283,6 +283,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     With authenticator None (auth = none) only the rate limit applies, per peer address."""
 
+    wraps_by_method = True  # what it wraps depends on the method only (interceptors.Chain)
+
     def __init__(self, authenticator: Authenticator | None, limiter: RateLimiter | None = None):
         self.authenticator = authenticator
         self.limiter = limiter

@@ -103,6 +103,30 @@ class WrapCache:
         return wrapped
 
 
+class Chain(grpc.ServerInterceptor):
+    """Several interceptors as one, in the same order (the first outermost), so gRPC's pipeline
+    runs one level per call instead of one per interceptor (a continuation closure and two
+    calls each). When every member declares `wraps_by_method` (its wrapped handler depends on the
+    method and the handler below only, never on the call's metadata), the chain's result is kept
+    per method as WrapCache does; otherwise it is composed afresh on every call."""
+
+    def __init__(self, interceptors: Iterable[grpc.ServerInterceptor]):
+        self._chain = tuple(interceptors)
+        self._cacheable = all(getattr(i, "wraps_by_method", False) for i in self._chain)
+        self._wrapped = WrapCache()
+
+    def intercept_service(self, continuation, handler_call_details):
+        base = continuation(handler_call_details)
+        if base is None or not self._cacheable:
+            return self._compose(base, handler_call_details)
+        return self._wrapped.get(handler_call_details.method, base, lambda: self._compose(base, handler_call_details))
+
+    def _compose(self, handler, details):
+        for interceptor in reversed(self._chain):
+            handler = interceptor.intercept_service(lambda _d, inner=handler: inner, details)
+        return handler
+
+
 def rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
     """The same method with its behavior wrapped: unary(behavior, request_streaming) for handlers
     that return one response, streaming(behavior, request_streaming) for those that stream."""
@@ -156,6 +180,7 @@ class _CountingIterator:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
+    wraps_by_method = True  # Chain may keep its result per method
     def __init__(self, service_names: Iterable[str] = ()):
         """service_names: fully qualified services whose series are created at 0 up front (every
         method, every status code), so rate() and increase() see the first event of each."""
@@ -293,6 +318,8 @@ class DrainInterceptor(grpc.ServerInterceptor):
     stopped. Health and reflection are not drained: a health check must keep answering NOT_SERVING.
     """
 
+    wraps_by_method = True  # Chain may keep its result per method
+
     def __init__(self, services: Iterable[str]):
         self._prefixes = tuple(f"/{s}/" for s in services)
         # Every call enters and leaves under the plain lock (C-level `with`; a Condition's own
@@ -376,6 +403,8 @@ class LogContextInterceptor(grpc.ServerInterceptor):
     """Sets the log context (tracecode.server.logs) from a request's `site_id` / `settlement_id`
     fields. Unary calls only: a stream carries many settlements (or none: health Watch), so there
     is no single one to name."""
+
+    wraps_by_method = True  # Chain may keep its result per method
 
     def __init__(self):
         self._wrapped = WrapCache()
