@@ -2,7 +2,7 @@
 
     tracecode            <- proto/tracecode/      (package root; the .proto files live beside it)
     tracecode.v1         <- proto/tracecode/v1/   (stubs generated here from the .proto at build time)
-    tracecode.codec      <- ext/                  (Cython hot path _codec.pyx + pure-Python fallback.py)
+    tracecode.codec      <- ext/                  (Cython hot paths _codec.pyx, _wire.pyx + pure-Python twins)
     tracecode.server     <- server/               (api/ speaks gRPC, store/ speaks Redis, the rest neither)
     tracecode.clients    <- clients/
     tracecode.console    <- console/              (the leads ledger web console: Django project + app)
@@ -64,7 +64,9 @@ def extensions():
     from Cython.Build import cythonize
 
     return cythonize(
-        [Extension("tracecode.codec._codec", ["ext/_codec.pyx"])],
+        [Extension("tracecode.codec._codec", ["ext/_codec.pyx"]),
+         # The settlement path's wire work (script arguments, script replies, the body digest).
+         Extension("tracecode.codec._wire", ["ext/_wire.pyx"])],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 
@@ -94,7 +96,7 @@ setup(
     packages=["tracecode", "tracecode.v1", "tracecode.codec", "tracecode.server", "tracecode.server.api",
               "tracecode.server.store", "tracecode.clients", "tracecode.leads",
               "tracecode.console", "tracecode.console.ledger", "tracecode.console.ledger.migrations"],
-    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.codec": ["_codec.pyi", "py.typed"],
+    package_data={"tracecode.v1": ["*.proto", "*.pyi"], "tracecode.codec": ["_codec.pyi", "_wire.pyi", "py.typed"],
                   "tracecode.server.store": ["lua/*.lua", "lua/v1/*.lua"],
                   "tracecode.console.ledger": ["templates/ledger/*.html", "static/ledger/*"]},
     ext_modules=extensions(),

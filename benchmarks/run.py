@@ -430,6 +430,17 @@ def summarise(doc: dict) -> None:
         if lines in ratios:
             v = ratios[lines]["tracecode_over_naive"]
             targets[f"codes_vs_naive_{lines}_lines"] = {"value": v, "target": want, "met": v >= want}
+    # Server CPU per settlement against the echo server's CPU per call (issue 19), at max load
+    # (closed loop), 5 lines: cores used over settlements per second, both from this run.
+    t5 = doc.get("tracecode", {}).get("5", {}).get("max")
+    e5 = doc.get("floor_max", {}).get("5")
+    if t5 and e5 and t5["settlements_per_s"] and e5["settlements_per_s"]:
+        t_ms = t5["cpu_cores"]["server"] / t5["settlements_per_s"] * 1e3
+        e_ms = e5["cpu_cores"]["server"] / e5["settlements_per_s"] * 1e3
+        doc["cpu_per_settlement_ms"] = {"tracecode_5_lines": round(t_ms, 4), "echo_5_lines": round(e_ms, 4)}
+        v = round(t_ms / e_ms, 2)
+        targets["server_cpu_vs_echo_5_lines"] = {"value": v, "target": 1.5, "met": v <= 1.5}
+        log(f"  server CPU per 5-line settlement {t_ms:.3f} ms, echo per call {e_ms:.3f} ms: {v:.2f}x")
     if bulk_ratio:
         targets["bulk_vs_ceiling"] = {"value": bulk_ratio, "target": 0.5, "met": bulk_ratio >= 0.5}
     doc["targets"] = targets

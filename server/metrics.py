@@ -12,11 +12,12 @@ May import: prometheus-client and the plain modules (errors, verdicts); never re
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server, values
 
 from tracecode import __version__, codec
 
@@ -25,6 +26,35 @@ from .verdicts import VERDICTS
 
 # The `_created` companion series double the series count and Prometheus does not use them.
 disable_created_metrics()
+
+# With --workers (multiprocess mode), every inc/observe of a value checks os.getpid() for a fork
+# since the last one: a system call each time (glibc does not cache the pid), ~13 per
+# settlement, about 7 % of a worker's GIL time (docs/performance.md, issue 19). The same value
+# class, given a pid read once per process (and again in a forked child), writes the very same
+# files and values. Switched only while no metric exists yet: two value classes would keep two
+# maps of the same per-pid file.
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+def _cached_pid() -> int:
+    return _PID[0]
+
+
+def _use_cached_pid() -> bool:
+    cls = values.ValueClass
+    if not getattr(cls, "_multiprocess", False):
+        return False  # one process: no pid check at all
+    init = getattr(cls, "__init__", None)
+    cells = dict(zip(getattr(getattr(init, "__code__", None), "co_freevars", ()), getattr(init, "__closure__", None) or ()))
+    made = cells.get("values")  # the values this class has created (prometheus_client's closure)
+    if made is None or not isinstance(made.cell_contents, list) or made.cell_contents:
+        return False  # not the layout we know, or metrics exist already: keep the one class
+    values.ValueClass = values.MultiProcessValue(process_identifier=_cached_pid)
+    return True
+
+
+CACHED_PID = _use_cached_pid()
 
 CHANNELS = ("pos", "bulk")
 SETTLEMENT_OUTCOMES = ("recorded", "not_recorded", "replayed")
@@ -101,8 +131,17 @@ def observe_settlement(channel: str, outcome, seconds: float) -> None:
         _OUTCOME["replayed", channel].inc()
         return
     _OUTCOME["recorded" if outcome.recorded else "not_recorded", channel].inc()
-    for line in outcome.results:
-        _VERDICT[line.verdict, channel].inc()
+    results = outcome.results
+    if len(results) == 1:
+        _VERDICT[results[0].verdict, channel].inc()
+        return
+    # One inc per verdict, by how many lines got it: each inc takes the metric's lock (and with
+    # --workers writes the shared file), and a settlement's lines mostly share one verdict.
+    counts: dict[str, int] = {}
+    for line in results:
+        counts[line.verdict] = counts.get(line.verdict, 0) + 1
+    for verdict, n in counts.items():
+        _VERDICT[verdict, channel].inc(n)
 
 
 def observe_settlements(channel: str, outcomes, seconds_each: float) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from zoneinfo import ZoneInfo
 
 from tracecode import codec
+from tracecode.codec import wire
 
 from .config import Config
 from .errors import InvalidRequest, Sanctioned, SettlementConflict
@@ -42,6 +43,8 @@ def text_problem(value: str, limit: int, what: str, required: bool = True) -> st
         return f"required: {what}" if required else None
     if len(value) > limit:
         return f"{len(value)} characters, at most {limit}"
+    if value.isascii() and value.isprintable():  # U+0020..U+007E only: none of _CONTROL's
+        return None
     bad = _CONTROL.search(value)
     if bad:
         return f"control character U+{ord(bad.group()):04X} at position {bad.start() + 1}"
@@ -170,6 +173,7 @@ class Verifier:
         subs = tuple(s for s in rules.gs_substitutes.split(",") if s)
         self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=rules.cn_prefixes,
                                      max_length=rules.max_code_length)
+        self._day = (0, 0, 0)  # settle_day's last day: [start ms, end ms), YYYYMMDD
         # sanction_service.SanctionService (the server sets it): pseudonyms and the sanction
         # checks the store's atomic call does not make (a cluster's, bulk jobs'). None: none.
         self.sanctions: SanctionService | None = None
@@ -226,8 +230,34 @@ class Verifier:
         validate_settlement(self.rules, site_id, settlement_id, lines, at_ms, at_field)
 
     def settle_day(self, at_ms: int) -> int:
+        """YYYYMMDD of at_ms in the issuer's calendar. The last day's UTC bounds are kept, so a
+        settlement of that day costs two comparisons instead of a zone conversion."""
+        start, end, day = self._day
+        if start <= at_ms < end:
+            return day
+        day = self._day_of(at_ms)
+        bounds = self._day_bounds(at_ms, day)
+        if bounds is not None:
+            self._day = (*bounds, day)  # one tuple: threads read a consistent triple
+        return day
+
+    def _day_of(self, at_ms: int) -> int:
         d = datetime.fromtimestamp(at_ms / 1000, self.tz)
         return d.year * 10000 + d.month * 100 + d.day
+
+    def _day_bounds(self, at_ms: int, day: int) -> tuple[int, int] | None:
+        """[start, end) in ms of the local day holding at_ms, when it is a plain 24-hour day
+        (the same UTC offset from midnight to midnight); None otherwise (a DST change that
+        day): such a day is never cached, each call converts."""
+        d = datetime.fromtimestamp(at_ms / 1000, self.tz)
+        start = at_ms - ((d.hour * 3600 + d.minute * 60 + d.second) * 1000 + d.microsecond // 1000)
+        end = start + 86_400_000
+        if (self._day_of(start) == day == self._day_of(end - 1) and self._day_of(start - 1) != day
+                and self._day_of(end) != day
+                and datetime.fromtimestamp(start / 1000, self.tz).utcoffset()
+                == datetime.fromtimestamp((end - 1) / 1000, self.tz).utcoffset()):
+            return start, end
+        return None
 
     @staticmethod
     def digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
@@ -236,15 +266,9 @@ class Verifier:
         its UTF-8 length (4 bytes) and bytes, so no two bodies share a serialisation whatever
         bytes their fields hold (a raw scan may carry any character; it is then MALFORMED, but
         still part of the body). Prefixed "2." to tell it from the legacy digest."""
-        h = hashlib.blake2b(digest_size=16, person=b"tracecode-body2")
-        fields = [site_id, settlement_id, str(at_ms), "A" if all_or_nothing else "R", str(len(lines))]
-        for ln in lines:
-            fields += (ln.raw_code, ln.product_id, str(ln.units))
-        for f in fields:
-            b = f.encode("utf-8", "surrogatepass")
-            h.update(len(b).to_bytes(4, "big"))
-            h.update(b)
-        return "2." + h.hexdigest()
+        # Compiled (tracecode.codec.wire; its tests hold it byte for byte to this definition):
+        # stored settlements are replayed by comparing digests.
+        return wire.body_digest(site_id, settlement_id, at_ms, all_or_nothing, lines)
 
     @staticmethod
     def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,

@@ -61,8 +61,8 @@ def test_a_deliberate_violation_breaks_its_contract(tmp_path, module, line, cont
     assert f"{contract}" in out.stdout and "BROKEN" in out.stdout, out.stdout
 
 
-# Private *modules* addressed on purpose: the compiled codec, beside its pure-Python twin.
-_PRIVATE_MODULES = {"_codec"}
+# Private *modules* addressed on purpose: the compiled codec and wire module, beside their pure-Python twins.
+_PRIVATE_MODULES = {"_codec", "_wire"}
 _PRIVATE_IMPORT = re.compile(r"^\s*from\s+(\S+)\s+import\s+\(?([^\n]*)", re.M)
 
 

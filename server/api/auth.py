@@ -36,7 +36,7 @@ from grpc_status import rpc_status
 
 from ..config import Config
 from ..errors import PermissionDenied
-from .interceptors import rewrap
+from .interceptors import WrapCache, rewrap
 
 log = logging.getLogger("tracecode.auth")
 
@@ -283,9 +283,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     With authenticator None (auth = none) only the rate limit applies, per peer address."""
 
+    wraps_by_method = True  # what it wraps depends on the method only (interceptors.Chain)
+
     def __init__(self, authenticator: Authenticator | None, limiter: RateLimiter | None = None):
         self.authenticator = authenticator
         self.limiter = limiter
+        self._wrapped = WrapCache()
 
     def _admit(self, method: str, roles: frozenset, context) -> Identity | None:
         who = None
@@ -318,6 +321,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         roles = roles_for(method)
         if roles is PUBLIC:
             return handler
+        return self._wrapped.get(method, handler, lambda: self._wrap(method, roles, handler))
+
+    def _wrap(self, method: str, roles: frozenset, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         admit, limiter, throttled = self._admit, self.limiter, self._throttled
 
         def enter(request, context, streaming: bool):

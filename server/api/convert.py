@@ -50,8 +50,15 @@ def lines(request_lines) -> list[Line]:
 
 
 def line_result(i: int, o: LineOutcome) -> pb.LineResult:
-    # One constructor call from plain dicts (nested messages included): about half the time of
-    # setting submessage fields one by one, on a path taken once per line (the same bytes).
+    return pb.LineResult(**line_fields(i, o))
+
+
+def line_fields(i: int, o: LineOutcome) -> dict:
+    """A LineResult as the plain dict its constructor takes. A response built from these dicts
+    (results=[dict, ...]) gets the same bytes as one built from LineResult messages, in about
+    half the time: each message would be built and then copied into the repeated field.
+    One constructor call from plain dicts (nested messages included) is itself about half the
+    time of setting submessage fields one by one, on a path taken once per line."""
     fields = dict(line_index=i, verdict=VERDICT_ENUM[o.verdict], canonical_code=o.canonical_code,
                   reason=o.reason, units_accepted=o.units_accepted,
                   units_remaining=o.units_remaining, issued_product_id=o.issued_product_id)
@@ -62,7 +69,7 @@ def line_result(i: int, o: LineOutcome) -> pb.LineResult:
                                   attempts=o.attempts, units_used=o.units_used)
     if o.status:
         fields["code_status"] = STATUS_ENUM.get(o.status, 0)
-    return pb.LineResult(**fields)
+    return fields
 
 
 def issuance_pb(code: str, record: IssuanceRecord) -> pb.IssuanceRecord:

@@ -30,6 +30,7 @@ from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Histogram
 
 from .. import logs
+from .. import metrics  # noqa: F401 - first: its value class is set before any metric (metrics.CACHED_PID)
 
 log = logging.getLogger("tracecode.rpc")
 
@@ -79,6 +80,51 @@ def _final_code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc
     if not context.is_active():
         return grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= 0 else grpc.StatusCode.CANCELLED
     return default
+
+
+class WrapCache:
+    """An interceptor's wrapped handler per method, built once: intercept_service runs on every
+    call, and rebuilding the wrapper each time (a method handler and closures per interceptor)
+    cost a few percent of a settlement's CPU (docs/performance.md, issue 19). The entry is used
+    only while the handler below is the very same object, so a changed registration is wrapped
+    afresh. Bounded: only registered methods reach it (an unknown one has no handler)."""
+
+    __slots__ = ("_by_method",)
+
+    def __init__(self):
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler, build) -> grpc.RpcMethodHandler:
+        hit = self._by_method.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = build()
+        self._by_method[method] = (handler, wrapped)  # a race builds it twice: harmless
+        return wrapped
+
+
+class Chain(grpc.ServerInterceptor):
+    """Several interceptors as one, in the same order (the first outermost), so gRPC's pipeline
+    runs one level per call instead of one per interceptor (a continuation closure and two
+    calls each). When every member declares `wraps_by_method` (its wrapped handler depends on the
+    method and the handler below only, never on the call's metadata), the chain's result is kept
+    per method as WrapCache does; otherwise it is composed afresh on every call."""
+
+    def __init__(self, interceptors: Iterable[grpc.ServerInterceptor]):
+        self._chain = tuple(interceptors)
+        self._cacheable = all(getattr(i, "wraps_by_method", False) for i in self._chain)
+        self._wrapped = WrapCache()
+
+    def intercept_service(self, continuation, handler_call_details):
+        base = continuation(handler_call_details)
+        if base is None or not self._cacheable:
+            return self._compose(base, handler_call_details)
+        return self._wrapped.get(handler_call_details.method, base, lambda: self._compose(base, handler_call_details))
+
+    def _compose(self, handler, details):
+        for interceptor in reversed(self._chain):
+            handler = interceptor.intercept_service(lambda _d, inner=handler: inner, details)
+        return handler
 
 
 def rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
@@ -134,10 +180,12 @@ class _CountingIterator:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
+    wraps_by_method = True  # Chain may keep its result per method
     def __init__(self, service_names: Iterable[str] = ()):
         """service_names: fully qualified services whose series are created at 0 up front (every
         method, every status code), so rate() and increase() see the first event of each."""
         self._methods: dict[str, _Method] = {}
+        self._wrapped = WrapCache()
         pool = descriptor_pool.Default()
         for name in service_names:
             for m in pool.FindServiceByName(name).methods:
@@ -154,7 +202,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        m = self._method(handler_call_details.method, handler)
+        path = handler_call_details.method
+        return self._wrapped.get(path, handler, lambda: self._wrap(path, handler))
+
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        m = self._method(path, handler)
         return rewrap(handler, lambda b, rs: _unary(m, b, rs), lambda b, rs: _streaming(m, b, rs))
 
 
@@ -266,12 +318,18 @@ class DrainInterceptor(grpc.ServerInterceptor):
     stopped. Health and reflection are not drained: a health check must keep answering NOT_SERVING.
     """
 
+    wraps_by_method = True  # Chain may keep its result per method
+
     def __init__(self, services: Iterable[str]):
         self._prefixes = tuple(f"/{s}/" for s in services)
-        self._cond = threading.Condition()
+        # Every call enters and leaves under the plain lock (C-level `with`; a Condition's own
+        # __enter__/__exit__ are Python calls); settle() waits on a Condition over the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._draining = False
         self._active = 0
         self._last = 0.0  # time.monotonic() of the latest call to reach us
+        self._wrapped = WrapCache()
 
     @property
     def active(self) -> int:
@@ -295,7 +353,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
                 self._cond.wait(wake - now)
 
     def _enter(self, context) -> None:
-        with self._cond:
+        with self._lock:
             self._last = time.monotonic()
             if not self._draining:
                 self._active += 1
@@ -303,7 +361,7 @@ class DrainInterceptor(grpc.ServerInterceptor):
         context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down: retry with the same settlement id")
 
     def _exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
             if self._active == 0:
                 self._cond.notify_all()
@@ -312,7 +370,8 @@ class DrainInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        return rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b))
+        return self._wrapped.get(handler_call_details.method, handler,
+                                 lambda: rewrap(handler, lambda b, _: self._unary(b), lambda b, _: self._streaming(b)))
 
     def _unary(self, behavior):
         def handle(request, context):
@@ -345,11 +404,17 @@ class LogContextInterceptor(grpc.ServerInterceptor):
     fields. Unary calls only: a stream carries many settlements (or none: health Watch), so there
     is no single one to name."""
 
+    wraps_by_method = True  # Chain may keep its result per method
+
+    def __init__(self):
+        self._wrapped = WrapCache()
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler.unary_unary:
             return handler
-        return rewrap(handler, lambda b, _: _with_context(b, handler_call_details.method), None)
+        path = handler_call_details.method
+        return self._wrapped.get(path, handler, lambda: rewrap(handler, lambda b, _: _with_context(b, path), None))
 
 
 def _with_context(behavior, path: str):

@@ -25,7 +25,7 @@ from ..pseudonym import Pseudonymizer
 from ..sanction_service import SanctionService, resolve_key_file
 from ..verifier import Verifier
 from .bulk import BulkServicer
-from .interceptors import DrainInterceptor, LogContextInterceptor, MetricsInterceptor
+from .interceptors import Chain, DrainInterceptor, LogContextInterceptor, MetricsInterceptor
 from .servicer import AdminServicer, VerificationServicer
 
 log = logging.getLogger("tracecode.server")
@@ -153,9 +153,10 @@ class Server:
         # drain innermost, so the calls it turns away are counted (Unavailable).
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="tracecode-rpc"),
-            interceptors=[LogContextInterceptor(),
-                          MetricsInterceptor((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)),
-                          self.drain, *interceptors],  # then authentication (auth.py), if any
+            # One Chain: gRPC's pipeline then runs one level per call, not one per interceptor.
+            interceptors=[Chain([LogContextInterceptor(),
+                                 MetricsInterceptor((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+                                 self.drain, *interceptors])],  # then authentication (auth.py), if any
             options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0),
                      ("grpc.max_receive_message_length", config.max_message_bytes)],
             # Beyond this many calls in progress gRPC answers RESOURCE_EXHAUSTED instead of

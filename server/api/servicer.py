@@ -51,7 +51,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         metrics.observe_settlement("pos", out, time.perf_counter() - start)
         return pb.VerifyDispenseResponse(
             settlement_id=request.settlement_id, site_id=site, recorded=out.recorded,
-            replayed=out.replayed, results=[convert.line_result(i, o) for i, o in enumerate(out.results)])
+            replayed=out.replayed, results=[convert.line_fields(i, o) for i, o in enumerate(out.results)])
 
     @priority.foreground
     @guarded
@@ -69,7 +69,7 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         site = self._site(request.site_id, context)
         at = convert.ms(request.at, "at") if request.HasField("at") else None
         out = self.verifier.check_with_sanctions(site, at, convert.lines(request.lines), request.insured_id)
-        return pb.CheckCodesResponse(results=[convert.line_result(i, o) for i, o in enumerate(out.results)],
+        return pb.CheckCodesResponse(results=[convert.line_fields(i, o) for i, o in enumerate(out.results)],
                                      sanctions=[notice_pb(n) for n in out.sanctions])
 
     @priority.foreground

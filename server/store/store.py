@@ -17,13 +17,15 @@ from typing import Any, Iterator, Sequence
 import hiredis
 import redis
 
+from tracecode.codec import wire
+
 from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
 from ..failpoints import failpoint
 from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
-from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout, lua_row_text
-from .types import (ROW_FIELDS, ROW_INT_POSITIONS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
+from .layout import ENTRY_FIELDS, LOT_FIELDS, US, VERIFY_ARGV, lua_layout, lua_row_text
+from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
 from ..verdicts import lua_precedence
@@ -121,47 +123,18 @@ def _pack(commands: Sequence[tuple]) -> bytes:
 _ROW = len(ROW_FIELDS)
 
 
-def _results(text: str) -> tuple[bool, list[ScriptRow]]:
-    """A settlement's results as verify.lua answers and stores them (layout.py): packed, or the
-    JSON of layout 1 (what records stored before the migration hold)."""
-    if text[:1] == "{":
-        doc = json.loads(text)
-        # "sx": a layout-1 check's sanction entries rode in the JSON; they are the 4th element now.
-        return bool(doc["rec"]), [ScriptRow(*row[:_ROW]) for row in doc["l"]]
-    parts = text.split(RS)
-    rows = []
-    for part in parts[1:]:
-        f: list = part.split(US)
-        for i in ROW_INT_POSITIONS:
-            f[i] = int(f[i])
-        rows.append(ScriptRow(*f))
-    return parts[0] == "1", rows
-
-
-_OWN = ROW_FIELDS.index("first_site_id")
-
-
 def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
-    """A settlement record's stored results (field 'r'): the reply's form, except that a first
-    dispense that is the settlement's own is written '=', '', '' (lua/_state.lua results_encode)."""
-    if text[:1] == "{":
-        return _results(text)
-    parts = text.split(RS)
-    rows = []
-    for part in parts[1:]:
-        f: list = part.split(US)
-        if f[_OWN] == "=":
-            f[_OWN:_OWN + 3] = site, settlement_id, at_ms
-        for i in ROW_INT_POSITIONS:
-            f[i] = int(f[i])
-        rows.append(ScriptRow(*f))
-    return parts[0] == "1", rows
+    """A settlement's results as verify.lua and commit.lua answer and store them (layout.py):
+    packed, a first dispense that is the settlement's own written '=', '', '' (so the site, id and
+    time of the settlement complete them); or the JSON of layout 1 (records stored before the
+    migration). Decoded by tracecode.codec.wire (compiled; tests/test_wire.py holds it to this)."""
+    return wire.decode_results(text, ScriptRow, (site, settlement_id, at_ms))
 
 
-def _decode(reply: list) -> SettlementResult:
-    """A verify.lua answer {replayed, results, part state[, sanctions json]}, decoded once, here.
-    The 4th element: the sanction entries gate.lua found binding a check (json), when any."""
-    recorded, rows = _results(reply[1])
+def _decode(reply: list, call: SettlementCall) -> SettlementResult:
+    """A verify.lua answer {replayed, results, part state[, sanctions json]} to `call`, decoded
+    once, here. The 4th element: the sanction entries gate.lua found binding a check (json)."""
+    recorded, rows = _stored_results(reply[1], call.site, call.settlement_id, call.settled_at_ms)
     sx = json.loads(reply[3]) if len(reply) > 3 else []
     return SettlementResult(bool(reply[0]), recorded, rows, sx)
 
@@ -445,11 +418,6 @@ class Store:
                  "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
                  "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
                  "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
-        args = [fixed[f] for f in VERIFY_ARGV]
-        for line, i in zip(lines, idx):
-            args.extend(line)  # a PlanLine: LINE_FIELDS but the last
-            args.append(i)  # line_index, the last of LINE_FIELDS
-        args.extend(codes)
         # lua/gate.lua's tail: the sanction index keys it reads (on one node only), the insured
         # pseudonym, the gate mode, the number of those keys.
         gate = call.gate if not self.cluster and not state else ""
@@ -459,7 +427,11 @@ class Store:
             if call.insured:
                 gate_keys.append(self.keys.sanction(f"ins:{call.insured}"))
         keys += gate_keys
-        args += [call.insured, gate, len(gate_keys)]
+        # ARGV: the fixed values, per line a PlanLine (LINE_FIELDS but the last) and its
+        # line_index (the last of LINE_FIELDS), the codes, the gate's tail; built in one
+        # compiled call (tracecode.codec.wire.verify_argv).
+        args = wire.verify_argv([fixed[f] for f in VERIFY_ARGV], lines, idx, codes,
+                                (call.insured, gate, len(gate_keys)))
         return keys, args
 
     def _verify_call(self, call: SettlementCall) -> tuple[list, list]:
@@ -477,7 +449,7 @@ class Store:
                 raise out
             return out
         keys, args = self._verify_call(call)
-        return _decode(self._call(self._verify, keys, args, durable=call.dispense and not call.state))
+        return _decode(self._call(self._verify, keys, args, durable=call.dispense and not call.state), call)
 
     def prepare_batch(self, calls: Sequence[SettlementCall]) -> "PreparedBatch":
         """The CPU half of verify_batch: every call's KEYS, ARGV and (on one node) the pipeline's
@@ -500,8 +472,8 @@ class Store:
         prepared = calls if isinstance(calls, PreparedBatch) else self.prepare_batch(calls)
         if self.cluster:
             return self._verify_sharded(prepared.calls)
-        return [_conflict_or(res, _decode)
-                for res in self._run(prepared.batch or [], wire=prepared.wire)]
+        replies = self._run(prepared.batch or [], wire=prepared.wire)
+        return [_conflict_or(res, lambda r, c=c: _decode(r, c)) for res, c in zip(replies, prepared.calls)]
 
     def _verify_sharded(self, calls: Sequence[SettlementCall]) -> list:
         """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
@@ -556,7 +528,9 @@ class Store:
             if isinstance(res, Exception):
                 out[n] = _conflict_or(res, None)
                 continue
-            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), _results(res[1]), res[2]])
+            c = calls[n]
+            own = (c.site, c.settlement_id, c.settled_at_ms)
+            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), _stored_results(res[1], *own), res[2]])
         failpoint("after_prepare")
         # Phase 2: record a decision for every settlement with prepared parts.
         in_time = (time.monotonic() - started) * 1000 < self.limits.reservation_ms / 2
@@ -596,7 +570,8 @@ class Store:
             for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
                 if isinstance(res, Exception):
                     raise res
-                p[4], p[5] = _results(res[0]), res[1]
+                c = calls[n]
+                p[4], p[5] = _stored_results(res[0], c.site, c.settlement_id, c.settled_at_ms), res[1]
                 if int(res[2]):
                     p[3] = False  # this call wrote it: not a replay
                 if res[1] == "E":

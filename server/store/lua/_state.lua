@@ -199,10 +199,3 @@ local function ledger_json(ledger)
   end
   return '[' .. table.concat(t, ',') .. ']'
 end
-
--- A stored answer as a reply: the full form (layout 1's JSON stays as it is; the store reads both).
-local function results_reply(stored, own)
-  if string.sub(stored, 1, 1) == '{' then return stored end
-  local recorded, rows = results_decode(stored, own)
-  return results_encode(recorded, rows)
-end

@@ -19,7 +19,7 @@
 --   issuance bucket, lot dictionary, state bucket, history
 -- ARGV[1] 'K' commit or 'X' abort   ARGV[2] history max   ARGV[3] audit max
 -- then the part's distinct codes in key order.
--- Returns {results (packed, as verify.lua's), part state, changed}: state 'F' done as decided, 'E' a commit refused as
+-- Returns {results (packed and stored as verify.lua's), part state, changed}: state 'F' done as decided, 'E' a commit refused as
 -- above; changed 0 when the part was already final (a repeated commit or abort).
 
 --@LAYOUT@--
@@ -30,7 +30,7 @@ local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
 local site, sid, at = p[4], p[5], tonumber(p[6])
 local own = {site, sid, at}
-if p[3] ~= 'P' then return {results_reply(p[1], own), p[3] or 'F', 0} end
+if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
 local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
 local me = site .. '\31' .. sid
 local ledger = cjson.decode(p[2])
@@ -140,5 +140,6 @@ else
   for _, e in ipairs(ledger) do e[2] = 0 end
 end
 for c in pairs(dirty) do entry_write(KEYS[2 + KPC * (c - 1) + 3], ARGV[c + 3], ent[c]) end
-redis.call('HSET', KEYS[1], 'r', results_encode(recorded, rows, own), 'l', cjson.encode(ledger), 'ps', 'F')
-return {results_encode(recorded, rows), decision == 'E' and 'E' or 'F', 1}
+local out = results_encode(recorded, rows, own)
+redis.call('HSET', KEYS[1], 'r', out, 'l', cjson.encode(ledger), 'ps', 'F')
+return {out, decision == 'E' and 'E' or 'F', 1}

@@ -37,8 +37,8 @@
 -- `insured` (the settlement's insured pseudonym, '' when none) is a local of gate.lua, which
 -- store.py wraps this script in: the sanction gate runs in the same call.
 --
--- Returns {replayed 0|1, results, part state}. results is what is stored for replays, packed
---   (layout.py; results_encode): the recorded flag, then per line verdict, accepted, used_after,
+-- Returns {replayed 0|1, results, part state}. results is what is stored for replays, packed in
+--   the stored form (layout.py; results_encode): the recorded flag, then per line verdict, accepted, used_after,
 --   pack_units, status, issued_product, expiry, first_site, first_settlement, first_at_ms,
 --   attempts, reason. used_after, first_* and attempts describe the pack after the whole
 --   settlement, on every line. A record stored in layout 1's JSON form replays as it is.
@@ -79,7 +79,7 @@ if writes then
     if prev[1] ~= digest then
       return redis.error_reply('TCCONFLICT settlement id already used with a different request body')
     end
-    if not (mode == 'P' and prev[3] == 'P') then return {1, results_reply(prev[2], {site, sid, at}), prev[3] or 'F'} end
+    if not (mode == 'P' and prev[3] == 'P') then return {1, prev[2], prev[3] or 'F'} end
   end
 end
 
@@ -308,9 +308,11 @@ for i = 1, n do
                inum(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
   res[R.code_index], res[R.want] = nil, nil
 end
-local out = results_encode(recorded, results)
+-- Packed once, in the stored form (a first dispense that is this settlement's own as '='): the
+-- answer and the record are the same text, decoded with the settlement's site, id and time.
+local out = results_encode(recorded, results, {site, sid, at})
 if writes then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', results_encode(recorded, results, {site, sid, at}), 'l', ledger_json(ledger),
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', ledger_json(ledger),
              'site', site, 'i', sid, 'at', ARGV[A.settled_at_ms], 'ps', part_state)
   if prepared then
     local pu = {}
