@@ -100,19 +100,25 @@ end
 -- hist_max events are kept (all of them are counted in ev). Past the cap the oldest goes, never
 -- the first-ever DISPENSED event: a flood of duplicate attempts (every one of them also in the
 -- audit stream) can never push out the evidence of who dispensed the pack first.
-local function history_push(hkey, e, event, hist_max)
+-- The pack's first-ever DISPENSED event (line index, units): kept implicit, at its position.
+local function history_first(hkey, e, line, units, hist_max)
   local before = tonumber(e[E.ev]) or 0
   e[E.ev] = before + 1
-  local fd = tonumber(e[E.fd])
-  local implicit = fd and e[E.fx] ~= '1'
-  local len
-  if not fd and event.t == 'DISPENSED' then
-    len = before == 0 and 0 or redis.call('LLEN', hkey)  -- no event yet: no list either
-    e[E.fd], e[E.fl], e[E.fu] = len, event.l, event.u
-    fd, implicit = len, true
-  else
-    len = redis.call('RPUSH', hkey, cjson.encode(event))
+  local len = before == 0 and 0 or redis.call('LLEN', hkey)  -- no event yet: no list either
+  e[E.fd], e[E.fl], e[E.fu] = len, line, units
+  if len + 1 > hist_max then
+    -- The list's oldest goes; it came before the first dispense, which moves up.
+    redis.call('LPOP', hkey)
+    e[E.fd] = len - 1
   end
+end
+
+local function history_push(hkey, e, event, hist_max)
+  local fd = tonumber(e[E.fd])
+  if not fd and event.t == 'DISPENSED' then return history_first(hkey, e, event.l, event.u, hist_max) end
+  e[E.ev] = (tonumber(e[E.ev]) or 0) + 1
+  local implicit = fd and e[E.fx] ~= '1'
+  local len = redis.call('RPUSH', hkey, cjson.encode(event))
   if len + (implicit and 1 or 0) > hist_max then
     if implicit then
       -- The list's oldest goes; when it came before the first dispense, that one moves up.
@@ -190,12 +196,7 @@ end
 
 -- A settlement's ledger (per line: code, units taken, units returned, line index) as json; built
 -- here rather than by cjson, whose numbers go through the same slow printf.
-local function ledger_json(ledger)
-  local t = {}
-  for i, e in ipairs(ledger) do
-    local code = e[1]
-    if string.find(code, '["\\]') then code = string.gsub(code, '(["\\])', '\\%1') end
-    t[i] = '["' .. code .. '",' .. istr(e[2]) .. ',' .. istr(e[3]) .. ',' .. istr(e[4]) .. ']'
-  end
-  return '[' .. table.concat(t, ',') .. ']'
+local function ledger_line(code, taken, returned, line)
+  if string.find(code, '["\\]') then code = string.gsub(code, '(["\\])', '\\%1') end
+  return '["' .. code .. '",' .. istr(taken) .. ',' .. istr(returned) .. ',' .. istr(line) .. ']'
 end

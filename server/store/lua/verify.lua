@@ -267,8 +267,13 @@ if writes then
     local code = ARGV[CODE0 + u - 1]
     local li = inum(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
     if rec[u] then
-      history_push(KEYS[2 + KPC * (u - 1) + 4], ent[u], {t = etype, a = at, s = site, i = sid, l = li, u = units,
-                                                          x = detail, p = insured}, hist_max)
+      local e, hkey = ent[u], KEYS[2 + KPC * (u - 1) + 4]
+      if etype == 'DISPENSED' and not tonumber(e[E.fd]) then
+        history_first(hkey, e, li, units, hist_max)  -- the common case, without an event table
+      else
+        history_push(hkey, e, {t = etype, a = at, s = site, i = sid, l = li, u = units, x = detail, p = insured},
+                     hist_max)
+      end
       dirty[u] = true
     end
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[A.audit_max], '*', 't', etype, 'c', code, 's', site,
@@ -304,15 +309,15 @@ local ledger = presized(n)
 for i = 1, n do
   local res = results[i]
   local u = res[R.code_index]
-  ledger[i] = {u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
-               inum(ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])}
+  ledger[i] = ledger_line(u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
+                          ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
   res[R.code_index], res[R.want] = nil, nil
 end
 -- Packed once, in the stored form (a first dispense that is this settlement's own as '='): the
 -- answer and the record are the same text, decoded with the settlement's site, id and time.
 local out = results_encode(recorded, results, {site, sid, at})
 if writes then
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', ledger_json(ledger),
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', '[' .. table.concat(ledger, ',') .. ']',
              'site', site, 'i', sid, 'at', ARGV[A.settled_at_ms], 'ps', part_state)
   if prepared then
     local pu = {}
