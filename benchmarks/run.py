@@ -151,6 +151,12 @@ class CodePool:
             self.next -= len(codes)
 
 
+def bench_config() -> Config:
+    """The benchmark's own store settings. TRACECODE_STORE_LAYOUT (1 or 2) picks the Redis data
+    layout here and, inherited, in `tracecode serve`: the same run over layout 1 is the A/B."""
+    return Config(listen="127.0.0.1:0", metrics_port=0, store_layout=int(os.environ.get("TRACECODE_STORE_LAYOUT", "2")))
+
+
 # ---------------------------------------------------------------------- processes
 
 def start_process(argv: list[str], ready_prefix: str, log_path: str, timeout: float = 60.0):
@@ -320,7 +326,7 @@ def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_url: str, target
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
                               state=keys, state_ttl_s=86400, digest=verifier.digest(site, sid, at, False, ls)))
         # On the server's own transport (the unix socket), as the job's calls travel.
-        same_path = make_store(Config(listen="127.0.0.1:0", metrics_port=0), redis_url)
+        same_path = make_store(bench_config(), redis_url)
         try:
             return common.replay_ceiling(same_path, calls)
         finally:
@@ -477,7 +483,7 @@ def main() -> int:
     # AOF with fsync every second, as production; automatic AOF rewrites off: the fork of one
     # would land in whichever measurement it happens to hit (a periodic cost, not per call).
     rp = common.start_redis(unix_socket=True, auto_rewrite=False)
-    config = Config(listen="127.0.0.1:0", metrics_port=0)
+    config = bench_config()
     store = make_store(config, rp.url)
     verifier = Verifier(store, config)
     pool = CodePool(store, args.codes)
