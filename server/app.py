@@ -21,7 +21,8 @@ from .config import Config
 from .logs import setup_logging
 from .sanction_service import resolve_key_file
 from .store import (EmbeddedRedis, KeySpace, MigrationSummary, PruneSummary, Store, StoreLimits, migrate_layout1,
-                    prune_expired as _prune)
+                    now_ms, prune_expired as _prune)
+from .verifier import Verifier
 
 log = logging.getLogger("tracecode.server")
 
@@ -71,15 +72,16 @@ def migrate_layout(config: Config, progress=None) -> MigrationSummary:
 def prune_expired(config: Config, cutoff_day: int | None = None, progress=None) -> PruneSummary:
     """`tracecode prune-expired`: drop packs that expired before cutoff_day (default: today in the
     issuer's calendar minus the return window), store/prune.py. Safe beside running servers."""
-    if cutoff_day is None:
-        from datetime import datetime, timedelta
-        from zoneinfo import ZoneInfo
-        then = datetime.now(ZoneInfo(config.timezone)) - timedelta(days=config.return_window_days)
-        cutoff_day = then.year * 10000 + then.month * 100 + then.day
-    if not 19000101 <= cutoff_day <= 99991231:
+    if cutoff_day is not None and not 19000101 <= cutoff_day <= 99991231:
         raise ValueError(f"cutoff day {cutoff_day}: must be YYYYMMDD")
-    cutoff = cutoff_day
-    return _offline(config, lambda store: _prune(store, cutoff, progress=progress))
+
+    def job(store: Store) -> PruneSummary:
+        # The default day in the issuer's calendar, as the verifier dates a settlement.
+        window_ms = int(config.return_window_days * 86_400_000)
+        cutoff = cutoff_day if cutoff_day is not None else Verifier(store, config).settle_day(now_ms() - window_ms)
+        return _prune(store, cutoff, progress=progress)
+
+    return _offline(config, job)
 
 
 def serve(config: Config) -> int:

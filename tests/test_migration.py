@@ -217,8 +217,8 @@ def test_the_migrate_layout_and_prune_expired_commands(redis_server, config):
     out = subprocess.run(base + ["migrate-layout", *flags], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "4 codes moved to layout 2 (4 layout-1 records found" in out.stdout
-    out = subprocess.run(base + ["prune-expired", *flags, "--cutoff", "20200102"], capture_output=True, text=True,
-                         timeout=120)
+    # The default cutoff: today in the issuer's calendar minus the return window.
+    out = subprocess.run(base + ["prune-expired", *flags], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "prune-expired: 1 expired packs dropped of 4 codes" in out.stdout
     new = _store(redis_server, config, prefix, 2)

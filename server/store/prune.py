@@ -42,18 +42,23 @@ def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
     buckets = keys.buckets()
     for start in range(0, len(buckets), batch):
         chunk = buckets[start:start + batch]
+        # Buckets come tag by tag, so a chunk's buckets share few lot dictionaries: each is read once.
+        dictionaries = list(dict.fromkeys(lots for _, lots in chunk))
         pipe = store.r.pipeline(transaction=False)
-        for bucket, lots in chunk:
+        for bucket, _ in chunk:
             pipe.hgetall(bucket)
+        for lots in dictionaries:
             pipe.hgetall(lots)
         read = pipe.execute()
+        lot_fields = {lots: {lot_id: text.split(US) for lot_id, text in read[len(chunk) + i].items()}
+                      for i, lots in enumerate(dictionaries)}
         calls = []
         lot_of: dict[str, list[str]] = {}  # candidate code -> its lot's fields (its batch index)
         for n, (bucket, lots) in enumerate(chunk):
-            entries, lot_text = read[2 * n], read[2 * n + 1]
+            entries = read[n]
             summary.buckets += 1
             summary.codes += len(entries)
-            fields = {lot_id: text.split(US) for lot_id, text in lot_text.items()}
+            fields = lot_fields[lots]
             stale = []
             for code, value in entries.items():
                 lot = fields.get(value.split(US, 1)[_LOT])

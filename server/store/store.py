@@ -25,7 +25,7 @@ from ..failpoints import failpoint
 from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
 from .layout import ENTRY_FIELDS, LOT_FIELDS, US, VERIFY_ARGV, lua_layout, lua_row_text
-from .types import (ROW_FIELDS, CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
+from .types import (CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
                     SettlementResult)
 from redis.crc import key_slot
 from ..verdicts import lua_precedence
@@ -118,9 +118,6 @@ wrap_errors = _wrap_errors
 def _pack(commands: Sequence[tuple]) -> bytes:
     """The RESP bytes of a pipeline of commands (hiredis.pack_command, in C)."""
     return b"".join([hiredis.pack_command(c) for c in commands])
-
-
-_ROW = len(ROW_FIELDS)
 
 
 def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
