@@ -100,7 +100,7 @@ def main() -> int:
         calls = []
         for site, sid, at, codes_ in sub:
             lines = [Line(c, "8123456") for c in codes_]
-            plan, distinct, _ = verifier._plan(lines)
+            plan, distinct, _ = verifier.plan_lines(lines)
             calls.append(SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan,
                               codes=distinct, state=ceiling_keys, state_ttl_s=86400,
@@ -116,7 +116,7 @@ def main() -> int:
         redis_cpu0 = redis_cpu(store)
         server_cpu0 = common.tree_cpu(server.pid)  # supervisor + workers
         t0 = time.perf_counter()
-        cli = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server",
+        cli = subprocess.Popen([common.python(), "-m", "tracecode.cli", "reverify", export, "--server",
                                 f"127.0.0.1:{port}", "--out", out, "--job-id", "bench", "--quiet"],
                                stdout=subprocess.PIPE, text=True)
         # Peak RSS from /proc (VmHWM of the exec'd CLI), polled until it exits: wait4's ru_maxrss

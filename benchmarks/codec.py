@@ -10,6 +10,8 @@ benchmarks/results/codec.json. Acceptance (issue 3): compiled >= 20x the twin, >
 Measured per implementation:
   parse_many  -- one call per chunk of --chunk scans (a settlement / bulk chunk), the server's path
   parse       -- one Python-level call per scan
+  keys_many   -- the key column alone over the whole corpus in one call (the leads engine's path),
+                 beside parse_many over the whole corpus plus taking each result's key, in turn
 biip has no batch entry point: its figure is a loop of biip.parse (GS1Message.parse_hri for the
 parenthesised form, which biip.parse does not read).
 """
@@ -125,6 +127,21 @@ def bench_parse_many(mod, corpus, chunk, rounds):
     return _best_rate(run, len(corpus), rounds)
 
 
+def bench_key_column(mod, corpus, rounds):
+    """(keys_many, parse_many + [p[KEY] ...]) over the whole corpus, rounds alternating so a busy
+    spell of the machine slows both alike; best and median codes/s of each."""
+    keys_many, parse_many = mod.keys_many, mod.parse_many
+    times: dict[str, list[float]] = {"keys_many": [], "parse_many_key": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        keys_many(corpus)
+        times["keys_many"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        [p[1] for p in parse_many(corpus)]
+        times["parse_many_key"].append(time.perf_counter() - t0)
+    return {k: (len(corpus) / min(v), len(corpus) / statistics.median(v)) for k, v in times.items()}
+
+
 def bench_parse(mod, corpus, rounds):
     parse = mod.parse
 
@@ -192,6 +209,10 @@ def main(argv=None):
     rates = {}
     rates["compiled.parse_many"] = bench_parse_many(_codec, corpus, args.chunk, args.rounds)
     rates["compiled.parse"] = bench_parse(_codec, corpus, args.rounds)
+    if _codec.keys_many(corpus) != [r[1] for r in compiled_out]:
+        sys.exit("keys_many disagrees with parse_many on the benchmark corpus")
+    for name, rate in bench_key_column(_codec, corpus, args.rounds).items():
+        rates[f"compiled.{name}"] = rate
     rates["python.parse_many"] = bench_parse_many(fallback, corpus, args.chunk, args.slow_rounds)
     rates["python.parse"] = bench_parse(fallback, corpus, args.slow_rounds)
     if not args.no_biip:
@@ -202,6 +223,7 @@ def main(argv=None):
     ratios = {
         "compiled_vs_python.parse_many": best["compiled.parse_many"] / best["python.parse_many"],
         "compiled_vs_python.parse": best["compiled.parse"] / best["python.parse"],
+        "compiled.keys_many_vs_parse_many_key": best["compiled.keys_many"] / best["compiled.parse_many_key"],
     }
     if "biip.parse" in best:
         ratios["compiled.parse_many_vs_biip"] = best["compiled.parse_many"] / best["biip.parse"]

@@ -135,12 +135,12 @@ def encode(*args) -> bytes:
 
 def ceiling(store: Store, port: int, calls: list, depth: int = 64) -> float:
     """Seconds Redis needs for these verify.lua calls when they are pipelined straight at it."""
-    sha = store._verify.sha
+    sha = store.scripts['verify'].sha
     r = redis.Redis(port=port)
-    r.script_load(store._verify.script)
+    r.script_load(store.scripts['verify'].script)
     payloads = []
     for call in calls:
-        keys, args = store._verify_call(call)
+        keys, args = store.verify_call(call)
         payloads.append(encode("EVALSHA", sha, len(keys), *keys, *args))
     pipe = RawPipeline(port)
     start = time.perf_counter()
@@ -165,16 +165,22 @@ def replay_ceiling(store: Store, calls: list) -> float:
     return time.perf_counter() - start
 
 
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident memory of a process (Linux /proc VmHWM), MB; 0 once it is gone."""
+def proc_mb(pid: int, name: str, key: str) -> float:
+    """A kB figure of /proc/<pid>/<name> (the line starting with `key`) in MB; 0 when the
+    process is gone or the file is not readable."""
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(f"/proc/{pid}/{name}") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident memory of a process (Linux /proc VmHWM), MB; 0 once it is gone."""
+    return proc_mb(pid, "status", "VmHWM:")
 
 
 def cpu_of(pid: int) -> float:
@@ -221,7 +227,7 @@ def python() -> str:
 def start_serve(redis_url: str, metrics_port: int = 0, log_level: str = "WARNING") -> tuple[subprocess.Popen, int]:
     """`tracecode serve` (its default workers) on a free port; returns the process and the port
     once it is listening."""
-    proc = subprocess.Popen([python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([python(), "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                              "--redis-url", redis_url, "--metrics-port", str(metrics_port), "--log-level", log_level],
                             stdout=subprocess.PIPE, text=True, env=env_for_subprocess())
     from tracecode.server.workers import READY_PREFIX

@@ -148,7 +148,7 @@ def main() -> int:
     try:
         pool.ensure(200_000)
         bench = run.Bench(args, tmp, pool, rp.proc.pid)
-        argv = [common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+        argv = [common.python(), "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                 "--redis-url", common.unix_url(rp), "--metrics-port", str(common.free_port()), "--log-level", "WARNING"]
         if args.workers is not None:
             argv += ["--workers", str(args.workers)]

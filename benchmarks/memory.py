@@ -1,6 +1,8 @@
-"""Redis memory per issued and per dispensed code, and Redis CPU per dispensed code, for store
-layout 1 (one issuance hash, one dispense hash and one history list per code) and layout 2
-(bucketed hashes with packed values), side by side in one run.
+"""Redis memory per issued and per dispensed code, and Redis CPU per dispensed code, for the
+store's key layout (store/keys.py: bucketed hashes with packed values; its version is
+keys.LAYOUT). The machinery runs several layouts side by side in one run (lockstep below); this
+checkout has one (layout 1 and its migration were removed before the first release), and a new
+layout is measured against it by running this file from both trees.
 
     python benchmarks/memory.py [--codes 1000000] [--out memory.json]
 
@@ -12,7 +14,7 @@ listpack settings of store/embedded.py's LISTPACK_CONFIG, AOF off):
 2. dispense half of the codes (shuffled, so each half mixes both kinds) in 5-line settlements,
    then the other half in 1-line settlements, pipelined through Store.verify_batch (the same Lua
    call a POS settlement makes): sites S00000..S04999, an insured pseudonym on most settlements
-   (server/pseudonym.py's format), one phase's used_memory delta over its codes is bytes per
+   (rules/pseudonym.py's format), one phase's used_memory delta over its codes is bytes per
    dispensed code at that settlement size. Every line must come back OK, else the run fails.
    Before each phase CONFIG RESETSTAT: Redis CPU per dispensed code is the phase's evalsha usec
    (INFO commandstats) and the server's used_cpu_user + used_cpu_sys delta, over its codes.
@@ -27,16 +29,43 @@ is the process's CPU. Compare the layouts within one run, not figures of separat
 
 Writes benchmarks/results/memory.json (both layouts, their ratios, the command, the machine);
 docs/scaling.md sizes a national cluster from it.
+
+    python benchmarks/memory.py --codes 1000000 --baseline REV
+
+measures another commit's layout in the same run (issue 29: today's layout against the new): the
+tree at REV is exported to a temporary directory, built there (pip install --target, its own
+Cython codec) and its own benchmarks/memory.py run with the same codes, lots, buckets and seed
+AT THE SAME TIME as this checkout's layout, each on its own redis-server: the two share the
+machine through the whole run, so a busy spell touches both. Both layouts land in one results
+file with their ratios (new / baseline).
+
+    python benchmarks/memory.py --live-state 20000 [--out memory_live.json]
+
+measures instead the live rules' per-person state (rules/live.py, lua/_live.lua): that many
+persons, each settling --live-settlements 1-line settlements of one product at as many sites
+(the live rules on, the same verify.lua call as a POS settlement), and with --live-resold of
+their packs resold elsewhere (RESALE_SOURCE credits): the used_memory delta per person, against
+the same settlements with the live rules off, and MEMORY USAGE of the person's keys.
+
+    python benchmarks/memory.py --receipts 200000 [--out memory_receipts.json]
+
+measures the receiving check's state (入库核验, receive.lua): that many issued codes received
+in deliveries of 100 packs by 5,000 sites, the used_memory delta per received pack split into
+the code's entry (its `rs` field: the receiving site) and the rest (the delivery records, the
+audit entries), and the same packs then sold at their receivers: what a receipt adds to a sold
+pack's entry.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -47,7 +76,7 @@ import common  # noqa: E402
 from tracecode import codec  # noqa: E402
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.pseudonym import Pseudonymizer  # noqa: E402
+from tracecode.rules.pseudonym import Pseudonymizer  # noqa: E402
 from tracecode.server.store import keys as keyspace  # noqa: E402
 from tracecode.server.store.types import SettlementCall  # noqa: E402
 from tracecode.server.verifier import Line, Verifier  # noqa: E402
@@ -66,16 +95,29 @@ CENSUS_SAMPLE = 1000
 
 @dataclass(frozen=True)
 class Nation:
-    """The national deployment docs/scaling.md sizes (assumptions; plug in real numbers)."""
-    issued_per_year: float = 20e9  # packs issued a year
+    """The national deployment docs/scaling.md sizes, from public figures (assumptions, dated):
+    about 3x10^8 traceability codes collected at dispensing a day in late 2025 (cumulative
+    1.58x10^10 in January 2025, 4.18x10^10 in June 2025, about 1.01x10^11 by the end of 2025, as
+    the press reported NHSA's statements), so about 10^11 dispensed codes a year; every issued
+    pack taken as dispensed once in its life (issued = dispensed a year: the upper bound of the
+    dispensed share), and a shelf life of about two years, so about 2x10^11 live codes."""
+    dispensed_per_day: float = 3e8
     shelf_life_years: float = 2.0  # a code's record is kept until its pack's expiry + the return window
-    dispensed_per_year: float = 6e9  # insured pack sales a year
     # Settlement records serve retries and returns only: Config.settlement_ttl_days (its default).
     settlement_ttl_days: int = Config().settlement_ttl_days
-    audit_partitions: int = keyspace.BUCKETS  # one audit stream per hash tag ...
-    audit_max: int = 1_000_000  # ... each trimmed to about Config.audit_max entries (shipped off Redis)
+    # With `tracecode archive` the streams are trimmed at the archived watermark: what stays is
+    # the archiver's lag (an hour's entries, generously), not a per-code cost.
+    audit_lag_hours: float = 1.0
     headroom: float = 1.3  # 30 % above the data
     data_per_master_gb: float = 48  # a 64 GB master holding ~48 GB of data
+
+    @property
+    def dispensed_per_year(self) -> float:
+        return self.dispensed_per_day * 365
+
+    @property
+    def issued_per_year(self) -> float:
+        return self.dispensed_per_year
 
     @property
     def live_codes(self) -> float:
@@ -83,8 +125,8 @@ class Nation:
 
     @property
     def live_dispensed(self) -> float:
-        """Dispensed codes whose state is still kept: the dispensed share of the live codes (the
-        state lives as long as the code's record)."""
+        """Dispensed codes whose state is still kept: the state lives as long as the code's record
+        (a resold pack must be caught until it expires), so at most every live code."""
         return self.live_codes * self.dispensed_per_year / self.issued_per_year
 
 
@@ -109,6 +151,13 @@ def split_dispensed(run: dict, phase: str) -> dict:
             "settlement_record": round(record, 1), "audit_entry": round(audit, 1)}
 
 
+def archived(run: dict, phase: str) -> float:
+    """A dispensed code's bytes once its audit entry is archived: its state and its settlement
+    record's share."""
+    split = split_dispensed(run, phase)
+    return round(split["state"] + split["settlement_record"], 1)
+
+
 def national(run: dict, phase: str, nation: Nation) -> dict:
     """Terabytes of Redis data for the nation from one layout's figures at one settlement size;
     each part of a dispensed code's bytes lives for its own time."""
@@ -116,12 +165,30 @@ def national(run: dict, phase: str, nation: Nation) -> dict:
     tb = {
         "issued": nation.live_codes * run["bytes_per_issued_code"] / 1e12,
         "dispense_state": nation.live_dispensed * split["state"] / 1e12,
-        "settlement_records": nation.dispensed_per_year * nation.settlement_ttl_days / 365 * split["settlement_record"] / 1e12,
-        "audit_streams": nation.audit_partitions * nation.audit_max * split["audit_entry"] / 1e12,
+        "settlement_records": nation.dispensed_per_day * nation.settlement_ttl_days * split["settlement_record"] / 1e12,
+        "audit_streams": nation.dispensed_per_day * nation.audit_lag_hours / 24 * split["audit_entry"] / 1e12,
     }
     total = sum(tb.values())
     return {"bytes_per_dispensed_code": split, "tb": {k: round(v, 2) for k, v in tb.items()}, "total_tb": round(total, 1),
             "masters": math.ceil(total * 1e12 * nation.headroom / (nation.data_per_master_gb * 1e9))}
+
+
+def national_section(runs: dict) -> dict:
+    """The national figures of every layout at both settlement sizes, and how the newest
+    layout's masters move with shelf life and dispense rate."""
+    nation = Nation()
+    out: dict = {"assumptions": {**asdict(nation), "dispensed_per_year": nation.dispensed_per_year,
+                                 "issued_per_year": nation.issued_per_year, "live_codes": nation.live_codes,
+                                 "live_dispensed": nation.live_dispensed},
+                 **{f"layout_{k}_{phase}": national(v, phase, nation) for k, v in runs.items()
+                    for phase in ("dispense_5_lines", "dispense_1_line")}}
+    newest = runs[max(runs, key=int)]
+    out["masters_by_shelf_life_and_dispense_rate"] = {
+        f"{years}y": {f"{per_day:.0e}/day": national(newest, "dispense_5_lines",
+                                                     Nation(dispensed_per_day=per_day, shelf_life_years=years))["masters"]
+                      for per_day in (1e8, 3e8, 5e8)}
+        for years in (1.0, 2.0, 3.0)}
+    return out
 
 
 class Issued(NamedTuple):
@@ -130,9 +197,8 @@ class Issued(NamedTuple):
 
 
 def layouts_available() -> list[int]:
-    """The store layouts this checkout has: 1 always, 2 once Config.store_layout exists."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return [1, 2] if "store_layout" in names else [1]
+    """The store layouts this checkout has: one, keys.LAYOUT."""
+    return [keyspace.LAYOUT]
 
 
 def code_buckets_for(codes: int) -> int:
@@ -251,7 +317,7 @@ def settlements(issued: list[Issued], size: int, first: int, verifier: Verifier,
         digest = verifier.digest(site, sid, at, False, lines)
         if insured:  # as Verifier.dispense: another person under a used settlement id is another body
             digest = "2." + hashlib.blake2b(f"{digest}\x1f{insured}".encode(), digest_size=16).hexdigest()
-        plan, codes, _ = verifier._plan(lines)
+        plan, codes, _ = verifier.plan_lines(lines)
         yield SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at, settle_day=day,
                              digest=digest, all_or_nothing=False, lines=plan, codes=codes, insured=insured)
 
@@ -337,16 +403,13 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
     """One layout's whole run on its own fresh redis-server; a generator (yields between chunks,
     see lockstep) returning the layout's figures."""
     rp = common.start_redis(appendonly=False, extra=redis_args)
-    # Before layout 2 existed Config had neither field (and the store was layout 1).
-    extra = {"store_layout": layout, "code_buckets": code_buckets} if len(layouts_available()) > 1 else {}
-    config = Config(metrics_port=0).replace(**extra)
+    config = Config(metrics_port=0, code_buckets=code_buckets)
     store = make_store(config, rp.url)
     r = store.r
     try:
-        got = getattr(store, "layout", 1)
-        if got != layout:
-            raise SystemExit(f"asked for store layout {layout}, the store says {got}")
-        settings = {"store_layout": layout, **({"code_buckets": code_buckets} if layout == 2 else {}),
+        if layout != keyspace.LAYOUT:
+            raise SystemExit(f"asked for store layout {layout}, this checkout has {keyspace.LAYOUT}")
+        settings = {"store_layout": layout, "code_buckets": code_buckets,
                     "settlement_ttl_days": config.settlement_ttl_days, "history_max": config.history_max,
                     "audit_max": config.audit_max}
         # What the server runs with (the listpack limits decide layout 2's encoding).
@@ -365,6 +428,7 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
         issued_mem = used(r)
         out["bytes_per_issued_code"] = round((issued_mem - base) / len(records), 1)
         c1 = census(r, seed)
+        out["recall_scan"] = recall_scan(store, records)
         verifier = Verifier(store, config)
         pseudo = Pseudonymizer(hashlib.sha256(b"tracecode memory benchmark").digest(), "k1")
         order = list(issued)
@@ -394,6 +458,59 @@ def run_layout(layout: int, records: list[tuple], issued: list[Issued], code_buc
     finally:
         store.close()
         rp.stop()
+
+
+class Baseline:
+    """Another commit's memory.py, built in a temporary tree and run as a subprocess beside this
+    checkout's run (see the module docstring)."""
+
+    def __init__(self, rev: str, args):
+        self.rev = rev
+        self.tmp = tempfile.mkdtemp(prefix="tracecode-baseline-")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.sha = subprocess.run(["git", "-C", root, "rev-parse", rev], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+        tree, site = os.path.join(self.tmp, "tree"), os.path.join(self.tmp, "site")
+        os.makedirs(tree)
+        archive = subprocess.run(["git", "-C", root, "archive", self.sha], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        print(f"baseline {rev} ({self.sha[:10]}): building in {tree} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--target", site, tree], check=True)
+        self.out = os.path.join(self.tmp, "baseline.json")
+        env = {**os.environ, "PYTHONPATH": site}
+        cmd = [sys.executable, os.path.join(tree, "benchmarks", "memory.py"), "--codes", str(args.codes),
+               "--batch-size", str(args.batch_size), "--code-buckets", str(args.code_buckets or code_buckets_for(args.codes)),
+               "--seed", str(args.seed), "--out", self.out]
+        if args.redis_args:
+            cmd += ["--redis-args", args.redis_args]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result(self) -> tuple[int, dict]:
+        """(layout, its figures) once the baseline's run has finished."""
+        log_text, _ = self.proc.communicate()
+        if self.proc.returncode:
+            raise SystemExit(f"baseline {self.rev} failed (exit {self.proc.returncode}):\n{log_text[-3000:]}")
+        with open(self.out, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        (layout, run), = doc["layouts"].items()
+        run["commit"] = self.sha
+        return int(layout), run
+
+
+def recall_scan(store, records: list[tuple]) -> dict:
+    """What a recall costs Redis: the codes of the first lot's batch found by a scan of every tag's
+    buckets (store.batch_codes, lua/batch.lua: the layout has no batch index), its evalsha time
+    over the codes scanned."""
+    r = store.r
+    r.config_resetstat()
+    product, batch = records[0][1], records[0][3]
+    t0 = time.perf_counter()
+    found = sum(len(chunk) for chunk in store.batch_codes(product, batch))
+    wall = time.perf_counter() - t0
+    st = r.info("commandstats").get("cmdstat_evalsha", {"usec": 0, "calls": 0})
+    return {"codes_scanned": len(records), "codes_found": found, "calls": st["calls"], "wall_seconds": round(wall, 2),
+            "redis_usec_per_code_scanned": round(st["usec"] / len(records), 3)}
 
 
 def sample_keys(store, order: list[Issued], firsts: list[dict | None]) -> dict:
@@ -439,19 +556,48 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--redis-args", default="", help="more redis-server arguments for every layout, after LISTPACK_CONFIG "
                                                     "(what-if runs, e.g. '--hash-max-listpack-value 64': Redis's default)")
-    ap.add_argument("--out", default="memory.json", help="results file (a name under benchmarks/results/, or a path)")
+    ap.add_argument("--out", default=None, help="results file (a name under benchmarks/results/, or a path; default "
+                                                "memory.json, memory_live.json with --live-state)")
+    ap.add_argument("--renational", action="store_true",
+                    help="recompute the national section of an existing results file (--out) from its figures")
+    ap.add_argument("--baseline", default="", help="a commit (e.g. main~3) whose layout runs beside this checkout's, "
+                                                    "built in a temporary tree")
+    ap.add_argument("--live-state", type=int, default=0, help="measure the live rules' state of this many persons instead")
+    ap.add_argument("--live-settlements", type=int, default=3, help="--live-state: settlements (sites) per person")
+    ap.add_argument("--live-resold", type=int, default=1, help="--live-state: of their packs resold elsewhere")
+    ap.add_argument("--receipts", type=int, default=0, help="measure the receiving check's state of this many packs instead")
     args = ap.parse_args()
+    if args.receipts:
+        args.out = args.out or "memory_receipts.json"
+        return receipts_state(args)
+    if args.live_state:
+        args.out = args.out or "memory_live.json"
+        return live_state(args)
+    args.out = args.out or "memory.json"
+    if args.renational:
+        path = os.path.join(common.RESULTS, args.out)  # an absolute --out stays as it is
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        doc["national"] = national_section({int(k): v for k, v in doc["layouts"].items()})
+        print(common.write_results(path, doc))
+        return 0
     layouts = [int(x) for x in args.layouts.split(",")] if args.layouts else layouts_available()
     missing = set(layouts) - set(layouts_available())
     if missing:
-        raise SystemExit(f"layout(s) {sorted(missing)} not in this checkout (Config has no store_layout)")
+        raise SystemExit(f"layout(s) {sorted(missing)} not in this checkout (it has {layouts_available()})")
     buckets = args.code_buckets or code_buckets_for(args.codes)
     records, issued = make_codes(args.codes, args.batch_size, args.seed)
     print(f"layouts {layouts}: {args.codes} codes each, in turn chunk by chunk ...", flush=True)
+    baseline = Baseline(args.baseline, args) if args.baseline else None
     load = os.getloadavg()[0]
     results = lockstep([run_layout(layout, records, issued, buckets, args.seed, args.redis_args.split())
                         for layout in layouts])
     runs = dict(zip(layouts, results))
+    if baseline:
+        old_layout, old_run = baseline.result()
+        if old_layout in runs:
+            raise SystemExit(f"baseline {args.baseline} has layout {old_layout}, the same as this checkout's")
+        runs = {old_layout: old_run, **runs}
     # The machine is shared: how busy it was (the layouts ran in turn, so alike).
     load_average = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     doc: dict = {
@@ -479,23 +625,150 @@ def main() -> int:
                         "redis_script_usec_per_code_1_line": v["dispense_1_line"]["redis_script_usec_per_code"],
                         "redis_server_cpu_usec_per_code_5_lines": v["dispense_5_lines"]["redis_server_cpu_usec_per_code"],
                         "redis_server_cpu_usec_per_code_1_line": v["dispense_1_line"]["redis_server_cpu_usec_per_code"],
-                        "dbsize": v["dbsize"]} for k, v in runs.items()}
+                        "dbsize": v["dbsize"],
+                        # With the audit stream archived (tracecode archive trims it): the state and the
+                        # settlement record's share, what stays in Redis (issue 29's target).
+                        "bytes_per_dispensed_code_5_lines_archived": archived(v, "dispense_5_lines"),
+                        "bytes_per_dispensed_code_1_line_archived": archived(v, "dispense_1_line"),
+                        } for k, v in runs.items()}
     doc["summary"] = summary
-    nation = Nation()
-    doc["national"] = {"assumptions": {**asdict(nation), "live_codes": nation.live_codes,
-                                       "live_dispensed": nation.live_dispensed},
-                       **{f"layout_{k}_{phase}": national(v, phase, nation) for k, v in runs.items()
-                          for phase in ("dispense_5_lines", "dispense_1_line")}}
-    if "1" in summary and "2" in summary:
-        doc["ratio_layout2_to_layout1"] = {k: ratio(summary["2"][k], summary["1"][k]) for k in summary["1"]}
+    doc["national"] = national_section(runs)
+    ratios = None
+    if len(summary) == 2:
+        old, new = sorted(summary, key=int)
+        ratios = {k: ratio(summary[new][k], summary[old][k]) for k in summary[old]}
+        doc[f"ratio_layout{new}_to_layout{old}"] = ratios
+    if baseline:
+        doc["schedule"] = (f"the baseline ({args.baseline}, built from commit {baseline.sha[:10]} in a temporary tree) and "
+                           "this checkout's layout ran at the same time, each on its own redis-server")
     print(common.write_results(args.out, doc))
-    print_table(summary, doc.get("ratio_layout2_to_layout1"))
+    print_table(summary, ratios)
     return 0
+
+
+def _live_run(on: bool, persons: int, per: int, resold: int, seed: int) -> dict:
+    """One fresh Redis: every person's settlements (and resales), live rules on or off."""
+    from tracecode.rules import live
+    rp = common.start_redis(appendonly=False)
+    store = make_store(Config(), rp.url)
+    verifier = Verifier(store, Config())
+    arg = live.load(None).lua_arg(store.keys.prefix, "J") if on else ""
+    codes = common.cn20_codes(persons * per, seed=seed, product="8123456")
+    common.load_issuance(store, codes)
+    r = store.r
+    before = used(r)
+    at = int(time.time() * 1000)
+
+    def call(site: str, sid: str, code: str, who: str) -> SettlementCall:
+        ls = [Line(code, "8123456")]
+        plan, distinct, _ = verifier.plan_lines(ls)
+        return SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
+                              settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
+                              digest=verifier.digest(site, sid, at, False, ls), insured=who, live=arg)
+    try:
+        batch = []
+        for p in range(persons):
+            who = f"k1.{hashlib.sha256(str(p).encode()).hexdigest()[:32]}"
+            for k in range(per):
+                batch.append(call(f"S{(p + k) % SITES:05d}", f"L{p}-{k}", codes[p * per + k], who))
+            for k in range(resold):  # sold again elsewhere (no person): a credit to the first buyer
+                batch.append(call(f"R{(p + k) % SITES:05d}", f"R{p}-{k}", codes[p * per + k], ""))
+            if len(batch) >= 2000:
+                store.verify_batch(batch)
+                batch = []
+        if batch:
+            store.verify_batch(batch)
+        delta = used(r) - before
+        res: dict = {"used_memory_delta": delta, "bytes_per_person_all": round(delta / persons, 1)}
+        if on:
+            kinds: dict[str, list[int]] = {}
+            for key in r.scan_iter(match=f"{store.keys.prefix}:*:v*", count=1000):
+                kinds.setdefault(kind_of(key), []).append(int(r.memory_usage(key, samples=0)))
+            res["keys"] = {k: {"count": len(v), "mean_bytes": round(sum(v) / len(v), 1)} for k, v in kinds.items()}
+        return res
+    finally:
+        store.close()
+        rp.stop()
+
+
+def live_state(args) -> int:
+    """--live-state: bytes of the live rules' state per person (module docstring)."""
+    persons, per, resold = args.live_state, args.live_settlements, args.live_resold
+    out = {name: _live_run(name == "on", persons, per, resold, args.seed) for name in ("off", "on")}
+    on, off = out["on"], out["off"]
+    doc = {"benchmark": "the live rules' per-person state (STOCKPILING, RESALE_SOURCE)",
+           "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]), "machine": common.machine(),
+           "persons": persons, "settlements_per_person": per, "packs_resold_per_person": resold,
+           "runs": out,
+           "bytes_per_person": round((on["used_memory_delta"] - off["used_memory_delta"]) / persons, 1)}
+    print(common.write_results(args.out, doc))
+    print(f"live rules' state: {doc['bytes_per_person']} bytes per person ({per} packs at {per} sites, "
+          f"{resold} resold); keys {on.get('keys')}")
+    return 0
+
+
+def _entries_bytes(r, store) -> int:
+    """MEMORY USAGE summed over every code bucket hash (the codes' entries)."""
+    return sum(int(r.memory_usage(k, samples=0) or 0) for k in r.scan_iter(match=f"{store.keys.prefix}:*:c:*", count=1000))
+
+
+def receipts_state(args) -> int:
+    """--receipts: bytes of the receiving check's state per received pack (module docstring)."""
+    from tracecode.server.receiving import DeliveryLine, ReceivingService
+    n = args.receipts
+    rp = common.start_redis(appendonly=False)
+    cfg = Config(code_buckets=code_buckets_for(n))
+    store = make_store(cfg, rp.url)
+    verifier = Verifier(store, cfg)
+    service = ReceivingService(verifier)
+    try:
+        codes = common.cn20_codes(n, seed=args.seed, product="8123456")
+        common.load_issuance(store, codes)
+        r = store.r
+        base_used, base_entries = used(r), _entries_bytes(r, store)
+        per = 100
+        for d in range(0, n, per):
+            service.receive(f"S{(d // per) % SITES:05d}", f"DN{d}", "华润医药", None,
+                            [DeliveryLine(c, "8123456") for c in codes[d:d + per]])
+        recv_used, recv_entries = used(r), _entries_bytes(r, store)
+        # The same packs sold (1-line settlements) at their receivers, and again over codes never
+        # received, to see what the receipt adds to a sold pack's entry.
+        at = int(time.time() * 1000)
+        batch = []
+        for i, c in enumerate(codes):
+            ls = [Line(c, "8123456")]
+            plan, distinct, _ = verifier.plan_lines(ls)
+            site = f"S{(i // per) % SITES:05d}"
+            batch.append(SettlementCall(dispense=True, site=site, settlement_id=f"R{i}", settled_at_ms=at,
+                                        settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan,
+                                        codes=distinct, digest=verifier.digest(site, f"R{i}", at, False, ls)))
+            if len(batch) >= 2000:
+                store.verify_batch(batch)
+                batch = []
+        if batch:
+            store.verify_batch(batch)
+        sold_entries = _entries_bytes(r, store)
+        doc = {"benchmark": "the receiving check's state per received pack (入库核验)",
+               "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]), "machine": common.machine(),
+               "packs": n, "packs_per_delivery": per, "sites": SITES,
+               "bytes_per_received_pack_all": round((recv_used - base_used) / n, 1),
+               "bytes_per_received_pack_entry": round((recv_entries - base_entries) / n, 1),
+               "bytes_per_received_pack_records_and_audit": round(((recv_used - base_used) - (recv_entries - base_entries)) / n, 1),
+               "entry_bytes_per_sold_received_pack": round(sold_entries / n, 1),
+               "note": "the entry share stays in Redis while the pack lives; the delivery records expire with "
+                       "settlement_ttl_days and the audit entries leave once archived"}
+        print(common.write_results(args.out, doc))
+        print(f"receipts: {doc['bytes_per_received_pack_all']} B per received pack, of which "
+              f"{doc['bytes_per_received_pack_entry']} B in the code's entry")
+        return 0
+    finally:
+        store.close()
+        rp.stop()
 
 
 def print_table(summary: dict, ratios: dict | None) -> None:
     cols = list(summary)
-    print(f"{'':44}" + "".join(f"{'layout ' + c:>14}" for c in cols) + (f"{'2/1':>10}" if ratios else ""))
+    print(f"{'':44}" + "".join(f"{'layout ' + c:>14}" for c in cols) + (f"{'new/old':>10}" if ratios else ""))
     for k in next(iter(summary.values())):
         row = f"{k:44}" + "".join(f"{summary[c][k]:>14}" for c in cols)
         if ratios:

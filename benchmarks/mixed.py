@@ -57,7 +57,7 @@ class Run:
     def job(self, export: str, max_rate: float = 0) -> subprocess.Popen:
         self.jobs += 1
         extra = ["--max-rate", str(max_rate)] if max_rate else []
-        return subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server",
+        return subprocess.Popen([common.python(), "-m", "tracecode.cli", "reverify", export, "--server",
                                  f"127.0.0.1:{self.port}", "--out", os.path.join(self.tmp, f"report{self.jobs}"),
                                  "--job-id", f"mixed{self.jobs}", "--quiet", *extra],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,6 +17,12 @@ One fresh redis-server (AOF, fsync every second, as production), then:
             being the reported point.
   bulk      `tracecode reverify` (a separate process, as operators run it) over a generated export
             against the same server, and the same REPLAY verify.lua calls pipelined at Redis.
+  live      the live rules' cost (issue 27): two `tracecode serve`, --live-rules and
+            --no-live-rules, on the same Redis, both sent settlements of one product spread over
+            --live-insured insured ids (so persons buy again at other sites and STOCKPILING
+            notices fire): 5-line closed-loop max alternately (--reps, median) and p99 in an open
+            loop at half the rules-off max, side by side. Only this phase: --phases live
+            (writes benchmarks/results/live_rules.json).
   floor     naive_server.py --echo in as many processes as tracecode has workers: gRPC and the
             load generator, no Redis. Open loop at tracecode's 50 % point (the latency the
             measuring chain itself adds) and closed-loop max per size: no gRPC-Python server can
@@ -151,10 +157,17 @@ class CodePool:
             self.next -= len(codes)
 
 
+def bench_key(tmp: str) -> str:
+    """The run's one insured-pseudonym key file: every server of the run must have the same one
+    (the data set's marker holds its fingerprint)."""
+    from tracecode.rules.pseudonym import generate_key_file
+    path = os.path.join(tmp, "pseudonym.key")
+    return path if os.path.exists(path) else generate_key_file(path)
+
+
 def bench_config() -> Config:
-    """The benchmark's own store settings. TRACECODE_STORE_LAYOUT (1 or 2) picks the Redis data
-    layout here and, inherited, in `tracecode serve`: the same run over layout 1 is the A/B."""
-    return Config(listen="127.0.0.1:0", metrics_port=0, store_layout=int(os.environ.get("TRACECODE_STORE_LAYOUT", "2")))
+    """The benchmark's own store settings."""
+    return Config(listen="127.0.0.1:0", metrics_port=0)
 
 
 # ---------------------------------------------------------------------- processes
@@ -294,7 +307,7 @@ def ceiling_phase(store, verifier: Verifier, port: int, pool: CodePool, settleme
         calls = []
         for n in range(m):
             ls = [Line(c, PRODUCT) for c in codes[n * lines:(n + 1) * lines]]
-            plan, distinct, _ = verifier._plan(ls)
+            plan, distinct, _ = verifier.plan_lines(ls)
             sid = f"ceil-{lines}-{n}"
             calls.append(SettlementCall(dispense=True, site=f"S{n % 997:05d}", settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
@@ -321,7 +334,7 @@ def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_url: str, target
         calls = []
         for site, sid, at, cs in settlements:
             ls = [Line(c, PRODUCT) for c in cs]
-            plan, distinct, _ = verifier._plan(ls)
+            plan, distinct, _ = verifier.plan_lines(ls)
             calls.append(SettlementCall(dispense=True, site=site, settlement_id=sid, settled_at_ms=at,
                               settle_day=verifier.settle_day(at), all_or_nothing=False, lines=plan, codes=distinct,
                               state=keys, state_ttl_s=86400, digest=verifier.digest(site, sid, at, False, ls)))
@@ -336,7 +349,7 @@ def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_url: str, target
     ceiling_before = ceiling_seconds("tc-job-ceiling-1")
     out_dir = os.path.join(tmp, "bulk-report")
     t0 = time.monotonic()
-    cli = subprocess.Popen([common.python(), "-m", "tracecode.clients.cli", "reverify", export, "--server", target,
+    cli = subprocess.Popen([common.python(), "-m", "tracecode.cli", "reverify", export, "--server", target,
                             "--out", out_dir, "--job-id", "bench", "--quiet"],
                            stdout=subprocess.PIPE, text=True, env=common.env_for_subprocess())
     before = cpu_snapshot({"server": server_pid, "redis": redis_pid})
@@ -366,6 +379,123 @@ def bulk_phase(args, tmp: str, store, verifier: Verifier, redis_url: str, target
             "records_per_s": round(rps), "ceiling_records_per_s": round(ceiling_rps),
             "ceiling_seconds_before_after": [round(ceiling_before, 2), round(ceiling_after, 2)],
             "ratio_to_ceiling": round(rps / ceiling_rps, 3), "cpu_cores": cpu, "summary": summary}
+
+
+def _metric_sum(port: int, name: str) -> dict[str, float]:
+    """A Prometheus counter's samples by label text, from a server's /metrics."""
+    import urllib.request
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as fh:
+        for row in fh.read().decode().splitlines():
+            if row.startswith(name + "{"):
+                labels, value = row[len(name):].rsplit(" ", 1)
+                out[labels] = float(value)
+    return out
+
+
+def live_ceiling(store, verifier: Verifier, port: int, redis_pid: int, pool: CodePool, insured: int, reps: int = 3,
+                 n: int = 4000) -> dict:
+    """Redis's own cost of the live rules: the same 5-line verify.lua calls pipelined straight at
+    Redis (common.ceiling) with the live rules' argument and without, alternately, each call for
+    one of `insured` persons (pseudonyms). No gRPC and no Python per call: what remains is the
+    rules' Lua and their keys, free of the load generator's noise."""
+    from tracecode.rules import live
+    arg = live.load(None).lua_arg(store.keys.prefix, "J")
+    out: dict[str, list] = {"off": [], "on": []}
+    cpu_us: dict[str, list] = {"off": [], "on": []}
+    for rep in range(reps):
+        for name in ("off", "on"):
+            codes = pool.take(n * 5)
+            at = now_ms()
+            calls = []
+            for i in range(n):
+                ls = [Line(c, PRODUCT) for c in codes[i * 5:(i + 1) * 5]]
+                plan, distinct, _ = verifier.plan_lines(ls)
+                site, sid = f"S{i % 997:05d}", f"live-{insured}-{name}-{rep}-{i}"
+                calls.append(SettlementCall(
+                    dispense=True, site=site, settlement_id=sid, settled_at_ms=at, settle_day=verifier.settle_day(at),
+                    all_or_nothing=False, lines=plan, codes=distinct, digest=verifier.digest(site, sid, at, False, ls),
+                    insured=f"k1.{(i * 7919) % insured:032x}", live=arg if name == "on" else ""))
+            cpu0 = common.cpu_of(redis_pid)
+            seconds = common.ceiling(store, port, calls)
+            cpu_us[name].append(round((common.cpu_of(redis_pid) - cpu0) / n * 1e6, 1))
+            out[name].append(round(n / seconds, 1))
+    med = {k: sorted(v)[len(v) // 2] for k, v in out.items()}
+    cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu_us.items()}
+    return {"settlements": n, "runs_settlements_per_s": out, "settlements_per_s": med,
+            "cost": round(1 - med["on"] / med["off"], 3),
+            # Redis CPU per settlement: less sensitive to a busy machine than the wall clock.
+            "runs_redis_cpu_us_per_settlement": cpu_us, "redis_cpu_us_per_settlement": cpu,
+            "redis_cpu_cost_us": round(cpu["on"] - cpu["off"], 1)}
+
+
+def live_phase(args, tmp: str, bench: "Bench", redis_url: str, ceiling: dict | None = None) -> dict:
+    """The live rules on and off, same Redis, same load (module docstring, `live`)."""
+    lines = 5
+    os.environ["TRACECODE_LOADGEN_INSURED"] = str(args.live_insured)  # loadgen.py reads it
+    servers: dict[str, tuple] = {}
+    try:
+        for name, flag in (("off", "--no-live-rules"), ("on", "--live-rules")):
+            mport = common.free_port()
+            argv = [common.python(), "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
+                    "--metrics-port", str(mport), "--log-level", "WARNING", "--data-dir", os.path.join(tmp, "live"),
+                    "--pseudonym-key-file", bench_key(tmp), flag]
+            if args.workers is not None:
+                argv += ["--workers", str(args.workers)]
+            if args.threads is not None:
+                argv += ["--threads", str(args.threads)]
+            proc, port = start_process(argv, "tracecode listening on port ", os.path.join(tmp, f"serve-live-{name}.log"))
+            servers[name] = (proc, port, mport)
+        time.sleep(0.5)
+        for proc, port, _ in servers.values():  # warm-up, not reported
+            bench.drive(port, proc.pid, lines, closed=args.concurrency, duration=1.5, max_settlements=5000)
+        runs: dict[str, list] = {"off": [], "on": []}
+        for _ in range(args.reps):  # alternately: both under the same drift of the machine
+            for name, (proc, port, _) in servers.items():
+                res = bench.drive(port, proc.pid, lines, closed=args.concurrency, duration=args.max_seconds,
+                                  max_settlements=int(6000 * args.max_seconds) + 100)
+                runs[name].append(res)
+                log(f"  live {name:<3} {lines:>2} lines: {fmt(res)}")
+        out: dict = {"lines": lines, "insured_ids": args.live_insured}
+        if ceiling:
+            out["redis_ceiling"] = ceiling
+        for name in runs:
+            ordered = sorted(runs[name], key=lambda r: r["settlements_per_s"])
+            med = dict(ordered[len(ordered) // 2])
+            med["runs_settlements_per_s"] = [r["settlements_per_s"] for r in runs[name]]
+            out[name] = {"max": med}
+        # p99 at half load: the same offered rate for both, half the rules-off max.
+        # Alternately, --reps times, the run with the median p99 kept: a busy spell of the shared
+        # machine then lands on either side, not on whichever ran during it.
+        rate = out["off"]["max"]["settlements_per_s"] / 2
+        secs = args.live_latency_seconds
+        opens: dict[str, list] = {"off": [], "on": []}
+        for _ in range(args.reps):
+            for name, (proc, port, _) in servers.items():
+                r = bench.drive(port, proc.pid, lines, rate=rate, duration=secs, max_settlements=int(rate * secs) + 10)
+                opens[name].append(r)
+                log(f"  live {name:<3} open @{rate:,.0f}/s: {fmt(r)}")
+        for name, rs in opens.items():
+            ordered = sorted(rs, key=lambda r: r["latency_ms"]["p99"])
+            out[name]["at_half_load"] = dict(ordered[len(ordered) // 2])
+            out[name]["at_half_load"]["runs_p99_ms"] = [r["latency_ms"]["p99"] for r in rs]
+        out["live_rule_results"] = _metric_sum(servers["on"][2], "tracecode_live_rule_results_total")
+        off, on = out["off"], out["on"]
+        for side in (off, on):  # CPU per settlement at max load: steadier than rates on a busy machine
+            m = side["max"]
+            side["cpu_ms_per_settlement"] = {k: round(m["cpu_cores"][k] / m["settlements_per_s"] * 1e3, 4)
+                                             for k in ("server", "redis")}
+        out["throughput_cost"] = round(1 - on["max"]["settlements_per_s"] / off["max"]["settlements_per_s"], 3)
+        out["p99_cost_ms"] = round(on["at_half_load"]["latency_ms"]["p99"] - off["at_half_load"]["latency_ms"]["p99"], 2)
+        log(f"  live rules: {off['max']['settlements_per_s']:,.0f} -> {on['max']['settlements_per_s']:,.0f} settl/s "
+            f"({out['throughput_cost']:+.1%} cost); p99 at {rate:,.0f}/s {off['at_half_load']['latency_ms']['p99']:.2f} -> "
+            f"{on['at_half_load']['latency_ms']['p99']:.2f} ms; CPU ms per settlement off {off['cpu_ms_per_settlement']} "
+            f"on {on['cpu_ms_per_settlement']}; results {out['live_rule_results']}")
+        return out
+    finally:
+        os.environ.pop("TRACECODE_LOADGEN_INSURED", None)
+        for proc, _, _ in servers.values():
+            stop_process(proc)
 
 
 def plot(doc: dict, path: str) -> None:
@@ -447,9 +577,19 @@ def summarise(doc: dict) -> None:
         v = round(t_ms / e_ms, 2)
         targets["server_cpu_vs_echo_5_lines"] = {"value": v, "target": 1.5, "met": v <= 1.5}
         log(f"  server CPU per 5-line settlement {t_ms:.3f} ms, echo per call {e_ms:.3f} ms: {v:.2f}x")
+    live = doc.get("live_rules")
+    if live and "throughput_cost" in live:
+        targets["live_rules_throughput_cost_5_lines"] = {"value": live["throughput_cost"], "target": 0.10,
+                                                         "met": live["throughput_cost"] <= 0.10}
+        targets["live_rules_p99_cost_ms_at_half_load"] = {"value": live["p99_cost_ms"], "target": 1.0,
+                                                          "met": live["p99_cost_ms"] <= 1.0}
     if bulk_ratio:
         targets["bulk_vs_ceiling"] = {"value": bulk_ratio, "target": 0.5, "met": bulk_ratio >= 0.5}
     doc["targets"] = targets
+
+
+class _Finished(Exception):
+    """The phases asked for are done (--phases): skip to writing the results."""
 
 
 def main() -> int:
@@ -470,9 +610,17 @@ def main() -> int:
     ap.add_argument("--bulk-records", type=int, default=200_000)
     ap.add_argument("--codes", type=int, default=2_000_000,
                     help="initial size of the fresh code pool (issued as needed; it grows when used up)")
-    ap.add_argument("--out", default="latest.json")
+    ap.add_argument("--phases", choices=("all", "live"), default="all",
+                    help="all: every phase; live: only the live rules on/off (default out: live_rules.json)")
+    ap.add_argument("--live-latency-seconds", type=float, default=8.0,
+                    help="live phase: each open-loop run at half load (--reps runs per side)")
+    ap.add_argument("--live-insured", type=int, default=2_000,
+                    help="live phase: insured ids the settlements are spread over (a person buys again every "
+                         "this many settlements, at another site: most persons pass STOCKPILING within a run)")
+    ap.add_argument("--out", default=None, help="results file name (default latest.json, live_rules.json)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
+    args.out = args.out or ("live_rules.json" if args.phases == "live" else "latest.json")
     started = time.monotonic()
     # SIGTERM ends the run through the `finally` blocks: servers and Redis stopped, no orphans.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -500,6 +648,16 @@ def main() -> int:
         log(f"redis {doc['machine']['redis_version']} (AOF everysec) on port {rp.port} and {common.unix_url(rp)}; "
             f"{pool.loaded:,} codes issued in {pool.load_seconds:.1f} s")
 
+        if args.phases == "live":
+            phase = "live"
+            log("live: the live rules on and off, 5-line settlements")
+            ceil = live_ceiling(store, verifier, rp.port, rp.proc.pid, pool, args.live_insured)
+            log(f"  redis ceiling 5 lines: off {ceil['settlements_per_s']['off']:,.0f}, on "
+                f"{ceil['settlements_per_s']['on']:,.0f} settl/s ({ceil['cost']:+.1%}); Redis CPU "
+                f"{ceil['redis_cpu_us_per_settlement']} us per settlement")
+            doc["live_rules"] = live_phase(args, tmp, Bench(args, tmp, pool, rp.proc.pid), common.unix_url(rp), ceil)
+            phase = "done"
+            raise _Finished
         phase = "ceiling"
         log("ceiling: the same verify.lua calls, pre-encoded, pipelined 64 deep at Redis")
         doc["ceiling"] = ceiling_phase(store, verifier, rp.port, pool, {1: 20_000, 5: 6_000, 20: 2_000})
@@ -511,9 +669,9 @@ def main() -> int:
         bench = Bench(args, tmp, pool, rp.proc.pid)
 
         # Metrics on, as in production (with workers: multiprocess files, aggregated by the parent).
-        argv = [common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+        argv = [common.python(), "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                 "--redis-url", common.unix_url(rp), "--metrics-port", str(common.free_port()),
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", "--pseudonym-key-file", bench_key(tmp)]
         if args.workers is not None:
             argv += ["--workers", str(args.workers)]
         if args.threads is not None:
@@ -577,6 +735,11 @@ def main() -> int:
                     entry["at_half_max"] = r
                 log(f"  open {int(f * 100):>3}% {lines:>2} lines: {fmt(r)}")
 
+        phase = "live"
+        log("live: the live rules on and off, 5-line settlements (their own two servers)")
+        doc["live_rules"] = live_phase(args, tmp, bench, common.unix_url(rp),
+                                       live_ceiling(store, verifier, rp.port, rp.proc.pid, pool, args.live_insured))
+
         phase = "bulk"
         log(f"bulk: tracecode reverify of {args.bulk_records:,} records vs the job's own REPLAY calls sent alone")
         try:
@@ -616,6 +779,8 @@ def main() -> int:
         finally:
             stop_process(echo)
         phase = "done"
+    except _Finished:
+        pass
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - what was measured is still written
         doc["failed"] = {"phase": phase, "error": f"{type(exc).__name__}: {exc}"}
         log(f"FAILED in phase {phase}: {exc}; writing what was measured")
@@ -633,7 +798,7 @@ def main() -> int:
                                 for k, v in doc["targets"].items()))
     path = common.write_results(args.out, doc)
     log(f"written {path}")
-    if not args.no_plot:
+    if not args.no_plot and args.phases == "all":
         png = os.path.join(common.RESULTS, os.path.splitext(args.out)[0].replace("latest", "latency") + ".png")
         plot(doc, png)
         log(f"written {png}")

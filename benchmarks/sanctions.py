@@ -33,7 +33,7 @@ import run as runbench  # noqa: E402
 
 from tracecode.server.app import make_store  # noqa: E402
 from tracecode.server.config import Config  # noqa: E402
-from tracecode.server.pseudonym import Pseudonymizer, generate_key_file  # noqa: E402
+from tracecode.rules.pseudonym import Pseudonymizer, generate_key_file  # noqa: E402
 from tracecode.server.store.sanctions import SanctionStore  # noqa: E402
 from tracecode.server.sanctions import SetRequest  # noqa: E402
 from tracecode.server.store import Store, now_ms  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> int:
                      f"{doc['sanctions']['redis_memory_one_copy']}")
 
         for name in ("tcA", "tcB"):
-            argv = [common.python(), "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+            argv = [common.python(), "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                     "--redis-url", common.unix_url(rp), "--metrics-port", str(common.free_port()),
                     "--log-level", "WARNING", "--key-prefix", name, "--pseudonym-key-file", key_file]
             t0 = time.monotonic()

@@ -10,46 +10,26 @@ from tracecode.v1 import admin_pb2 as apb
 from tracecode.v1 import admin_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
+from tracecode.rules.issuance import FieldError, input_from_fields
+
+from .channel import Client
 from .files import Row, RowError
 
 
-class _FieldError(ValueError):
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
-
-
 def _record(f: dict[str, str]) -> apb.IssuanceInput:
-    """One file row -> IssuanceInput; a value the message cannot carry is a _FieldError naming its
-    field (the server validates everything else)."""
-    status = pb.CODE_STATUS_UNSPECIFIED
-    if f.get("status"):
-        names = [n for n in pb.CodeStatus.keys() if n != "CODE_STATUS_UNSPECIFIED"]
-        if f["status"].upper() not in names:
-            raise _FieldError("status", f"{f['status']!r} is not one of {', '.join(names)}")
-        status = pb.CodeStatus.Value(f["status"].upper())
-    units = f.get("pack_units") or "1"
-    if not (units.isdigit() and 1 <= int(units) <= 0xFFFFFFFF):
-        raise _FieldError("pack_units", f"{units!r} is not a positive whole number")
+    """One file row -> IssuanceInput message; a value no record can carry is a FieldError naming
+    its field (the rules core's input_from_fields; the server validates everything else)."""
+    rec = input_from_fields(f)
     return apb.IssuanceInput(
-        code=f["code"], product_id=f["product_id"], gtin=f.get("gtin", ""), batch=f.get("batch", ""),
-        expiry=f.get("expiry", ""), pack_units=int(units), manufacturer=f.get("manufacturer", ""),
-        status=status)
+        code=rec.code, product_id=rec.product_id, gtin=rec.gtin, batch=rec.batch, expiry=rec.expiry,
+        pack_units=rec.pack_units, manufacturer=rec.manufacturer,
+        status=pb.CodeStatus.Value(rec.status) if rec.status else pb.CODE_STATUS_UNSPECIFIED)
 
 
-class AdminClient:
-    def __init__(self, target: str | grpc.Channel, *, credentials: grpc.ChannelCredentials | None = None,
-                 metadata=(), timeout_s: float = 30.0):
-        if isinstance(target, str):
-            self.channel = (grpc.secure_channel(target, credentials) if credentials
-                            else grpc.insecure_channel(target))
-        else:
-            self.channel = target
+class AdminClient(Client):
+    def __init__(self, target: str | grpc.Channel, **kw):
+        super().__init__(target, **kw)
         self.stub = admin_pb2_grpc.AdminStub(self.channel)
-        self.metadata, self.timeout_s = tuple(metadata), timeout_s
-
-    def close(self) -> None:
-        self.channel.close()
 
     def upsert(self, rows: Iterable[Row | RowError], *, replace: bool = False, source: str = "",
                chunk: int = 500, progress: Callable[[int], None] | None = None,
@@ -63,7 +43,7 @@ class AdminClient:
                 if not isinstance(row, RowError):
                     try:
                         record = _record(row.fields)
-                    except _FieldError as exc:
+                    except FieldError as exc:
                         row = RowError(row.source, row.line, exc.field, exc.reason)
                 if isinstance(row, RowError):
                     if on_error:
@@ -132,5 +112,3 @@ class AdminClient:
 
 
 # Public for the leads engine (tracecode.leads), which checks issuance rows as `tracecode load` does.
-FieldError = _FieldError
-record_of = _record

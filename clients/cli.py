@@ -1,10 +1,13 @@
-"""The `tracecode` command line: serve, load, verify, reverse, history, status, recall, demo."""
+"""The clients' subcommands of `tracecode` (registered by tracecode.cli): load, verify, receive, reverse,
+history, status, recall, reverify, sanction, demo. Each talks to a tracecode server over gRPC.
+
+May import: the clients package, the generated stubs and the rules core; never the server.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import logging
 import sys
 import time
 
@@ -25,71 +28,21 @@ def _print_results(resp) -> None:
               + (f"  units {r.units_accepted}, {r.units_remaining} left" if verdict == "OK" else ""))
 
 
-def cmd_serve(args) -> int:
-    from tracecode.server import config as cfg
-    from tracecode.server.app import serve
-    from tracecode.server.api.auth import from_config
-    try:
-        config = cfg.from_args(args)
-        from_config(config)  # the security settings, checked before anything starts
-        if config.pseudonym_key_file:  # a given key file must be usable before anything starts
-            from tracecode.server.pseudonym import Pseudonymizer
-            Pseudonymizer.from_file(config.pseudonym_key_file)
-    except (ValueError, OSError) as exc:  # a setting wrong, missing or unreadable: say which
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return serve(config)
-
-
-def cmd_migrate_layout(args) -> int:
-    from tracecode.server import config as cfg
-    from tracecode.server.app import migrate_layout
-    last = [0.0]
-
-    def progress(s) -> None:
-        if time.monotonic() - last[0] >= 5:
-            last[0] = time.monotonic()
-            print(f"  {s.moved} codes moved of {s.scanned} found", file=sys.stderr, flush=True)
-
-    started = time.monotonic()
-    try:
-        s = migrate_layout(cfg.from_args(args), progress=progress)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"migrate-layout: {s.moved} codes moved to layout 2 ({s.scanned} layout-1 records found, "
-          f"{s.skipped} already moved) in {time.monotonic() - started:.1f} s")
-    return 0
-
-
-def cmd_prune_expired(args) -> int:
-    from tracecode.server import config as cfg
-    from tracecode.server.app import prune_expired
-    try:
-        config = cfg.from_args(args)
-        started = time.monotonic()
-        s = prune_expired(config, args.cutoff)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"prune-expired: {s.pruned} expired packs dropped of {s.codes} codes in {s.buckets} buckets "
-          f"in {time.monotonic() - started:.1f} s")
-    return 0
-
-
 def _readable_rows(path: str):
     """read_rows(path), ending with one RowError naming the file when it cannot be read (missing,
     unreadable, corrupt .gz, not UTF-8): raised inside the upload stream it would only surface as
     gRPC's anonymous "Exception iterating requests!"."""
     import csv
-    from .files import ISSUANCE_FIELDS, RowError, read_rows
+    from .files import ISSUANCE_FIELDS, ROW_FIELD, InputFileError, RowError, read_rows
     line = 0
     try:
         for row in read_rows(path, ISSUANCE_FIELDS):
             line = row.line
             yield row
+    except InputFileError as exc:  # its message names the file and says it cannot be read
+        yield RowError(path, line + 1 if line else 0, ROW_FIELD, exc.reason if line else f"cannot read the file: {exc.reason}")
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
-        yield RowError(path, line + 1 if line else 0, "-", f"cannot read the file: {exc}")
+        yield RowError(path, line + 1 if line else 0, ROW_FIELD, f"cannot read the file: {exc}")
 
 
 def cmd_load(args) -> int:
@@ -165,8 +118,30 @@ def cmd_recall(args) -> int:
     return 0
 
 
+def _job_id(args) -> str | None:
+    """The job id a reverify run works under: given, read back from an interrupted run's
+    checkpoint (--resume), or a new one; None when --resume/--drop have none to go by."""
+    ckpt = os.path.join(args.out, "checkpoint.json")
+    if not args.job_id and args.resume and os.path.exists(ckpt):
+        with open(ckpt, encoding="utf-8") as fh:
+            return json.load(fh)["job_id"]
+    if args.job_id:
+        return args.job_id
+    if args.resume or args.drop:
+        return None
+    import uuid
+    return "job-" + uuid.uuid4().hex[:12]
+
+
 def cmd_reverify(args) -> int:
     from .reverify import fewer_gc_passes, run_job
+    args.job_id = _job_id(args)
+    if args.job_id is None:
+        print("error: reverify: --resume and --drop need the --job-id of the job", file=sys.stderr)
+        return 2
+    if not args.drop and not args.files:
+        print("error: reverify: at least one FILE", file=sys.stderr)
+        return 2
     if args.drop:
         from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
         conn = _connection(args)
@@ -259,10 +234,34 @@ def _connection(args) -> dict:
     return {"credentials": creds, "metadata": metadata}
 
 
-def cmd_token(args) -> int:
-    from tracecode.server.api.auth import issue_token, read_secret
-    print(issue_token(read_secret(args.secret_file), args.role, args.name, args.ttl_days * 86400))
-    return 0
+def cmd_receive(args) -> int:
+    """`tracecode receive FILE`: each delivery of a shipment file through the receiving check.
+    Exit 0 when every delivery was checked (flagged packs are listed, not failures), 1 when a
+    delivery was not sent for bad rows (listed by file, line and field), 2 on an error."""
+    from .receiving import ReceivingClient, read_deliveries, verdict_name
+    deliveries, loose = read_deliveries(args.file, args.site or "")
+    for e in loose:
+        print(f"error: {e}", file=sys.stderr)
+    if loose:  # rows of no known delivery: any delivery might be short of them
+        print(f"{args.file}: nothing sent ({len(loose)} row(s) that belong to no known delivery)", file=sys.stderr)
+        return 1
+    unsent = 0
+    with ReceivingClient(args.server, **_connection(args)) as client:
+        for d in deliveries:
+            if d.errors:
+                unsent += 1
+                for e in d.errors:
+                    print(f"error: {e}", file=sys.stderr)
+                print(f"delivery {d.delivery_id}: NOT sent ({len(d.errors)} bad row(s))", file=sys.stderr)
+                continue
+            resp = client.receive(d.site_id, d.delivery_id, d.lines, supplier=d.supplier)
+            flagged = [r for r in resp.results if r.verdict != pb.OK]
+            print(f"delivery {d.delivery_id} at site {resp.site_id}: {resp.accepted} of {len(d.lines)} packs "
+                  f"received{' (replayed)' if resp.replayed else ''}, {len(flagged)} flagged")
+            for r in flagged:
+                print(f"  {args.file}:{d.rows[r.line_index]}: {verdict_name(r.verdict):<20} "
+                      f"{r.canonical_code or d.lines[r.line_index][0]}  {r.reason}")
+    return 1 if unsent else 0
 
 
 def cmd_demo(args) -> int:
@@ -270,31 +269,24 @@ def cmd_demo(args) -> int:
     return run()
 
 
-def cmd_console(args) -> int:
-    from tracecode.console.cli import main as console_main  # the console extra: pip install .[console]
-    return console_main(args.rest)
+def _answering_rpc_errors(cmd):
+    """A command whose gRPC failure ends as one line `error: STATUS: details` and exit 2, and
+    whose unreadable input file (files.InputFileError and every other OSError: missing,
+    unreadable, truncated) as one line `error: FILE: ...`, exit 2, never a traceback."""
+    def run(args) -> int:
+        try:
+            return cmd(args)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tracecode.server import config as cfg
-    p = argparse.ArgumentParser(prog="tracecode", description="Drug traceability-code verification")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("serve", help="run the gRPC server (embedded Redis unless --redis-url)")
-    cfg.add_arguments(s)
-    s.set_defaults(func=cmd_serve)
-
-    m = sub.add_parser("migrate-layout", help="move a data set from Redis layout 1 to layout 2 "
-                                              "(servers stopped; resumable; docs/operations.md)")
-    cfg.add_arguments(m)
-    m.set_defaults(func=cmd_migrate_layout)
-
-    x = sub.add_parser("prune-expired", help="drop the state of packs past expiry + return window (layout 2; "
-                                             "safe beside running servers)")
-    cfg.add_arguments(x)
-    x.add_argument("--cutoff", type=int, help="YYYYMMDD: packs expiring before it go (default: today minus "
-                                              "return_window_days, issuer's calendar)")
-    x.set_defaults(func=cmd_prune_expired)
+def register(sub) -> None:
+    """Add the clients' subcommands to the `tracecode` parser's subparsers."""
 
     def client_parser(name, help):
         c = sub.add_parser(name, help=help)
@@ -312,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = client_parser("load", "load issuance records from CSV/JSONL files (.gz too)")
     c.add_argument("files", nargs="+")
     c.add_argument("--replace", action="store_true", help="overwrite records issued for another product")
-    c.set_defaults(func=cmd_load)
+    c.set_defaults(func=_answering_rpc_errors(cmd_load))
 
     c = client_parser("verify", "verify and dispense codes as one settlement")
     c.add_argument("codes", nargs="+")
@@ -322,31 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--settlement-id", help="idempotency key (default: a new one)")
     c.add_argument("--all-or-nothing", action="store_true")
     c.add_argument("--insured-id", help="the insured person's id as read; - reads stdin")
-    c.set_defaults(func=cmd_verify)
+    c.set_defaults(func=_answering_rpc_errors(cmd_verify))
+
+    c = client_parser("receive", "the receiving check (入库核验) of a shipment file's deliveries")
+    c.add_argument("file", help="CSV/JSONL/.gz/Parquet: delivery_id, code[, product_id, supplier, site_id]")
+    c.add_argument("--site", help="the receiving site (else the file's site_id column; a pharmacy's token names it)")
+    c.set_defaults(func=_answering_rpc_errors(cmd_receive))
 
     c = client_parser("reverse", "return (reverse) a settlement or some of its lines")
     c.add_argument("settlement_id")
     c.add_argument("--site", required=True)
     c.add_argument("--lines", type=int, nargs="*", default=[], help="0-based line indexes (default all)")
     c.add_argument("--reason", default="")
-    c.set_defaults(func=cmd_reverse)
+    c.set_defaults(func=_answering_rpc_errors(cmd_reverse))
 
     c = client_parser("history", "a code's issuance record and events")
     c.add_argument("code")
-    c.set_defaults(func=cmd_history)
+    c.set_defaults(func=_answering_rpc_errors(cmd_history))
 
     c = client_parser("status", "set a code's status (admin)")
     c.add_argument("code")
     c.add_argument("status", choices=["ACTIVE", "RECALLED", "LOCKED", "STOLEN", "DESTROYED"])
     c.add_argument("--reason", default="")
-    c.set_defaults(func=cmd_status)
+    c.set_defaults(func=_answering_rpc_errors(cmd_status))
 
     c = client_parser("recall", "recall every code of a product batch (admin)")
     c.add_argument("--product", required=True)
     c.add_argument("--batch", required=True)
     c.add_argument("--status", default="RECALLED")
     c.add_argument("--reason", default="")
-    c.set_defaults(func=cmd_recall)
+    c.set_defaults(func=_answering_rpc_errors(cmd_recall))
 
     c = client_parser("reverify", "stream settlement exports (CSV/JSONL/.gz/Parquet) through the checks")
     c.add_argument("files", nargs="*")
@@ -361,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rate", type=float, default=0, help="cap on settlements/s (0: none)")
     c.add_argument("--quiet", action="store_true", help="no progress line")
     c.add_argument("--drop", action="store_true", help="only drop the namespace of --job-id")
-    c.set_defaults(func=cmd_reverify)
+    c.set_defaults(func=_answering_rpc_errors(cmd_reverify))
 
     c = client_parser("sanction", "set, lift or list sanctions of sites and insured persons (admin)")
     actions = c.add_subparsers(dest="action", required=True)
@@ -390,52 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--pseudonym", help="an insured pseudonym (KEY_ID.hex)")
             a.add_argument("--history", action="store_true", help="every entry, lifted and ended ones too")
             a.add_argument("--reference", default="")
-    c.set_defaults(func=cmd_sanction)
+    c.set_defaults(func=_answering_rpc_errors(cmd_sanction))
 
-    t = sub.add_parser("token", help="issue a bearer token for auth = token (run where the secret is)")
-    t.add_argument("--secret-file", required=True, help="the server's auth_token_secret_file")
-    t.add_argument("--role", choices=["site", "admin"], required=True)
-    t.add_argument("--name", required=True, help="site id, or the operator's name")
-    t.add_argument("--ttl-days", type=float, default=30.0, help="validity (default 30 days)")
-    t.set_defaults(func=cmd_token)
-
-    from tracecode.leads.cli import add_parser as add_leads
-    add_leads(sub)
-
-    d = sub.add_parser("demo", help="self-contained demo: embedded Redis, sample data, a resold pack")
-    d.set_defaults(func=cmd_demo)
-
-    # prefix_chars: every argument after "console" is the console's own (its parser reads them).
-    k = sub.add_parser("console", add_help=False, prefix_chars="\x00",
-                       help="the leads ledger web console (`tracecode console -h`)")
-    k.add_argument("rest", nargs=argparse.REMAINDER)
-    k.set_defaults(func=cmd_console)
-    return p
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "reverify":
-        ckpt = os.path.join(args.out, "checkpoint.json")
-        if not args.job_id and args.resume and os.path.exists(ckpt):
-            with open(ckpt, encoding="utf-8") as fh:
-                args.job_id = json.load(fh)["job_id"]
-        if not args.job_id:
-            if args.resume or args.drop:
-                parser.error("--resume and --drop need the --job-id of the job")
-            import uuid
-            args.job_id = "job-" + uuid.uuid4().hex[:12]
-        if not args.drop and not args.files:
-            parser.error("reverify: at least one FILE")
-    if args.command != "serve":
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    d = sub.add_parser("demo", help="self-contained demo: a server on a throw-away embedded Redis, sample data, "
+                                    "a resold pack")
+    d.set_defaults(func=_answering_rpc_errors(cmd_demo))

@@ -1,19 +1,22 @@
 """`tracecode demo`: the whole path in one command, on a throw-away embedded Redis.
 
-Generates sample issuance records, starts a server, has pharmacy A sell two packs, then shows the
-same pack (scanned in another form) flagged as DUPLICATE when pharmacy B settles it.
+Generates sample issuance records, starts `tracecode serve` (a child process with its embedded
+Redis in a temporary directory, as an operator would run it), has pharmacy A sell two packs, then
+shows the same pack (scanned in another form) flagged as DUPLICATE when pharmacy B settles it.
 """
 from __future__ import annotations
 
 import csv
 import os
 import random
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 
 from tracecode import codec
-from tracecode.server.config import Config
-from tracecode.server.app import Server, make_store
-from tracecode.server.store import RedisProcess
 from tracecode.v1 import verification_pb2 as pb
 
 from .admin import AdminClient
@@ -49,18 +52,46 @@ def _show(title: str, resp) -> None:
             print(f"           {r.reason}")
 
 
+def start_server(data_dir: str, timeout_s: float = 60.0) -> tuple[subprocess.Popen, int]:
+    """`tracecode serve` on a free port over an embedded Redis in data_dir; (process, port) once
+    it says it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "tracecode.cli", "serve", "--data-dir", data_dir,
+                             "--listen", "127.0.0.1:0", "--metrics-port", "0", "--workers", "1",
+                             "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    found: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for out in proc.stdout:
+            m = re.match(r"tracecode listening on port (\d+)", out)
+            if m:
+                found.append(int(m.group(1)))
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not done.wait(timeout_s) or not found:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        raise RuntimeError(f"tracecode serve did not start: {err.strip()[-2000:]}")
+    return proc, found[0]
+
+
 def run() -> int:
     with tempfile.TemporaryDirectory(prefix="tracecode-demo-") as tmp:
         print(f"codec: {codec.IMPLEMENTATION}")
-        redis_proc = RedisProcess(os.path.join(tmp, "redis")).start()
-        config = Config(listen="127.0.0.1:0", metrics_port=0)
-        store = make_store(config, redis_proc.url)
-        server = Server(config, store).start()
-        target = f"127.0.0.1:{server.port}"
+        server, port = start_server(os.path.join(tmp, "data"))
+        target = f"127.0.0.1:{port}"
         try:
             path = os.path.join(tmp, "issuance.csv")
             rows = sample_issuance(path)
-            summary = AdminClient(target).upsert(read_rows(path, ISSUANCE_FIELDS), source=path)
+            admin = AdminClient(target)
+            try:
+                summary = admin.upsert(read_rows(path, ISSUANCE_FIELDS), source=path)
+            finally:
+                admin.close()
             print(f"loaded issuance records: created={summary.created} rejected={summary.rejected}")
 
             cn20, gs1 = rows[0]["code"], rows[1]["code"]
@@ -75,9 +106,11 @@ def run() -> int:
                                     settlement_id="B-20240506-0917")
                 _show("pharmacy B settles the same packs (resold: 回流药)", second)
         finally:
-            server.stop(0)
-            store.close()
-            redis_proc.stop()
+            server.send_signal(signal.SIGTERM)  # drains, then stops its embedded Redis
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
     dup = [r for r in second.results if r.verdict == pb.DUPLICATE]
     ok = all(r.verdict == pb.OK for r in first.results) and len(dup) == 2
     print("\ndemo " + ("passed: the resold packs were flagged with the first pharmacy named" if ok else "FAILED"))

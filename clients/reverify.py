@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import gc
 import heapq
 import itertools
@@ -41,7 +40,10 @@ from tracecode.v1 import bulk_pb2 as bpb
 from tracecode.v1 import bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
-from .files import SETTLEMENT_FIELDS, ByteCounter, Row, RowError, read_rows
+from tracecode.rules.cells import neutralise, neutralise_row
+from tracecode.rules.rows import check_row, settled_at_ms
+
+from .files import SETTLEMENT_FIELDS, SETTLEMENT_READ_FIELDS, ByteCounter, Row, RowError, check_readable, read_rows
 
 FLAGGED_EXTRA = ("verdict", "canonical_code", "reason", "first_site_id", "first_settlement_id",
                  "first_settled_at", "first_insured_id", "sanction", "sanction_id")
@@ -70,29 +72,12 @@ class Settlement:
         return (self.at_ms, self.file_index) < (other.at_ms, other.file_index)
 
 
-@functools.lru_cache(maxsize=1024)
-def _parse_time(text: str) -> int:
-    # Cached: every row of a settlement repeats its settled_at.
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if t.tzinfo is None:
-        raise ValueError("settled_at needs an offset, e.g. 2024-05-06T10:15:00+08:00")
-    return int(t.timestamp() * 1000)
-
-
 def _check_row(row: Row) -> RowError | None:
-    f = row.fields
-    try:
-        f["_at"] = _parse_time(f["settled_at"])  # type: ignore[assignment]  # the parsed time rides on the row
-    except ValueError as exc:
-        return RowError(row.source, row.line, "settled_at", str(exc))
-    n, units = f["line_no"], f.get("units") or "0"
-    if n.isdigit() and units.isdigit() and int(n) >= 1:  # the common, valid row: one test
-        return None
-    for name, low in (("line_no", 1), ("units", 0)):
-        v = f.get(name) or ("0" if name == "units" else "")
-        if not v.isdigit() or int(v) < low:
-            return RowError(row.source, row.line, name, f"{v!r} is not an integer >= {low}")
-    return None
+    """The row rules every reader of settlement files applies (rules/rows.py: the leads engine
+    applies the same ones column-wise). On success the parsed time (`_at`), the normalised
+    insured id (`_insured`) and the amount in fen ride on the row's fields."""
+    problem = check_row(row.fields)
+    return None if problem is None else RowError(row.source, row.line, problem.field, problem.reason)
 
 
 def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounter) -> Iterator[Settlement]:
@@ -102,7 +87,7 @@ def settlements_of(path: str, file_index: int, skip_to: int, counter: ByteCounte
     cur: Settlement | None = None
     pending: list[RowError] = []
     last_line = skip_to
-    for item in read_rows(path, SETTLEMENT_FIELDS, counter):
+    for item in read_rows(path, SETTLEMENT_READ_FIELDS, counter):
         if item.line <= skip_to:
             continue
         last_line = item.line
@@ -155,7 +140,7 @@ def _chunk_pb(seq: int, batch: list[Settlement]) -> bpb.ReverifyRequest:
             s.rows.sort(key=_line_no)
         m = add(site_id=s.site_id, settlement_id=s.settlement_id,
                 settled_at={"seconds": s.at_ms // 1000, "nanos": (s.at_ms % 1000) * 1_000_000},
-                insured_id=s.rows[0].fields.get("insured_id") or "")
+                insured_id=s.rows[0].fields.get("_insured") or "")
         line = m.lines.add
         for r in s.rows:
             f = r.fields
@@ -275,7 +260,7 @@ def _open_resumable(path: str, offset: int | None, header: tuple[str, ...] | Non
     if offset is None:
         fh = open(path, "w", newline="", encoding="utf-8")
         if header is not None:
-            csv.writer(fh).writerow(header)
+            csv.writer(fh).writerow(neutralise_row(header))
         return fh
     fh = open(path, "r+", newline="", encoding="utf-8")
     fh.truncate(offset)
@@ -294,7 +279,8 @@ class FlaggedWriter:
 
     def write(self, row: dict[str, str]) -> None:
         if self._csv:
-            self._csv.writerow(row)
+            # A spreadsheet must not run a cell as a formula (rules/cells.py); JSONL is data.
+            self._csv.writerow({k: neutralise(v) for k, v in row.items()})
         else:
             self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -315,7 +301,7 @@ class ErrorWriter:
         self._csv = csv.writer(self.fh)
 
     def write(self, e: RowError) -> None:
-        self._csv.writerow([e.source, e.line, e.field, e.reason])
+        self._csv.writerow(neutralise_row([e.source, e.line, e.field, e.reason]))
 
     def offset(self) -> int:
         self.fh.flush()
@@ -331,7 +317,7 @@ def write_network(path: str, ranked: list[Pair]) -> None:
         w = csv.writer(fh)
         w.writerow(["first_site_id", "later_site_id", "duplicates"])
         for p in ranked:
-            w.writerow(p)
+            w.writerow(neutralise_row(p))
 
 
 def summary_of(meta: dict, tally: Tally, network: DuplicateNetwork, top: int = 50) -> dict:
@@ -484,6 +470,8 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
             metadata=(), credentials=None, stream_chunks: int = 200) -> dict:
     """Run (or resume) one job; returns the summary. max_rate caps settlements/s so a daytime
     job leaves Redis to the live POS traffic (0: no cap)."""
+    for path in files:  # a missing or unreadable file stops the job before it writes anything
+        check_readable(path)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     if os.path.exists(ckpt_path):
@@ -595,5 +583,10 @@ def run_job(target: str | grpc.Channel, files: list[str], out_dir: str, *, job_i
     return summary
 
 
-# Public for the leads engine (tracecode.leads), which reads settled_at exactly as a job does.
-parse_time = _parse_time
+# settled_at as a job reads it (tests and tools; the rule itself is rules/rows.py).
+def parse_time(text: str) -> int:
+    """settled_at as epoch ms (rules/rows.py); ValueError with the rule's text."""
+    ms = settled_at_ms(text)
+    if isinstance(ms, str):
+        raise ValueError(ms)
+    return ms

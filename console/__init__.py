@@ -5,7 +5,8 @@ ledger (leads, evidence, history, actions, sanctions, weekly reports), its intak
 handed-down batches, the live settlement audit stream) and its web pages. `cli.py` is what
 `tracecode console ...` runs.
 
-May import: Django and the console extra's libraries, `tracecode.server.pseudonym` (the one
-pseudonym function), `tracecode.server.failpoints`, `tracecode.clients` (gRPC clients: the only way the console talks to the
-service) and the generated `tracecode.v1` stubs. Nothing else of `tracecode.server`.
+May import: Django and the console extra's libraries, the rules core (`tracecode.rules`: the one
+pseudonym function, insured ids, cells), `tracecode.server.failpoints`, `tracecode.clients` (gRPC
+clients: the only way the console talks to the service, the audit feed included) and the
+generated `tracecode.v1` stubs. Nothing else of `tracecode.server`, and no Redis.
 """

@@ -40,6 +40,7 @@ __all__ = [
     "gtin_check_digit",
     "parse",
     "parse_many",
+    "keys_many",
 ]
 
 # The parse result: (kind, key, product, serial, batch, expiry, reason), and its named indexes.
@@ -72,5 +73,6 @@ def _select():
 _impl, IMPLEMENTATION = _select()
 parse = _impl.parse
 parse_many = _impl.parse_many
+keys_many = _impl.keys_many
 gtin_check_digit = _impl.gtin_check_digit
 del _select

@@ -1197,11 +1197,25 @@ cdef tuple _pack(object kind, object key, object product, object serial, object 
     return t
 
 
+cdef object _gs1_key(State* st):
+    """A parsed GS1 scan's canonical key: '01' + GTIN-14 + '21' + serial, built in place."""
+    cdef Field* g = &st.fields[st.gtin_i]
+    cdef Field* f = &st.fields[st.serial_i]
+    cdef object key = PyUnicode_New(18 + f.n, 127)
+    cdef unsigned char* w = PyUnicode_1BYTE_DATA(key)
+    w[0] = 48
+    w[1] = 49
+    memcpy(w + 2, g.p, 14)
+    w[16] = 50
+    w[17] = 49
+    memcpy(w + 18, f.p, f.n)
+    return key
+
+
 cdef tuple _result(State* st, _CProfile cp, object raw, bint raw_is_text):
     cdef Field* f
     cdef Field* g
     cdef object key
-    cdef unsigned char* w
     if st.err:
         return _pack(_K_MALFORMED, _EMPTY, _EMPTY, _EMPTY, _EMPTY, _ZERO, _reason(st, cp))
     if st.kind == KIND_CN20_C:
@@ -1213,19 +1227,23 @@ cdef tuple _result(State* st, _CProfile cp, object raw, bint raw_is_text):
         return _pack(_K_CN20, key, _ascii(st.code, 7), _ascii(st.code + 7, 9), _EMPTY, _ZERO, _EMPTY)
     g = &st.fields[st.gtin_i]
     f = &st.fields[st.serial_i]
-    key = PyUnicode_New(18 + f.n, 127)
-    w = PyUnicode_1BYTE_DATA(key)
-    w[0] = 48
-    w[1] = 49
-    memcpy(w + 2, g.p, 14)
-    w[16] = 50
-    w[17] = 49
-    memcpy(w + 18, f.p, f.n)
     batch = _ascii(st.fields[st.batch_i].p, st.fields[st.batch_i].n) if st.batch_i >= 0 else _EMPTY
-    return _pack(_K_GS1, key, _ascii(g.p, 14), _ascii(f.p, f.n), batch, st.expiry, _EMPTY)
+    return _pack(_K_GS1, _gs1_key(st), _ascii(g.p, 14), _ascii(f.p, f.n), batch, st.expiry, _EMPTY)
 
 
-cdef tuple _parse_one(object raw, _CProfile cp):
+cdef object _key_only(State* st, object raw, bint raw_is_text):
+    """The canonical key alone ('' for a malformed scan): what `keys_many` returns, without the
+    product, serial, batch and reason strings a full result builds."""
+    if st.err:
+        return _EMPTY
+    if st.kind == KIND_CN20_C:
+        if raw_is_text and st.code == st.s and st.n == 20 and PyUnicode_CheckExact(raw):
+            return raw
+        return _ascii(st.code, 20)
+    return _gs1_key(st)
+
+
+cdef object _parse_one(object raw, _CProfile cp, bint key_only=False):
     cdef State st
     cdef unsigned char stack_text[STACK_BYTES]
     cdef unsigned char stack_scratch[STACK_BYTES]
@@ -1249,7 +1267,7 @@ cdef tuple _parse_one(object raw, _CProfile cp):
         st.num = rn
         st.num2 = cp.max_length
         st.err = E_TOO_LONG
-        return _result(&st, cp, raw, False)
+        return _key_only(&st, raw, False) if key_only else _result(&st, cp, raw, False)
     try:
         if PyUnicode_IS_ASCII(raw):
             data = PyUnicode_1BYTE_DATA(raw)
@@ -1271,9 +1289,9 @@ cdef tuple _parse_one(object raw, _CProfile cp):
             else:
                 st.s = stack_text
             if _normalise_wide(&st, raw, rn) < 0:
-                return _result(&st, cp, raw, False)
+                return _key_only(&st, raw, False) if key_only else _result(&st, cp, raw, False)
         _parse_text(&st, cp)
-        return _result(&st, cp, raw, raw_is_text)
+        return _key_only(&st, raw, raw_is_text) if key_only else _result(&st, cp, raw, raw_is_text)
     finally:
         free(heap_text)
         free(st.heap)
@@ -1340,6 +1358,21 @@ def parse_many(raws, profile=None):
         if not PyUnicode_Check(raw):
             raise TypeError(f"raw must be str, not {type(raw).__name__}")
         out.append(_parse_one(raw, cp))
+    return out
+
+
+def keys_many(raws, profile=None):
+    """The canonical key of each scan, in order ('' where it is malformed): parse_many's KEY
+    column without the rest of each result (the leads engine's columns of millions of scans)."""
+    cdef _CProfile cp = _compiled(profile)
+    cdef list items = raws if type(raws) is list else list(raws)
+    cdef Py_ssize_t i, n = len(items)
+    cdef list out = []
+    for i in range(n):
+        raw = items[i]
+        if not PyUnicode_Check(raw):
+            raise TypeError(f"raw must be str, not {type(raw).__name__}")
+        out.append(_parse_one(raw, cp, True))
     return out
 
 

@@ -11,11 +11,9 @@ from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy
 
 import hashlib
-import json
 
 from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
 
-cdef object _loads = json.loads
 cdef object _blake2b = hashlib.blake2b
 cdef object _Results = Results
 cdef Py_ssize_t _WIDTH = ROW_WIDTH
@@ -55,9 +53,6 @@ def decode_results(str text, row_type, own=None):
     cdef list rows = []
     cdef str head
     cdef Py_ssize_t k, j, m
-    if text[:1] == u"{":  # the legacy JSON form
-        doc = _loads(text)
-        return _Results(bool(doc["rec"]), [row_type(*row[:_WIDTH]) for row in doc["l"]])
     parts = text.split(RECORD_SEP)
     head = parts[0]
     if head != u"0" and head != u"1":

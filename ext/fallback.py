@@ -90,6 +90,11 @@ def parse_many(raws, profile=None):
     return [parse(raw, profile) for raw in raws]
 
 
+def keys_many(raws, profile=None):
+    """The canonical key of each scan, in order ('' where it is malformed): parse_many's KEY column."""
+    return [p[1] for p in parse_many(raws, profile)]
+
+
 def gtin_check_digit(digits):
     """GS1 mod-10 check digit for the digits before it (e.g. the first 13 of a GTIN-14)."""
     if not isinstance(digits, str):

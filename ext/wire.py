@@ -3,11 +3,9 @@ chosen as the scan codec is (TRACECODE_NO_EXTENSIONS=1 forces the pure-Python tw
 extension falls back to it with a WARNING). `IMPLEMENTATION` says which: "compiled" or "python".
 
     decode_results(text, row_type) -> Results(recorded, rows)
-        A verify.lua answer (or a stored settlement's results) in either form:
-        - packed (store layout 2): "0" | "1" (recorded), then per line "\\x1e" and the 12 fields
-          of a row joined by "\\x1f", int fields in decimal; zero lines is just "0" / "1";
-        - legacy JSON (starts with "{"): {"rec": 0|1, "l": [[12 values, extra ones ignored], ...]}.
-        Each row is row_type(*its 12 fields) (the store's ScriptRow). decode_results(text,
+        A verify.lua answer (or a stored settlement's results), packed: "0" | "1" (recorded),
+        then per line "\\x1e" and the 12 fields of a row joined by "\\x1f", int fields in
+        decimal; zero lines is just "0" / "1". Each row is row_type(*its 12 fields) (the store's ScriptRow). decode_results(text,
         row_type, own=(site, settlement_id, settled_at_ms)) reads a stored record, whose own
         first dispense is written '=', '', '' in the packed form.
     encode_results(recorded, rows) -> the packed form (decode_results inverts it exactly).
@@ -19,7 +17,7 @@ extension falls back to it with a WARNING). `IMPLEMENTATION` says which: "compil
         objects with raw_code, product_id and units.
 
 The separators are safe in the packed form: ids are [A-Za-z0-9._-] and free text is refused
-when it holds a control character (verifier.text_problem); encode_results refuses them too.
+when it holds a control character (tracecode.rules.text); encode_results refuses them too.
 """
 from __future__ import annotations
 

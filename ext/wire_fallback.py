@@ -8,7 +8,6 @@ fields; a line has raw_code / product_id / units attributes), never the server's
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, Sequence
 
 from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
@@ -31,9 +30,6 @@ def decode_results(text: str, row_type: Any, own: Sequence[Any] | None = None) -
     """A verify.lua reply or stored results text -> Results(recorded, rows of row_type). With
     `own` (site, settlement id, settled_at ms: a stored record's own), a packed row whose first
     dispense is written '=' (the settlement's own first dispense) gets those three values."""
-    if text[:1] == "{":  # the legacy JSON form
-        doc = json.loads(text)
-        return Results(bool(doc["rec"]), [row_type(*row[:ROW_WIDTH]) for row in doc["l"]])
     parts = text.split(RECORD_SEP)
     head = parts[0]
     if head != "0" and head != "1":

@@ -1,20 +1,20 @@
-"""Shapes shared by the two twins of the wire module (`_wire.pyx`, `wire_fallback.py`).
-
-A results row is the 12 fields of the store's ScriptRow (server/store/types.py), in its order:
+"""Shapes shared by the two twins of the wire module (`_wire.pyx`, `wire_fallback.py`), taken from
+the rules core's schema (tracecode.rules.schema.ScriptRow), where a results row is defined once:
 verdict, accepted, used, pack_units, status, issued_product_id, expiry, first_site_id,
-first_settlement_id, first_settled_at_ms, attempts, reason. The codec is a leaf and cannot
-import that type; tests/test_wire.py checks that these positions are ScriptRow's int fields.
+first_settlement_id, first_settled_at_ms, attempts, reason.
+
+The codec imports nothing of tracecode but that schema (import-linter, pyproject.toml).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-ROW_WIDTH = 12
+from tracecode.rules.schema import OWN, ROW_INT_POSITIONS, ROW_WIDTH
+
+__all__ = ["ROW_WIDTH", "INT_FIELDS", "OWN", "Results"]
+
 # Positions of the int fields (accepted, used, pack_units, expiry, first_settled_at_ms, attempts).
-INT_FIELDS = (1, 2, 3, 6, 9, 10)
-# first_site_id, then first_settlement_id and first_settled_at_ms: a stored record writes its
-# own first dispense as '=', '', '' (the store's layout 2), decode_results(own=...) restores it.
-OWN = 7
+INT_FIELDS = ROW_INT_POSITIONS
 
 
 class Results(NamedTuple):

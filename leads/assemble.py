@@ -16,15 +16,17 @@ from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 
-from .config import LeadsConfig
+from .config import AMOUNT_TEXT, LeadsConfig
 
+# `summary` is Chinese (what the console shows); `summary_en` and `model_status` came later and
+# are appended, so readers that take columns by position still find the first fourteen.
 LEAD_FIELDS = ("lead_id", "model", "model_version", "subject_kind", "subject_id", "region", "window_start",
-               "window_end", "score", "risk", "packs", "lines", "amount", "summary")
+               "window_end", "score", "risk", "packs", "lines", "amount", "summary", "summary_en", "model_status")
 EVIDENCE_FIELDS = ("lead_id", "role", "site_id", "settlement_id", "line_no", "settled_at", "canonical_code",
                    "product_id", "insured_id", "amount")
 # Resale leads count what the fund paid a second time: the `later` lines only.
 RESALE_MODELS = ("RESALE_BUYER", "RESALE_SOURCE", "RING")
-MODEL_ORDER = ("RESALE_BUYER", "RESALE_SOURCE", "RING", "STOCKPILING", "SWAP", "ABNORMAL_SITE")
+MODEL_ORDER = ("RESALE_BUYER", "RESALE_SOURCE", "RING", "STOCKPILING", "SWAP", "UNRECEIVED", "ABNORMAL_SITE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ class Lead:
     lines: int
     amount: str
     summary: str
+    summary_en: str
+    model_status: str
 
 
 def lead_id(model: str, version: int, subject_id: str) -> str:
@@ -86,6 +90,8 @@ def assemble(ev: pa.Table, figures: dict[str, dict[str, dict]], sites: dict[str,
     leads, evidence = [], []
     for (model, engine_subject), idx in groups.items():
         m = cfg.model(model)
+        if m.status == "RETIRED":  # a retired version writes neither leads nor evidence
+            continue
         fig = dict(figures[model][engine_subject])
         subject = ring_ids[engine_subject] if model == "RING" else engine_subject
         lid = lead_id(model, m.version, subject)
@@ -97,11 +103,11 @@ def assemble(ev: pa.Table, figures: dict[str, dict[str, dict]], sites: dict[str,
         region = _region(m.subject_kind, subject, site_lines, sites)
         score = float(fig.pop("score"))
         fig.update(subject_id=subject, packs=len({cols["ckey"][i] for i in idx}), lines=len(idx),
-                   amount_text=f"{amount} yuan" if amount else "an unknown amount",
                    score=score, score_text=fmt_score(score))
         leads.append(Lead(lid, model, m.version, m.subject_kind, subject, region, fmt_time(min(at), tz),
                           fmt_time(max(at), tz), score, risk_of(score, m.risk), fig["packs"], len(idx), amount,
-                          m.summary.format(**fig)))
+                          summary(m.summary_zh, "zh", fig, amount), summary(m.summary_en, "en", fig, amount),
+                          m.status))
         for i in idx:
             evidence.append((lid, cols["role"][i], cols["site_id"][i], cols["settlement_id"][i],
                              cols["line_no"][i], fmt_time(cols["at_ms"][i], tz), cols["ckey"][i],
@@ -112,6 +118,11 @@ def assemble(ev: pa.Table, figures: dict[str, dict[str, dict]], sites: dict[str,
     rank = {ld.lead_id: n for n, ld in enumerate(leads)}
     evidence.sort(key=lambda e: (rank[e[0]], e[10], e[11], e[1]))
     return leads, [e[:10] for e in evidence]
+
+
+def summary(template: str, lang: str, fig: dict, amount: str) -> str:
+    known, unknown = AMOUNT_TEXT[lang]
+    return template.format(**fig, amount_text=known.format(amount=amount) if amount else unknown)
 
 
 def _region(kind: str, subject: str, site_lines: Counter, sites: dict[str, tuple[str, str]]) -> str:
@@ -140,6 +151,8 @@ def leads_table(leads: list[Lead]) -> pa.Table:
         "lines": pa.array([ld.lines for ld in leads], pa.int64()),
         "amount": pa.array([ld.amount or None for ld in leads], pa.string()),
         "summary": pa.array([ld.summary for ld in leads], pa.string()),
+        "summary_en": pa.array([ld.summary_en for ld in leads], pa.string()),
+        "model_status": pa.array([ld.model_status for ld in leads], pa.string()),
     })
 
 
@@ -153,4 +166,5 @@ def evidence_table(rows: list[tuple]) -> pa.Table:
 
 def lead_csv_row(ld: Lead) -> list:
     return [ld.lead_id, ld.model, ld.model_version, ld.subject_kind, ld.subject_id, ld.region, ld.window_start,
-            ld.window_end, fmt_score(ld.score), ld.risk, ld.packs, ld.lines, ld.amount, ld.summary]
+            ld.window_end, fmt_score(ld.score), ld.risk, ld.packs, ld.lines, ld.amount, ld.summary,
+            ld.summary_en, ld.model_status]

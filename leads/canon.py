@@ -10,16 +10,16 @@ from tracecode import codec
 
 
 def profile_of(config) -> "codec.Profile":
-    """The scanner profile the server's verifier builds from a Config, so a code parses here
-    exactly as it parses at REPLAY (a Verifier without a store: building it touches none)."""
-    from tracecode.server.verifier import Verifier
-    return Verifier(None, config).profile  # type: ignore[arg-type]
+    """The scanner profile of a configuration (rules/settlement.py, as the server's verifier
+    builds it), so a code parses here exactly as it parses at REPLAY."""
+    from tracecode.rules.settlement import RulesSettings, scan_profile
+    return scan_profile(RulesSettings.from_config(config))
 
 
 def canonical_keys(codes: pa.Array | pa.ChunkedArray, profile) -> pa.Array:
-    """Per raw scan its canonical key ('' when the codec finds it malformed)."""
-    parsed = codec.parse_many(codes.to_pylist(), profile)
-    return pa.array([p[codec.KEY] for p in parsed], pa.string())
+    """Per raw scan its canonical key ('' when the codec finds it malformed): the codec's key-only
+    path (keys_many), no 7-tuple per scan."""
+    return pa.array(codec.keys_many(codes.to_pylist(), profile), pa.string())
 
 
 def with_keys(batch: pa.RecordBatch, profile) -> pa.RecordBatch:

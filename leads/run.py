@@ -22,11 +22,15 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import assemble, canon, engines, network, robust, splitpack, sql, staging
+from . import assemble, canon, engines, network, receipts, robust, sql
+from . import state as state_mod
+from tracecode.rules.cells import neutralise_row
 from tracecode.server.config import Config
 
 from .config import LeadsConfig
-from .inputs import InputError, Limits, Pseudonyms, read_sites, settlement_reason
+from tracecode.clients.files import check_readable
+
+from .inputs import InputError, Limits, Pseudonyms, read_issuance_file, read_sites, settlement_reason
 
 ERROR_FIELDS = ("file", "line", "field", "reason")
 LINE_FIELDS = ("file", "line", "site_id", "settlement_id", "line_no", "code", "verdict", "canonical_code",
@@ -44,9 +48,13 @@ class Options:
     pseudonyms: Pseudonyms = field(default_factory=Pseudonyms)
     config: LeadsConfig = field(default_factory=LeadsConfig)
     server_config: Config | None = None  # the verification settings (timezone, prefixes, limits)
+    receipts: list[str] = field(default_factory=list)  # receipts files (UNRECEIVED; receipts.py)
     lines_out: bool = False
     progress: bool = True
     workdir: str | None = None  # scratch (staged Parquet, DuckDB database); a temp dir by default
+    # Incremental runs (state.py): resume from the state in this directory if it has one, and
+    # save the state after this run there.
+    state: str | None = None
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Result:
     errors: int
     verdicts: dict
     seconds: dict
+    judged_per_file: dict = field(default_factory=dict)  # file -> rows judged (errors.csv has the rest)
 
 
 class _Stages:
@@ -68,15 +77,15 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.t = time.perf_counter()
 
-    def file_done(self, staged) -> None:
-        """A file staged: shown while the read stage runs (it is most of a long run)."""
+    def file_done(self, rows: int) -> None:
+        """A file read: shown while the read stage runs (it is most of a long run)."""
         self.files = getattr(self, "files", 0) + 1
-        self.rows = getattr(self, "rows", 0) + staged.rows
+        self.rows = getattr(self, "rows", 0) + rows
         self.bar.set_postfix_str(f"read {self.files} file(s), {self.rows:,} rows")
 
     def done(self, name: str, note: str = "") -> None:
         now = time.perf_counter()
-        engines._profile(f"stage {name}", self.t)
+        engines.log_timing(f"stage {name}", self.t)
         self.seconds[name] = round(now - self.t, 3)
         self.t = now
         self.bar.set_postfix_str(f"{name} {note}".strip())
@@ -88,7 +97,7 @@ class _Stages:
 
 STAGES = ["read", "canonicalise", "verdicts", "models", "write"]
 # Intermediate tables no later step reads: dropped as soon as they are done with (memory).
-DROP_AFTER = {"s3": ("s1", "s2"), "settlements": ("s3",), "jl2": ("jl", "repeats", "before")}
+DROP_AFTER = {"s3": ("s1", "s2"), "settlements": ("s3",)}
 
 
 def run(opts: Options) -> Result:
@@ -96,7 +105,26 @@ def run(opts: Options) -> Result:
     limits = Limits.from_config(cfg)
     profile = canon.profile_of(cfg)
     tz = ZoneInfo(cfg.timezone)
-    os.makedirs(opts.out, exist_ok=True)
+    # A missing or unreadable input is an error before anything runs or is written (issue 23):
+    # judging the rest without it would call every line of a missing issuance file UNKNOWN.
+    for path in [*opts.files, *opts.issuance, *opts.receipts, *([opts.sites] if opts.sites else [])]:
+        check_readable(path)
+    inc = None
+    if opts.state:
+        if opts.lines_out:
+            raise state_mod.StateError("--lines writes every line of a full run: it cannot be given with --state")
+        if opts.receipts:
+            # A receipt covers only the sales after it, so unreceived lines are final once judged and
+            # could be saved like the flagged ones; until the state carries them and the receipts,
+            # UNRECEIVED runs in full runs only.
+            raise state_mod.StateError("--receipts (the UNRECEIVED model) needs a full run: receipts are not part of "
+                                       "the saved state; run it without --state")
+        inc = state_mod.State(opts.state, state_mod.fingerprint(opts.config.models, limits, opts.pseudonyms),
+                             opts.config.model("STOCKPILING").params["window_hours"])
+        if not inc.resuming and not opts.issuance:
+            inc.close()
+            raise state_mod.StateError(f"state {inc.dir} is new: its first run reads the whole history and "
+                                       "needs --issuance")
     own_work = opts.workdir is None
     work = opts.workdir or tempfile.mkdtemp(prefix="tracecode-leads-")
     os.makedirs(work, exist_ok=True)
@@ -104,43 +132,55 @@ def run(opts: Options) -> Result:
     errors: list[InputError] = []
     engine = None
     try:
-        # Read: every file in a worker process (row checks, pseudonyms; for DuckDB the codec too,
-        # as a pre-pass; Spark runs it on its executors), staged as Parquet; then the registry.
-        keys_in_staging = engines.kind(opts.engine).keys_in_staging
-        staged_lines, staged_iss = staging.stage_all(opts.files, opts.issuance, work, limits, opts.pseudonyms,
-                                                     profile, keys_in_staging, progress=stages.file_done)
-        for st in staged_lines + staged_iss:
-            errors.extend(st.errors)
-        n_lines = sum(st.rows for st in staged_lines)
+        # Read: every file read, checked, pseudonymised and canonicalised where the engine works
+        # (DuckDB: worker processes here; Spark: its executors), then the registry.
+        engine = engines.make(opts.engine, work, opts.spark_master)
+        n_lines, read_errors, iss_paths = engine.read_inputs(opts.files, opts.issuance, limits, opts.pseudonyms,
+                                                             profile, progress=stages.file_done)
+        errors.extend(read_errors)
         sites = read_sites(opts.sites, errors)
         stages.done("read", f"{n_lines:,} lines")
-        engine = engines.make(opts.engine, work, opts.spark_master)
-        engine.load_lines([st.path for st in staged_lines], profile)
-        engine.load_parquet("issuance_rows", [st.path for st in staged_iss])
+        # Outputs only once every input was read to its end (InputFileError stops a run before).
+        os.makedirs(opts.out, exist_ok=True)
+        if inc is not None:  # the state's issuance and packs, with this run's new records
+            engine.drop("issuance_rows")
+            inc.load(engine, iss_paths, read_issuance_file(0, [], profile, []))
         for step in sql.ISSUANCE_STEPS:
             engine.materialise(step)
+        if inc is not None:
+            inc.save_issuance(engine)
         for fi, line in _rows(engine.fetch(sql.ISSUANCE_CONFLICTS), "file_index", "line"):
             errors.append(InputError(opts.issuance[fi], line, "code",
                                      "conflict: an earlier record issued this code for another product (kept)"))
         engine.drop("issuance_rows", "iss_agg", "iss_multi")
         stages.done("canonicalise")
 
-        for step in sql.verdict_steps(cfg.max_lines):
+        for step in sql.verdict_steps(cfg.max_lines, **(inc.verdict_args() if inc else {})):
             engine.materialise(step)
+            if inc is not None and step.name == "s2":
+                inc.after_s2(engine, opts.files, tz)
             engine.drop(*DROP_AFTER.get(step.name, ()))
-        engine.register("split_v", splitpack.judge(engine.fetch(sql.SPLIT_LINES)))
+        engine.split_verdicts(sql.SPLIT_LINES_HISTORY if inc is not None and inc.resuming else sql.SPLIT_LINES)
         engine.materialise(sql.VERDICTS)
-        engine.drop("jl2", "fast_v", "split_v", "packs", "issuance")
+        # jl2 may be a view of jl and before (sql.Step.view): they go with it.
+        engine.drop("jl2", "jl", "repeats", "before", "split_v", "packs", "issuance")
         _rejected(engine, opts.files, cfg, errors)
+        # Rows judged per file (replayed copies included: REPLAY answers them): with errors.csv
+        # they account for every row of every file (docs/leads.md, Reading).
+        judged = dict(_rows(engine.fetch(sql.JUDGED_ROWS), "file_index", "n"))
+        judged_per_file = {path: judged.get(fi, 0) for fi, path in enumerate(opts.files)}
         verdict_counts = dict(_rows(engine.fetch(
             "SELECT verdict, COUNT(*) AS n FROM verdicts GROUP BY verdict ORDER BY verdict"), "verdict", "n"))
         if opts.lines_out:
             _write_lines(engine.fetch(sql.ALL_LINES), opts.files, opts.out, tz)
+        if inc is not None:  # saves this run's part; resuming, `verdicts` gains the history the models need
+            inc.after_verdicts(engine)
         engine.drop("lines", "settlements", "same_lines")
         stages.done("verdicts")
 
         models = opts.config.models
-        for step in sql.model_steps(models):
+        engine.register("receipts", receipts.read_receipts(opts.receipts, profile, errors))
+        for step in sql.model_steps(models, **(inc.model_args() if inc else {})):
             engine.materialise(step)
         edges = list(_rows(engine.fetch("SELECT first_site, later_site, packs FROM edges "
                                         "ORDER BY first_site, later_site"), "first_site", "later_site", "packs"))
@@ -158,9 +198,15 @@ def run(opts: Options) -> Result:
         scored = [s for s in robust.robust_scores(rates, groups, ab["min_peers"])
                   if s.score >= ab["min_z"] and s.flagged >= ab["min_flagged"]]
         engine.register("abnormal", pa.table({"site_id": pa.array([s.site_id for s in scored], pa.string())}))
-        engine.materialise(sql.Step("evidence_keys", sql.evidence_select(models)))
+        engine.materialise(sql.Step("evidence_keys", sql.evidence_select(models, inc is not None and inc.resuming)))
         ev = engine.fetch(sql.EVIDENCE_LINES)
         figures = _figures(engine, rings, edges, scored, models)
+        if inc is not None:  # the state's last tables, while the engine has them
+            inc.save_models(engine)
+        # Nothing more is asked of the engine: its memory (DuckDB's buffers, up to its limit)
+        # goes before the outputs are built in Python, or the two would add up to the run's peak.
+        engine.close()
+        engine = None
         stages.done("models")
 
         ring_ids = {f"#{n}": "+".join(r) for n, r in enumerate(rings)}
@@ -169,16 +215,22 @@ def run(opts: Options) -> Result:
         top = [ld.subject_id for ld in leads if ld.model == "RESALE_BUYER"][: opts.config.top_network_leads]
         network.draw(os.path.join(opts.out, "network.png"), edges, top, rings)
         stages.done("write", f"{len(leads)} leads")
-        result = Result(len(leads), len(evidence), n_lines, len(errors), verdict_counts, stages.seconds)
+        result = Result(len(leads), len(evidence), n_lines, len(errors), verdict_counts, stages.seconds,
+                        judged_per_file)
         with open(os.path.join(opts.out, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump({"engine": opts.engine, "files": opts.files, "lines": n_lines, "errors": len(errors),
+                       "judged_per_file": judged_per_file,
                        "verdicts": verdict_counts,
                        "leads_per_model": {m: sum(1 for ld in leads if ld.model == m) for m in models},
                        "rings": ["+".join(r) for r in rings], "seconds": stages.seconds},
                       fh, ensure_ascii=False, indent=2)
+        if inc is not None:  # the state moves on only once the outputs are written
+            inc.commit(opts.files, opts.engine, n_lines)
         return result
     finally:
         stages.close()
+        if inc is not None:
+            inc.close()
         if engine is not None:
             engine.close()
         if own_work:
@@ -233,6 +285,8 @@ def _figures(engine, rings, edges, scored, models) -> dict[str, dict[str, dict]]
                                  "products": prod if nprod == 1 else f"{prod} and {nprod - 1} more"}
     for s, n in _rows(engine.fetch("SELECT subject, mismatched FROM m_swap"), "subject", "mismatched"):
         fig["SWAP"][s] = {"score": n}
+    for s, n in _rows(engine.fetch("SELECT subject, packs FROM m_unreceived"), "subject", "packs"):
+        fig["UNRECEIVED"][s] = {"score": n, "packs_unreceived": n}
     for s in scored:
         fig["ABNORMAL_SITE"][s.site_id] = {"score": s.score, "flagged": s.flagged, "total": s.total,
                                            "rate": s.rate, "median": s.median, "peers": s.peers}
@@ -240,10 +294,15 @@ def _figures(engine, rings, edges, scored, models) -> dict[str, dict[str, dict]]
 
 
 def _write_csv(path: str, header, rows) -> None:
+    """Every CSV of a run (leads, evidence, errors, lines): a text cell a spreadsheet would take
+    for a formula (a site's region `=HYPERLINK(..)`, say) gets a leading apostrophe
+    (rules/cells.py); numbers and every other cell are written as they are, so ids, which never
+    start with = + @ (and rarely with -), come out unchanged. The Parquet outputs are data and
+    are not neutralised."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+        w.writerow(neutralise_row(header))
+        w.writerows(map(neutralise_row, rows))
 
 
 def _write_outputs(out: str, leads, evidence, errors: list[InputError]) -> None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracecode import codec
+from tracecode.rules.insured import resident_check_char
 
 CST = timezone(timedelta(hours=8))
 SETTLEMENT_COLUMNS = ["site_id", "settlement_id", "settled_at", "line_no", "code", "product_id", "units",
@@ -54,6 +55,16 @@ class Codes:
         return f"(01){gtin}(21){serial}", [f"]d201{gtin}21{serial}", f"https://id.example.cn/01/{gtin}/21/{serial}"]
 
 
+def resident_id(rnd: random.Random) -> str:
+    """A realistic, valid resident id (居民身份证号): region, birth date, sequence, and the GB 11643
+    check character (a lower-case x sometimes, as typed at counters; normalised to X)."""
+    region = rnd.choice(("110101", "310104", "440305", "510107", "330106"))
+    born = datetime(1940, 1, 1) + timedelta(days=rnd.randrange(80 * 365))
+    first17 = f"{region}{born:%Y%m%d}{rnd.randrange(1000):03d}"
+    check = resident_check_char(first17)
+    return first17 + (check.lower() if check == "X" and rnd.random() < 0.5 else check)
+
+
 def _at(t: datetime) -> str:
     return t.isoformat()
 
@@ -71,7 +82,7 @@ def history(n_lines: int, seed: int = 1, start: datetime | None = None, noise: f
         if i % 7:  # some sites are not in the registry
             h.sites.append({"site_id": s, "site_kind": "PHARMACY" if i % 3 else "INSTITUTION",
                             "region": regions[i % len(regions)], "name": f"site {i}"})
-    people = [f"{rnd.randrange(10**17):017d}{rnd.choice('0123456789Xx')}" for _ in range(max(20, n_lines // 6))]
+    people = [resident_id(rnd) for _ in range(max(20, n_lines // 6))]
     products = [f"8{rnd.randrange(10**6):06d}" for _ in range(max(10, min(400, n_lines // 500)))]
     t0 = start or datetime(2024, 3, 1, 8, 0, tzinfo=CST)
     clock = [t0, t0 + timedelta(minutes=3)]

@@ -10,27 +10,31 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import threading
 
 from tracecode import __version__, codec
+from tracecode.rules.pseudonym import Pseudonymizer
 
 from . import metrics, workers
 from .api import auth
 from .api.server import Server
 from .config import Config
+from .errors import DataSetMismatch
 from .logs import setup_logging
 from .sanction_service import resolve_key_file
-from .store import (EmbeddedRedis, KeySpace, MigrationSummary, PruneSummary, Store, StoreLimits, migrate_layout1,
-                    now_ms, prune_expired as _prune)
+from .store import (DataSetMarker, EmbeddedRedis, KeySpace, PruneSummary, Store, StoreLimits, now_ms,
+                    prune_expired as _prune)
 from .verifier import Verifier
 
 log = logging.getLogger("tracecode.server")
 
-__all__ = ["Server", "make_store", "migrate_layout", "prune_expired", "serve", "setup_logging"]
+__all__ = ["Server", "make_store", "prune_expired", "serve", "setup_logging"]
 
 
 def make_store(config: Config, url: str) -> Store:
-    limits = StoreLimits(audit_max=config.audit_max, history_max=config.history_max,
+    limits = StoreLimits(audit_max=config.audit_max, audit_bound=config.audit_archive_bound,
+                         history_max=config.history_max,
                          settlement_ttl_s=config.settlement_ttl_days * 86400,
                          reservation_ms=int(config.reservation_s * 1000),
                          min_replicas_acked=config.min_replicas_acked,
@@ -38,10 +42,9 @@ def make_store(config: Config, url: str) -> Store:
     # A WAIT for replicas must end (and answer UNAVAILABLE) before the socket gives up on it.
     timeout_s = max(config.redis_timeout_s,
                     config.replica_ack_timeout_ms / 1000 + 0.5 if config.min_replicas_acked else 0)
-    store = Store.from_url(url, timeout_s=timeout_s, max_connections=config.threads * 2 + 4,
-                           keys=KeySpace(config.key_prefix, layout=config.store_layout, code_buckets=config.code_buckets),
-                           limits=limits, cluster=config.redis_cluster)
-    return metrics.instrument_store(store)
+    return Store.from_url(url, timeout_s=timeout_s, max_connections=config.threads * 2 + 4,
+                          keys=KeySpace(config.key_prefix, code_buckets=config.code_buckets),
+                          limits=limits, cluster=config.redis_cluster, observer=metrics.observe_store)
 
 
 def _offline(config: Config, job):
@@ -61,25 +64,34 @@ def _offline(config: Config, job):
             embedded.stop()
 
 
-def migrate_layout(config: Config, progress=None) -> MigrationSummary:
-    """`tracecode migrate-layout`: move the data set under config.key_prefix from layout 1 to
-    layout 2 (store/migrate.py)."""
-    if config.store_layout != 2:
-        raise ValueError("migrate-layout moves data to layout 2: run it with store_layout = 2")
-    return _offline(config, lambda store: migrate_layout1(store, progress=progress))
-
-
-def prune_expired(config: Config, cutoff_day: int | None = None, progress=None) -> PruneSummary:
+def prune_expired(config: Config, cutoff_day: int | None = None, progress=None, *, force: bool = False,
+                  dry_run: bool = False) -> PruneSummary:
     """`tracecode prune-expired`: drop packs that expired before cutoff_day (default: today in the
-    issuer's calendar minus the return window), store/prune.py. Safe beside running servers."""
+    issuer's calendar minus the return window), store/prune.py. Safe beside running servers.
+
+    A cutoff after today is refused unless forced: it would drop packs that have not expired and
+    can still be sold (they would then scan UNKNOWN). `dry_run` counts what would go and drops
+    nothing."""
     if cutoff_day is not None and not 19000101 <= cutoff_day <= 99991231:
         raise ValueError(f"cutoff day {cutoff_day}: must be YYYYMMDD")
 
     def job(store: Store) -> PruneSummary:
-        # The default day in the issuer's calendar, as the verifier dates a settlement.
+        # The data set must be the one this configuration describes (store/marker.py); the key's
+        # fields are compared when a key file is configured (pruning itself needs no key).
+        key = Pseudonymizer.from_file(config.pseudonym_key_file) if config.pseudonym_key_file else None
+        store.open_dataset(DataSetMarker(config.code_buckets, key.key_id if key else "",
+                                         key.fingerprint() if key else ""), create=False)
+        # Days in the issuer's calendar, as the verifier dates a settlement.
+        verifier = Verifier(store, config)
+        today = verifier.settle_day(now_ms())
         window_ms = int(config.return_window_days * 86_400_000)
-        cutoff = cutoff_day if cutoff_day is not None else Verifier(store, config).settle_day(now_ms() - window_ms)
-        return _prune(store, cutoff, progress=progress)
+        default = verifier.settle_day(now_ms() - window_ms)
+        cutoff = cutoff_day if cutoff_day is not None else default
+        if cutoff > today and not force:
+            raise ValueError(f"cutoff day {cutoff} is after today ({today}, {config.timezone}): it would drop "
+                             f"packs that have not expired; the default is {default} (today minus the return "
+                             "window). Use --force to prune anyway")
+        return _prune(store, cutoff, progress=progress, dry_run=dry_run)
 
     return _offline(config, job)
 
@@ -119,6 +131,12 @@ def serve(config: Config) -> int:
         security = auth.from_config(config)
         for warning in security.warnings:
             log.warning(warning)
+        if config.audit_archive_bound:
+            log.info("audit streams: archived (tracecode archive); trimmed at the archive's watermark, unarchived "
+                     "entries dropped only past %d per stream (docs/archive.md)", config.audit_archive_bound)
+        else:  # the demo, a laptop: said once, so nobody mistakes the streams for the record
+            log.warning("audit streams: no archive configured (audit_archive_bound = 0): each stream keeps about "
+                        "%d entries (MAXLEN ~), older ones are lost; docs/archive.md", config.audit_max)
         url = auth.redis_url(config, config.redis_url) if config.redis_url else ""
         if not url:
             embedded = EmbeddedRedis(config.data_dir, appendfsync=config.redis_appendfsync,
@@ -129,7 +147,12 @@ def serve(config: Config) -> int:
         store = make_store(config, url)
         for warning in store.config_warnings():
             log.warning(warning)
-        server = Server(config, store, **security.server_kwargs()).start()
+        try:
+            server = Server(config, store, **security.server_kwargs()).start()
+        except DataSetMismatch as exc:  # another data set's settings: refuse to start, saying which
+            log.error("refusing to start: %s", exc)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
         # What startup allocated lives as long as the process: out of the collector's sight, a full
         # collection pauses all handler threads ~2 ms instead of ~30 ms (docs/performance.md).
         gc.freeze()
@@ -153,3 +176,12 @@ def serve(config: Config) -> int:
             http.close()
     log.info("tracecode stopped")
     return 0
+
+
+if __name__ == "__main__":
+    # A worker process of `tracecode serve --workers N` (workers.py starts it so). Through the
+    # package modules, not this __main__ copy: serve() asks workers.in_worker().
+    if sys.argv[1:2] == ["--worker"]:
+        from tracecode.server import app as _app
+        sys.exit(workers.worker_main(_app.serve, sys.argv[2:]))
+    sys.exit("usage: python -m tracecode.server.app --worker N (started by `tracecode serve --workers N`)")

@@ -34,9 +34,7 @@ class Config:
     replica_ack_timeout_ms: int = _opt(500, "how long to wait for those replicas before answering UNAVAILABLE")
     reservation_s: float = _opt(30.0, "cluster ALL_OR_NOTHING over several slots: how long prepared units stay reserved")
     key_prefix: str = _opt("tc", "prefix of every Redis key")
-    store_layout: int = _opt(2, "Redis data layout: 2 (bucketed hashes, docs/scaling.md); 1 only until "
-                                "`tracecode migrate-layout` has moved a data set off it")
-    code_buckets: int = _opt(64, "layout 2: hashes per hash tag (1024 tags); fixed for a data set's life: "
+    code_buckets: int = _opt(64, "hashes per hash tag (1024 tags); fixed for a data set's life (its marker): "
                                  "codes / 1024 / 300 at full size (docs/scaling.md)")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port on the listen host; 0 disables")
     workers: int = _opt(0, "server processes sharing the port (SO_REUSEPORT) under one supervising parent; "
@@ -52,6 +50,9 @@ class Config:
     gs_substitutes: str = _opt("", "comma-separated strings a scanner sends instead of ASCII 29 (e.g. '|' or '<GS>')")
     history_max: int = _opt(256, "events kept per code for GetCodeHistory (older ones are counted, not kept)")
     audit_max: int = _opt(1_000_000, "approximate length of each audit stream partition")
+    audit_archive_bound: int = _opt(0, "with an archiver (tracecode archive): streams are trimmed at its watermark "
+                                       "and only past this many entries per stream are unarchived ones dropped "
+                                       "(counted, logged); 0 = no archive: MAXLEN ~ audit_max (docs/archive.md)")
     settlement_ttl_days: int = _opt(40, "how long settlement records (idempotency, return ledger) are kept: "
                                         "past the return window, for late retries and bulk checks")
     grace_s: float = _opt(10.0, "on SIGTERM, time in-flight calls get to finish")
@@ -80,8 +81,17 @@ class Config:
     pseudonym_key_file: str = _opt("", "key file of insured-person pseudonyms (KEY_ID:HEX, mode 0600), the same "
                                        "file on every server of a deployment; empty: data_dir/pseudonym.key, "
                                        "generated on the first start")
+    # The receiving check (入库核验, server/receiving.py, docs/verification.md).
+    receipts_required: bool = _opt(False, "every pack sold must have been received by the selling site (ReceivePacks): "
+                                          "a sale of one no site received carries a NOT_RECEIVED notice")
     sanction_view_max_age_s: float = _opt(1.0, "cluster: a server whose sanction view is older than this "
                                                "settles nothing (UNAVAILABLE) and reports NOT_SERVING")
+    # The live rules at the counter (rules/live.py, docs/verification.md "Live rules").
+    live_rules: bool = _opt(True, "judge the live rules (STOCKPILING, RESALE_SOURCE) at each settlement: notices "
+                                  "on the answer, or refusals where models_config says so")
+    models_config: str = _opt("", "the models' TOML file, the same one `tracecode leads --config` reads: thresholds "
+                                  "and versions of the batch models and of the live rules, and per live rule "
+                                  "live = NOTICE (default), REFUSE or OFF; empty: the defaults")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -131,7 +141,9 @@ def _check(config: Config) -> None:
     if config.settlement_ttl_days < config.return_window_days:
         raise ValueError(f"settlement_ttl_days ({config.settlement_ttl_days}) must cover return_window_days "
                          f"({config.return_window_days}): a return needs its settlement's record")
-    # store_layout and code_buckets are checked where they are used (store.keys.KeySpace).
+    if config.audit_archive_bound < 0:
+        raise ValueError(f"audit_archive_bound ({config.audit_archive_bound}): entries per stream, or 0 for no archive")
+    # code_buckets is checked where it is used (store.keys.KeySpace), and against the data set's marker.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -86,6 +86,31 @@ class BadLineIndex(StoreError):
         return cls(int(detail.split()[0]))
 
 
+class PackPruned(StoreError):
+    """A return names a line whose pack's state was pruned (it expired past the return window,
+    `tracecode prune-expired`): there is nothing to give units back to, so the return is refused
+    as a whole and nothing is written."""
+    status = "FAILED_PRECONDITION"
+    script_code = "TCPRUNED"
+
+    def __init__(self, index: int, code: str = ""):
+        super().__init__(f"line {index}: the pack {code} has no state any more (expired and pruned); "
+                         "it cannot be returned")
+        self.index, self.code = index, code
+
+    @classmethod
+    def from_script(cls, detail: str) -> "PackPruned":
+        index, _, code = detail.partition(" ")
+        return cls(int(index), code.strip())
+
+
+class DataSetMismatch(StoreError):
+    """The data set in Redis was written with other settings than this process's (layout version,
+    BUCKETS, code_buckets, pseudonym key), or carries no marker where one is required
+    (store/marker.py): nothing is read or written until they agree."""
+    status = "FAILED_PRECONDITION"
+
+
 class Sanctioned(StoreError):
     """A settlement refused because a sanction binds its site or its insured person. `notices`:
     the binding sanctions (sanctions.Notice), the one that names the refusal first; from a script
@@ -101,6 +126,23 @@ class Sanctioned(StoreError):
     @classmethod
     def from_script(cls, detail: str) -> "Sanctioned":
         return cls([], detail)
+
+
+class LiveRuleRefused(StoreError):
+    """A settlement refused by a live rule configured to refuse (rules/live.py, live = "REFUSE"):
+    nothing was marked. `notice`: the rule's figures as the script reports them (model m,
+    version v, packs k, sites s, product g, window hours w); `text`: the pharmacist's message."""
+    status = "FAILED_PRECONDITION"
+    script_code = "TCLIVE"
+
+    def __init__(self, notice: dict, text: str = ""):
+        super().__init__(text or f"settlement refused by live rule {notice.get('m', '')}")
+        self.notice, self.text = notice, text
+
+    @classmethod
+    def from_script(cls, detail: str) -> "LiveRuleRefused":
+        import json
+        return cls(json.loads(detail))
 
 
 class SanctionViewStale(StoreError):

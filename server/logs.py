@@ -3,7 +3,7 @@ the request being handled (its site and settlement id on every line logged while
 The API package sets the context (api.interceptors.LogContextInterceptor); this module only
 reads it, so it imports neither grpc nor redis.
 
-May import: the standard library and tracecode.server.config.
+May import: the standard library, the rules core and tracecode.server.config.
 """
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import contextvars
 import json
 import logging
 import sys
+import unicodedata
 from contextlib import contextmanager
 from typing import Iterator
+
+from tracecode.rules.text import REFUSED_CATEGORIES
 
 from .config import Config
 
@@ -54,9 +57,41 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+def escape(text: str) -> str:
+    """Text as one log line shows it: every character the rules core refuses in stored text
+    (controls, format and bidirectional-override characters, line separators) and the backslash
+    written as an escape, so no value a client sent can end a line or forge the next one."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escaped(ch) for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if unicodedata.category(ch) in REFUSED_CATEGORIES:
+        n = ord(ch)
+        return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+    return ch
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record: the message escaped (escape()); a traceback, the only multi-line part
+    and written by Python, follows with every line indented, so no line of it can start like a
+    record."""
+
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join("    " + ln for ln in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + ln for ln in stack_info.splitlines())
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -21,8 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from tracecode import __version__, codec
 
-from .errors import TracecodeError, StoreUnavailable
-from .verdicts import VERDICTS
+from tracecode.rules.verdicts import VERDICTS
 
 # The `_created` companion series double the series count and Prometheus does not use them.
 disable_created_metrics()
@@ -64,7 +63,11 @@ BULK_OUTCOMES = ("finished", "failed", "abandoned")
 # The store operations measured (one label value each); generators (batch_codes, audit_events)
 # make several round trips per call and are left out rather than mis-measured.
 REDIS_OPS = ("ping", "verify", "verify_batch", "stored_settlement", "reverse", "upsert_issuance",
-             "get_issuance", "set_status", "code_history", "drop_namespace")
+             "get_issuance", "set_status", "code_history", "drop_namespace", "live_rules")
+# The live rules (rules/live.py) and what became of each judgement: a notice on the answer, a
+# refusal, or not judged (a cluster's second call failed; the settlement was answered anyway).
+LIVE_MODELS = ("STOCKPILING", "RESALE_SOURCE")
+LIVE_OUTCOMES = ("notice", "refused", "unjudged")
 
 # multiprocess_mode: how `tracecode serve --workers N` (server/workers.py) merges a gauge over its
 # worker processes; ignored by a single process.
@@ -108,6 +111,10 @@ MALFORMED_MESSAGES = Counter("tracecode_malformed_messages_total",
 EMBEDDED_REDIS_RESTARTS = Counter("tracecode_embedded_redis_restarts_total",
                                   "Times the supervised embedded redis-server was restarted after it died")
 
+LIVE_RULES = Counter("tracecode_live_rule_results_total",
+                     "Live rule judgements at settlement, by model and outcome (notice, refused, unjudged)",
+                     ["model", "outcome"])
+
 BUILD_INFO.labels(__version__, codec.IMPLEMENTATION).set(1)
 
 # Pre-bound children: the hot path does a dict lookup, not a label resolution.
@@ -116,6 +123,12 @@ _OUTCOME = {(o, c): SETTLEMENTS.labels(o, c) for o in SETTLEMENT_OUTCOMES for c 
 _LATENCY = {c: VERIFY_SECONDS.labels(c) for c in CHANNELS}
 _REDIS = {op: (REDIS_SECONDS.labels(op), REDIS_CALL_ERRORS.labels(op)) for op in REDIS_OPS}
 _ISSUANCE = {o: ISSUANCE_RECORDS.labels(o) for o in ISSUANCE_OUTCOMES}
+_LIVE = {(m, o): LIVE_RULES.labels(m, o) for m in LIVE_MODELS for o in LIVE_OUTCOMES}
+
+
+def observe_live(model: str, outcome: str) -> None:
+    """Count one live rule judgement (a notice, a refusal, or one that could not be made)."""
+    _LIVE[model, outcome].inc()
 for _k in BULK_KINDS:
     BULK_RUNNING.labels(_k)
     BULK_RECORDS.labels(_k)
@@ -180,41 +193,17 @@ def issuance_loaded(resp) -> None:
 
 # ---------------------------------------------------------------------- Redis
 
-def _measured(op: str, fn):
-    seconds, errors = _REDIS[op]
-
-    def call(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        except StoreUnavailable:
-            errors.inc()
-            raise
-        except TracecodeError:
-            raise  # domain answers the store raises (conflict, not found, window closed) are not failures
-        except Exception:
-            errors.inc()  # any other Redis error reply the store let through (e.g. an ACL's NOPERM)
-            raise
-        finally:
-            seconds.observe(time.perf_counter() - start)
-
-    call.__name__ = getattr(fn, "__name__", op)
-    call.__doc__ = getattr(fn, "__doc__", None)
-    return call
-
-
-def instrument_store(store):
-    """Measure each Redis operation of a store instance (latency and failures, by operation).
-
-    Wraps the instance's bound methods, so store.py stays free of metrics and every path through
-    make_store (server, tests, demo) is measured alike. Idempotent.
-    """
-    if getattr(store, "_tracecode_measured", False):
-        return store
-    for op in REDIS_OPS:
-        setattr(store, op, _measured(op, getattr(store, op)))
-    store._tracecode_measured = True
-    return store
+def observe_store(op: str, seconds: float, failed: bool) -> None:
+    """The store's observer (Store(observer=...), app.make_store): one Redis operation's latency,
+    and whether it failed (Redis unreachable or an error reply; the domain answers the store
+    raises, such as a conflict or a closed return window, are not failures). Operations outside
+    REDIS_OPS are not measured (their label would be unbounded)."""
+    pair = _REDIS.get(op)
+    if pair is None:
+        return
+    pair[0].observe(seconds)
+    if failed:
+        pair[1].inc()
 
 
 # ---------------------------------------------------------------------- bulk jobs
@@ -317,3 +306,30 @@ def sanction_refused(reason: str) -> None:
 
 def sanction_changed(op: str) -> None:
     SANCTION_CHANGES.labels(op).inc()
+
+# The receiving check (入库核验, server/receiving.py): packs by verdict, deliveries, latency; and the
+# receipt notices at settlement (a pack received by another site, or by none where required).
+RECEIVED_PACKS = Counter("tracecode_received_packs_total",
+                         "packs judged at the receiving check, by verdict (OK: recorded as received)", ["verdict"])
+_RECEIVED = {v: RECEIVED_PACKS.labels(v) for v in VERDICTS}
+RECEIVE_LATENCY = Histogram("tracecode_receive_seconds", "ReceivePacks latency, seconds",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+RECEIPT_NOTICES = Counter("tracecode_receipt_notices_total",
+                          "settlement lines whose pack another site received (RECEIVED_ELSEWHERE) or none did "
+                          "where receipts are required (NOT_RECEIVED)", ["notice"])
+_RECEIPT = {n: RECEIPT_NOTICES.labels(n) for n in ("RECEIVED_ELSEWHERE", "NOT_RECEIVED")}
+
+
+def observe_receiving(outcome, seconds: float) -> None:
+    RECEIVE_LATENCY.observe(seconds)
+    if outcome.replayed:
+        return
+    counts: dict[str, int] = {}
+    for r in outcome.results:
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    for verdict, n in counts.items():
+        _RECEIVED[verdict].inc(n)
+
+
+def observe_receipt_notice(notice: str) -> None:
+    _RECEIPT[notice].inc()

@@ -1,6 +1,6 @@
 """SanctionService: what the servicers and the verifier ask about sanctions and insured persons.
 
-It turns raw insured ids into pseudonyms (server/pseudonym.py, the one function for it), imposes,
+It turns raw insured ids into pseudonyms (rules/insured.py and rules/pseudonym.py, the one function for it), imposes,
 lifts and lists sanctions through the store (store/sanctions.py), and answers the settlement
 path's questions: which gate mode the store's atomic call runs (one Redis node: the sanction
 check is in that call, lua/gate.lua), and, where no atomic check is possible (a cluster), what
@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 from . import metrics
 from .errors import InvalidRequest, Sanctioned, SanctionViewStale, SettlementConflict
-from .pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.pseudonym import Pseudonymizer, generate_key_file
 from .store.sanctions import SanctionStore
 from .sanctions import (INSURED, SITE, Notice, Sanction, SanctionView, message, notices_from_json,
                         validate_insured, validate_lift, validate_set)
@@ -70,11 +70,12 @@ class SanctionService:
     # ------------------------------------------------------------------ persons
 
     def pseudonym(self, insured_id: str, field_name: str = "insured_id") -> str:
-        """The pseudonym of a raw id as the POS read it ('' for none); InvalidRequest when too long."""
+        """The pseudonym of a raw id as the POS read it ('' for none, or only spaces); InvalidRequest
+        naming the field and the rule when it is no insured id (rules/insured.py)."""
         if not insured_id:
             return ""
-        validate_insured(insured_id, field_name)
-        return self.pseudonymizer.pseudonym(insured_id)
+        norm = validate_insured(insured_id, field_name)
+        return self.pseudonymizer.pseudonym(norm) if norm else ""
 
     # ------------------------------------------------------------------ settlement path
 
@@ -101,8 +102,8 @@ class SanctionService:
         if not notices:
             return None
         stored = self.sstore.store.stored_settlement(site, settlement_id)
-        if stored and stored[0] == digest:
-            return stored[1]
+        if stored and stored.digest == digest:
+            return stored.result
         self.sstore.audit_refusal(site, settlement_id, insured, notices[0], now_ms())
         exc = Sanctioned(notices)
         self.refused(exc)

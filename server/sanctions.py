@@ -7,7 +7,7 @@ entry binds (`Sanction.binds_now`, live settlements; `Sanction.in_force_at`, his
 the notice a refusal carries (`Notice`), and `SanctionView`: a process's copy of every entry,
 fed by the store's change stream, with its age (the freshness bound of docs/scaling.md).
 
-The same rule is written once more in Lua (server/lua/gate.lua), where a single Redis node
+The same rule is written once more in Lua (server/store/lua/gate.lua), where a single Redis node
 judges it in the settlement's own atomic call; tests run both backends over one suite.
 
 May import: the standard library and errors. No gRPC (api/sanctions.py), no Redis
@@ -27,8 +27,13 @@ from datetime import datetime
 from typing import Callable, Iterable, Sequence
 from zoneinfo import ZoneInfo
 
+from tracecode.rules import insured
+from tracecode.rules.rows import ID_RE
+from tracecode.rules.settlement import MAX_TIME_MS  # 2100-01-01, as a settlement's
+from tracecode.rules.text import problems as text_problems
+from tracecode.rules.pseudonym import Pseudonymizer
+
 from .errors import InvalidRequest
-from .pseudonym import Pseudonymizer
 
 log = logging.getLogger("tracecode.sanctions")
 
@@ -36,15 +41,13 @@ SITE, INSURED = "SITE", "INSURED"
 SITE_SANCTIONED, INSURED_SANCTIONED = "SITE_SANCTIONED", "INSURED_SANCTIONED"
 
 # Limits of the fields of a SetSanction / LiftSanction request (characters).
-MAX_INSURED_ID = 64  # a 身份证 number is 18, a social-security card number 9-20; room for others
 MAX_REQUEST_ID = 128
 MAX_REASON = 500
 MAX_REFERENCE = 128
 MAX_ACTOR = 128
-_SITE_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")  # as verifier._ID: site ids end up in keys
+_SITE_ID = ID_RE  # site ids end up in keys: the rules core's alphabet (rules/rows.py), as the verifier's
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,%d}\Z" % MAX_REQUEST_ID)
 _SANCTION_ID = re.compile(r"sx-[0-9a-f]{20}\Z")
-MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01, as verifier.MAX_TIME_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,12 +238,16 @@ def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id:
                 bad.append(("insured_pseudonym", f"not a pseudonym of this deployment's key ({key_id}.<32 hex>)"))
             else:
                 subject_id = insured_pseudonym
-        elif not insured_id.strip():
-            bad.append(("insured_id", f"required for {kind}: the insured person's id as read"))
-        elif len(insured_id) > MAX_INSURED_ID:
-            bad.append(("insured_id", f"{len(insured_id)} characters, at most {MAX_INSURED_ID}"))
         else:
-            subject_id = pseudonym(insured_id)
+            try:
+                norm = insured.check(insured_id)
+            except insured.InsuredIdError as exc:
+                bad.append(("insured_id", exc.rule))
+            else:
+                if not norm:
+                    bad.append(("insured_id", f"required for {kind}: the insured person's id as read"))
+                else:
+                    subject_id = pseudonym(norm)
     for name, instant in (("valid_from", valid_from_ms), ("valid_until", valid_until_ms)):
         if instant is not None and not 0 < instant < MAX_TIME_MS:
             bad.append((name, "outside 1970-01-01 .. 2100-01-01 UTC"))
@@ -249,10 +256,8 @@ def validate_set(*, request_id: str, kind: str | None, site_id: str, insured_id:
             bad.append(("valid_until", f"{kind} binds until lifted: leave valid_until unset"))
         elif valid_until_ms <= (valid_from_ms if valid_from_ms is not None else now_ms):
             bad.append(("valid_until", "must be after valid_from (unset valid_from: now)"))
-    for name, text, limit in (("reason", reason, MAX_REASON), ("reference", reference, MAX_REFERENCE),
-                              ("actor", actor, MAX_ACTOR)):
-        if len(text) > limit:
-            bad.append((name, f"{len(text)} characters, at most {limit}"))
+    bad += text_problems((("reason", reason, MAX_REASON, False), ("reference", reference, MAX_REFERENCE, False),
+                          ("actor", actor, MAX_ACTOR, False)))
     if not reason.strip():
         bad.append(("reason", "required: why (kept with the sanction and shown in its history)"))
     if bad or rule is None or kind is None:
@@ -265,16 +270,18 @@ def validate_lift(sanction_id: str, reason: str, actor: str) -> None:
     bad = []
     if not _SANCTION_ID.match(sanction_id or ""):
         bad.append(("sanction_id", "required: a sanction id as SetSanction returned it (sx-...)"))
-    for name, value, limit in (("reason", reason, MAX_REASON), ("actor", actor, MAX_ACTOR)):
-        if len(value) > limit:
-            bad.append((name, f"{len(value)} characters, at most {limit}"))
+    bad += text_problems((("reason", reason, MAX_REASON, False), ("actor", actor, MAX_ACTOR, False)))
     if bad:
         raise InvalidRequest(bad)
 
 
-def validate_insured(insured_id: str, field_name: str = "insured_id") -> None:
-    if len(insured_id) > MAX_INSURED_ID:
-        raise InvalidRequest([(field_name, f"{len(insured_id)} characters, at most {MAX_INSURED_ID}")])
+def validate_insured(insured_id: str, field_name: str = "insured_id") -> str:
+    """The normalised id ('' when absent: none given, or only spaces), or InvalidRequest naming the
+    field and the rule it breaks (rules/insured.py), never the id."""
+    try:
+        return insured.check(insured_id)
+    except insured.InsuredIdError as exc:
+        raise InvalidRequest([(field_name, exc.rule)]) from None
 
 
 # ------------------------------------------------------------------ a process's view

@@ -10,72 +10,41 @@ generated stubs. It is given the rule settings it needs (`RulesSettings`), not t
 from __future__ import annotations
 
 import hashlib
-import re
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 from zoneinfo import ZoneInfo
 
 from tracecode import codec
 from tracecode.codec import wire
+from tracecode.rules import live as live_rules
+from tracecode.rules.rows import ID_RE  # noqa: F401 - the id rule the server's other modules name
+from tracecode.rules.settlement import Line, RulesSettings, scan_profile, settlement_problems
+from tracecode.rules.text import text_problem
 
 from .config import Config
-from .errors import InvalidRequest, Sanctioned, SettlementConflict
+from .errors import InvalidRequest, LiveRuleRefused, Sanctioned, SettlementConflict
 from .store import Store, now_ms
 from .store.types import CodeHistory, PlanLine, SettlementCall, SettlementResult
 
 if TYPE_CHECKING:  # the service holds the verifier's collaborators, not the reverse
     from .sanction_service import SanctionService
 
+log = logging.getLogger("tracecode.verifier")
+
 # Site and settlement ids end up in keys, logs and reports: a conservative alphabet.
-_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}\Z")
-# Free-text fields (product ids, batches, manufacturers) take any printable text, never control
-# characters: C0, DEL and C1. Those would corrupt logs and CSV exports and, in older digests,
-# let two different bodies look alike.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-MAX_PRODUCT_ID = 64
+_ID = ID_RE
+# Free-text fields (product ids, batches, manufacturers): the rules core's one rule (no control,
+# format or bidirectional-override character), re-exported for issuance.py.
+MAX_NOTE = 200  # a return's reason
 
 
-def text_problem(value: str, limit: int, what: str, required: bool = True) -> str | None:
-    """Why a free-text field is not acceptable, or None: required, at most `limit` characters, no
-    control character. Shared by settlement lines and issuance records (same limits)."""
-    if not value:
-        return f"required: {what}" if required else None
-    if len(value) > limit:
-        return f"{len(value)} characters, at most {limit}"
-    if value.isascii() and value.isprintable():  # U+0020..U+007E only: none of _CONTROL's
-        return None
-    bad = _CONTROL.search(value)
-    if bad:
-        return f"control character U+{ord(bad.group()):04X} at position {bad.start() + 1}"
-    return None
-# Instants a settlement may carry (1970-01-01 .. 2100-01-01 UTC): a protobuf Timestamp holds far
-# more (years 1..9999 and beyond), which the calendar of the expiry check cannot represent.
-MIN_TIME_MS, MAX_TIME_MS = 0, 4_102_444_800_000
-
-
-@dataclass(frozen=True, slots=True)
-class RulesSettings:
-    """What the rules depend on (docs/verification.md), taken from Config by from_config."""
-    timezone: str = "Asia/Shanghai"
-    clock_skew_s: int = 600
-    return_window_days: float = 10.0
-    max_lines: int = 200
-    max_code_length: int = 512
-    max_units: int = 100_000
-    cn_prefixes: str = "8"
-    gs_substitutes: str = ""
-
-    @classmethod
-    def from_config(cls, config: Config) -> "RulesSettings":
-        return cls(**{f: getattr(config, f) for f in cls.__dataclass_fields__})
-
-
-@dataclass(slots=True)
-class Line:
-    raw_code: str
-    product_id: str
-    units: int = 0  # 0 = the whole pack
+class Plan(NamedTuple):
+    """A settlement's lines as the store takes them (Verifier.plan_lines)."""
+    lines: list[PlanLine]  # one per request line
+    codes: list[str]  # the distinct canonical codes, in PlanLine.code_index order
+    keys: list[str]  # each request line's canonical code ('' for a malformed scan)
 
 
 @dataclass(slots=True)
@@ -92,6 +61,8 @@ class LineOutcome:
     first_settlement_id: str = ""
     first_settled_at_ms: int = 0
     attempts: int = 0
+    receipt: str = ""  # RECEIVED_ELSEWHERE, NOT_RECEIVED or '' (RECEIPT_TEXT)
+    reason_zh: str = ""  # the reason as the pharmacist reads it (REASONS_ZH)
 
     @property
     def units_remaining(self) -> int:
@@ -109,10 +80,26 @@ class BulkChunk:
 
 
 @dataclass(slots=True)
+class LiveNotice:
+    """A live rule that holds for the settlement's insured person (rules/live.py): its figures
+    and the pharmacist's text. action NOTICE (the default), or UNJUDGED when the rule could not
+    be judged this time (a cluster's second call failed; the settlement stands)."""
+    model: str
+    version: int
+    action: str
+    text: str
+    packs: int = 0
+    sites: int = 0
+    product_id: str = ""
+    window_hours: float = 0.0
+
+
+@dataclass(slots=True)
 class SettlementOutcome:
     results: list[LineOutcome]
     recorded: bool
     replayed: bool
+    notices: list = field(default_factory=list)  # LiveNotice, live dispenses only
     # Bulk jobs: the sanctions in force at the settlement's own settled_at (sanctions.Notice),
     # and the settlement's insured pseudonym.
     sanctions: list = field(default_factory=list)
@@ -129,50 +116,32 @@ def _fmt_ms(ms: int, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(ms / 1000, tz).isoformat(timespec="seconds")
 
 
-def _fmt_day(day: int) -> str:
+def fmt_day(day: int) -> str:
+    """YYYYMMDD as YYYY-MM-DD (the receiving check's reasons use it too)."""
     s = str(day)
     return f"{s[:4]}-{s[4:6]}-{s[6:]}" if len(s) == 8 else s
 
 
 def validate_settlement(rules: RulesSettings, site_id: str, settlement_id: str | None, lines: Sequence[Line],
-                    at_ms: int | None = None, at_field: str = "settled_at") -> None:
-    """InvalidRequest naming every field of a settlement that breaks the rules (settlement_id
-    None: a call without one, e.g. CheckCodes). No store involved: the leads engine judges
-    rejected rows by this very function."""
-    bad: list[tuple[str, str]] = []
-    if at_ms is not None and not MIN_TIME_MS <= at_ms < MAX_TIME_MS:
-        bad.append((at_field, "outside 1970-01-01 .. 2100-01-01 UTC"))
-    if not _ID.match(site_id or ""):
-        bad.append(("site_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
-    if settlement_id is not None and not _ID.match(settlement_id or ""):
-        bad.append(("settlement_id", "required: 1-64 characters of A-Z a-z 0-9 . _ -"))
-    if not lines:
-        bad.append(("lines", "at least one line is required"))
-    elif len(lines) > rules.max_lines:
-        bad.append(("lines", f"{len(lines)} lines, at most {rules.max_lines} per settlement"))
-    for i, ln in enumerate(lines[: rules.max_lines]):
-        problem = text_problem(ln.product_id, MAX_PRODUCT_ID, "the billed product id")
-        if problem:
-            bad.append((f"lines[{i}].product_id", problem))
-        if len(ln.raw_code) > rules.max_code_length:
-            bad.append((f"lines[{i}].raw_code",
-                        f"{len(ln.raw_code)} characters, at most {rules.max_code_length}"))
-        if ln.units < 0 or ln.units > rules.max_units:
-            bad.append((f"lines[{i}].units", f"{ln.units} outside 0..{rules.max_units}"))
+                        at_ms: int | None = None, at_field: str = "settled_at") -> None:
+    """InvalidRequest naming every field of a settlement that breaks the rules core's
+    (rules/settlement.py settlement_problems, which the leads engine applies too)."""
+    bad = settlement_problems(rules, site_id, settlement_id, lines, at_ms, at_field)
     if bad:
         raise InvalidRequest(bad)
 
 
 class Verifier:
-    def __init__(self, store: Store, rules: RulesSettings | Config):
+    def __init__(self, store: Store, rules: RulesSettings | Config, live: live_rules.LiveRules | None = None):
         self.store = store
+        # The live rules (rules/live.py) judged at each live dispense; None or inactive: none.
+        self.live = live if live is not None and live.active else None
+        self._live_arg = self.live.lua_arg(store.keys.prefix, "C" if store.cluster else "J") if self.live else ""
         if not isinstance(rules, RulesSettings):
             rules = RulesSettings.from_config(rules)
         self.rules = rules
         self.tz = ZoneInfo(rules.timezone)
-        subs = tuple(s for s in rules.gs_substitutes.split(",") if s)
-        self.profile = codec.Profile(gs_substitutes=subs, cn_prefixes=rules.cn_prefixes,
-                                     max_length=rules.max_code_length)
+        self.profile = scan_profile(rules)
         self._day = (0, 0, 0)  # settle_day's last day: [start ms, end ms), YYYYMMDD
         # sanction_service.SanctionService (the server sets it): pseudonyms and the sanction
         # checks the store's atomic call does not make (a cluster's, bulk jobs'). None: none.
@@ -205,8 +174,9 @@ class Verifier:
     def drop_job(self, namespace) -> int:
         return self.store.drop_namespace(namespace)
 
-    def _plan(self, lines: Sequence[Line], parsed=None) -> tuple[list[PlanLine], list[str], list[str]]:
-        """(the script's lines, the distinct canonical codes, each line's code or '')."""
+    def plan_lines(self, lines: Sequence[Line], parsed=None) -> "Plan":
+        """The script's lines, the distinct canonical codes, each line's code or '' (one batch call
+        to the codec; `parsed` when the caller parsed the scans already)."""
         if parsed is None:
             parsed = codec.parse_many([ln.raw_code for ln in lines], self.profile)
         index: dict[str, int] = {}
@@ -221,7 +191,7 @@ class Verifier:
             else:
                 plan.append(PlanLine(0, ln.product_id, ln.units, p[codec.REASON]))
             keys.append(key)
-        return plan, list(index), keys
+        return Plan(plan, list(index), keys)
 
     # ------------------------------------------------------------------ validation
 
@@ -265,33 +235,11 @@ class Verifier:
         """The idempotency digest of a settlement body: BLAKE2b over every field, each written as
         its UTF-8 length (4 bytes) and bytes, so no two bodies share a serialisation whatever
         bytes their fields hold (a raw scan may carry any character; it is then MALFORMED, but
-        still part of the body). Prefixed "2." to tell it from the legacy digest."""
+        still part of the body). Prefixed "2.", the digest's version: the data-set marker
+        (store/marker.py) guards the stored records' format, a new version its migration."""
         # Compiled (tracecode.codec.wire; its tests hold it byte for byte to this definition):
         # stored settlements are replayed by comparing digests.
         return wire.body_digest(site_id, settlement_id, at_ms, all_or_nothing, lines)
-
-    @staticmethod
-    def legacy_digest(site_id: str, settlement_id: str, at_ms: int, all_or_nothing: bool,
-                      lines: Sequence[Line]) -> str:
-        """The digest records written before "2." carry (fields joined by ASCII 30/31). Used only
-        to recognise a retry of such a record; settlement records live settlement_ttl_days (40 by default).
-        It is unambiguous for bodies that pass today's validation except through raw codes that
-        carry ASCII 30/31, so such a body never matches a legacy record (see dispense)."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{site_id}\x1f{settlement_id}\x1f{at_ms}\x1f{int(all_or_nothing)}".encode())
-        for ln in lines:
-            h.update(f"\x1e{ln.raw_code}\x1f{ln.product_id}\x1f{ln.units}".encode())
-        return h.hexdigest()
-
-    def _legacy_replay(self, site_id, settlement_id, at_ms, all_or_nothing, lines) -> SettlementOutcome | None:
-        """The stored answer when the settlement id holds a pre-"2." record of this very body."""
-        if any("\x1e" in ln.raw_code or "\x1f" in ln.raw_code for ln in lines):
-            return None  # the old serialisation cannot tell such a body from another
-        stored = self.store.stored_settlement(site_id, settlement_id)
-        if not stored or stored[0] != self.legacy_digest(site_id, settlement_id, at_ms, all_or_nothing, lines):
-            return None
-        _, _, keys = self._plan(lines)
-        return self._outcome(stored[1], keys)
 
     # ------------------------------------------------------------------ operations
 
@@ -308,39 +256,92 @@ class Verifier:
             if skew > self.rules.clock_skew_s:
                 # A late retry of a settlement already recorded still gets its stored answer.
                 stored = self.store.stored_settlement(site_id, settlement_id)
-                if stored and stored[0] == digest:
-                    _, _, keys = self._plan(lines)
-                    return self._outcome(stored[1], keys)
-                legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
-                if legacy is not None:
-                    return legacy
+                if stored and stored.digest == digest:
+                    _, _, keys = self.plan_lines(lines)
+                    return self._outcome(stored.result, keys, site_id)
                 raise InvalidRequest([("settled_at",
                                        f"{skew:.0f} s from the server clock, at most {self.rules.clock_skew_s} s")])
-        plan, codes, keys = self._plan(lines)
+        plan, codes, keys = self.plan_lines(lines)
         gate = ""
         if self.sanctions:
             gate = self.sanctions.gate_mode(dispense=True)
             if not gate:  # no atomic gate on this backend: the server's view judges first
                 replay = self.sanctions.precheck(site_id, settlement_id, insured, digest)
                 if replay is not None:
-                    return self._outcome(replay, keys)
+                    return self._outcome(replay, keys, site_id)
+        call = SettlementCall(
+            dispense=True, site=site_id, settlement_id=settlement_id, settled_at_ms=settled_at_ms,
+            settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
+            lines=plan, codes=codes, insured=insured, gate=gate, live=self._live_arg)
         try:
-            out = self.store.verify(SettlementCall(
-                dispense=True, site=site_id, settlement_id=settlement_id, settled_at_ms=settled_at_ms,
-                settle_day=self.settle_day(settled_at_ms), digest=digest, all_or_nothing=all_or_nothing,
-                lines=plan, codes=codes, insured=insured, gate=gate))
+            if self.live and self.store.cluster and insured and self.live.refusing:
+                # A cluster judges the person in their own slot: a rule that refuses is asked
+                # before anything is marked, with every line's pack as if it were recorded.
+                self._live_precheck(call, lines, keys)
+            out = self.store.verify(call)
         except Sanctioned as exc:
             if self.sanctions:
                 self.sanctions.refused(exc)
             raise
+        except LiveRuleRefused as exc:
+            n = exc.notice
+            exc.text = live_rules.notice_text(n["m"], self._figures(n), int(n.get("v", 0)), refused=True)
+            raise
         except SettlementConflict:
-            legacy = self._legacy_replay(site_id, settlement_id, settled_at_ms, all_or_nothing, lines)
-            if legacy is not None:
-                return legacy
             raise SettlementConflict(
                 f"settlement {settlement_id!r} of site {site_id!r} was already recorded with a different "
                 "request body; use a new settlement id for a new sale") from None
-        return self._outcome(out, keys)
+        outcome = self._outcome(out, keys, site_id)
+        if self.live and out.live is not None and not out.replayed:
+            outcome.notices = self._live_notices(call, out, keys)
+        return outcome
+
+    # ------------------------------------------------------------------ live rules
+
+    @staticmethod
+    def _figures(n: dict) -> dict:
+        return {"packs": int(n.get("k", 0)), "sites": int(n.get("s", 0)), "product_id": n.get("g", ""),
+                "window_days": float(n.get("w", 0)) / 24}
+
+    def _notice(self, n: dict) -> LiveNotice:
+        version = int(n.get("v", 0))
+        return LiveNotice(n["m"], version, "REFUSE" if n.get("a") == "R" else "NOTICE",
+                          live_rules.notice_text(n["m"], self._figures(n), version), int(n.get("k", 0)),
+                          int(n.get("s", 0)), n.get("g", ""), float(n.get("w", 0)))
+
+    def _live_precheck(self, call: SettlementCall, lines: Sequence[Line], keys: list[str]) -> None:
+        """Cluster, a rule set to refuse: judge the person before the settlement (live.lua 'D').
+        LiveRuleRefused when a rule refuses; a failure of this call refuses nothing (the rule is
+        then judged after the settlement, or reported unjudged)."""
+        packs = [(ln.product_id, key) for ln, key in zip(lines, keys) if key]
+        try:
+            self.store.live_rules(self._live_arg, "D", call.insured, call, packs, [])
+        except LiveRuleRefused:
+            raise
+        except Exception:  # noqa: BLE001 - judged after the settlement instead (or reported unjudged)
+            log.warning("live rules: refusal check failed for settlement %s", call.settlement_id, exc_info=True)
+
+    def _live_notices(self, call: SettlementCall, out: SettlementResult, keys: list[str]) -> list[LiveNotice]:
+        """The notices of a live dispense: judged in its own call (one node), or in the person's
+        slot now (a cluster: one more round trip, whose failure the answer reports as UNJUDGED
+        without failing the settlement)."""
+        assert self.live is not None and out.live is not None
+        if "n" in out.live:
+            return [self._notice(n) for n in out.live["n"] or []]
+        packs = [(row.issued_product_id, key) for row, key in zip(out.rows, keys)
+                 if out.recorded and row.verdict == "OK" and row.accepted > 0]
+        credits = [(fp, code) for fp, code in out.live.get("c") or []]
+        if not call.insured and not credits:
+            return []
+        try:
+            return [self._notice(n) for n in self.store.live_rules(self._live_arg, "J", call.insured, call,
+                                                                     packs, credits)]
+        except Exception:  # noqa: BLE001 - whatever failed, the settlement is recorded and answered
+            log.warning("live rules not judged for settlement %s of site %s", call.settlement_id, call.site,
+                        exc_info=True)
+            return [LiveNotice(r.model, r.version, "UNJUDGED", live_rules.UNJUDGED_TEXT.format(model=r.model),
+                               window_hours=r.window_hours)
+                    for r in self.live.rules.values() if r.action != "OFF"]
 
     def check(self, site_id: str, at_ms: int | None, lines: Sequence[Line]) -> list[LineOutcome]:
         """The verdicts lines would get now, marking nothing (site_id may be empty)."""
@@ -353,7 +354,7 @@ class Verifier:
         at_ms = now_ms() if at_ms is None else at_ms
         self._validate(site_id or "-", None, lines, at_ms, "at")
         insured = self.sanctions.pseudonym(insured_id) if self.sanctions else ""
-        plan, codes, keys = self._plan(lines)
+        plan, codes, keys = self.plan_lines(lines)
         gate = self.sanctions.gate_mode(dispense=False) if self.sanctions else ""
         out = self.store.verify(SettlementCall(
             dispense=False, site=site_id or "", settlement_id="", settled_at_ms=at_ms,
@@ -363,16 +364,19 @@ class Verifier:
         if self.sanctions:
             notices = (self.sanctions.notices_of(out.sanctions) if gate else
                        self.sanctions.binding_now(site_id or "", insured))
-        return CheckOutcome(self._outcome(out, keys).results, notices)
+        return CheckOutcome(self._outcome(out, keys, site_id or "").results, notices)
 
     def reverse(self, site_id: str, settlement_id: str, line_indexes: Sequence[int], note: str = ""):
         self._validate(site_id, settlement_id, [Line("-", "-")])
         if any(i < 0 for i in line_indexes):
             raise InvalidRequest([("line_indexes", "indexes are 0-based and non-negative")])
+        problem = text_problem(note, MAX_NOTE, "reason", required=False)
+        if problem:
+            raise InvalidRequest([("reason", problem)])
         window_ms = int(self.rules.return_window_days * 86_400_000)
         return self.store.reverse(site=site_id, settlement_id=settlement_id, now_ms=now_ms(),
                                   window_ms=window_ms, line_indexes=sorted(set(line_indexes)),
-                                  note=note[:200])
+                                  note=note)
 
     def bulk_prepare(self, settlements, *, replay: bool, state=None, state_ttl_s: int = 0,
                      insured: Sequence = ()) -> "BulkChunk":
@@ -393,7 +397,7 @@ class Verifier:
             except InvalidRequest as exc:
                 out[n] = str(exc)
                 continue
-            plan, codes, keys = self._plan(lines, chunk)
+            plan, codes, keys = self.plan_lines(lines, chunk)
             calls.append(SettlementCall(
                 dispense=replay, site=site, settlement_id=sid, settled_at_ms=at_ms,
                 settle_day=self.settle_day(at_ms), all_or_nothing=False, lines=plan, codes=codes,
@@ -419,7 +423,15 @@ class Verifier:
 
     # ------------------------------------------------------------------ results
 
-    def _outcome(self, out: SettlementResult, keys: list[str]) -> SettlementOutcome:
+    def receipt_notice(self, received_by: str, site: str) -> str:
+        """The receipt notice of a pack sold at `site` (入库核验): received by another site, or by
+        none where the deployment requires receipts; '' otherwise."""
+        if received_by:
+            return "RECEIVED_ELSEWHERE" if received_by != site else ""
+        return "NOT_RECEIVED" if self.rules.receipts_required else ""
+
+    def _outcome(self, out: SettlementResult, keys: list[str], site: str = "") -> SettlementOutcome:
+        """`site`: the selling site, for the receipt notice of OK lines ('' none: bulk jobs)."""
         results = []
         for key, row in zip(keys, out.rows):
             o = LineOutcome(row.verdict, key, row.reason, row.accepted, row.used, row.pack_units, row.status,
@@ -427,18 +439,52 @@ class Verifier:
                             row.first_settled_at_ms, row.attempts)
             if row.verdict != "MALFORMED":
                 o.reason = _REASONS[row.verdict](self, o, row.expiry)
+                o.reason_zh = REASONS_ZH[row.verdict](self, o, row.expiry)
+            else:
+                o.reason_zh = f"追溯码无法识别：{row.reason}"  # the codec's own reason, as the scan failed
+            if site and row.verdict == "OK":
+                o.receipt = self.receipt_notice(row.received_by, site)
             results.append(o)
         if not out.recorded:
             for o in results:
                 if o.verdict == "OK":
                     o.reason = "not recorded: another line of the settlement was flagged (ALL_OR_NOTHING)"
+                    o.reason_zh = "未记录：本次结算另有明细被标记（整单要么全部记录要么全不记录）"
         return SettlementOutcome(results, out.recorded, out.replayed)
 
 
 def _dup_reason(v: Verifier, o: LineOutcome, _e: int) -> str:
-    return (f"already dispensed at site {o.first_site_id} in settlement {o.first_settlement_id} "
-            f"at {_fmt_ms(o.first_settled_at_ms, v.tz)}; {o.attempts} flagged attempt(s) since")
+    # Site and time only: the reason goes to whichever pharmacy asks, and another pharmacy's
+    # settlement id is not theirs to see (the evidence field carries it to the first site and to
+    # admins; api/convert.py).
+    return (f"already dispensed at site {o.first_site_id} at {_fmt_ms(o.first_settled_at_ms, v.tz)}; "
+            f"{o.attempts} flagged attempt(s) since")
 
+
+def _dup_reason_zh(v: Verifier, o: LineOutcome, _e: int) -> str:
+    t = datetime.fromtimestamp(o.first_settled_at_ms / 1000, v.tz)
+    return (f"该药品已于 {t:%Y-%m-%d %H:%M} 在机构 {o.first_site_id} 医保结算售出（疑似回流药/重复结算），"
+            f"此后已被标记 {o.attempts} 次，不得再次结算")
+
+
+# The pharmacist's reason per verdict (LineResult.reason_zh; `reason` stays English for logs and
+# tools): the same facts as _REASONS, in Chinese.
+REASONS_ZH = {
+    "OK": lambda v, o, e: "",
+    "UNKNOWN": lambda v, o, e: "无此追溯码的赋码记录，请核实药品来源",
+    "BLOCKED": lambda v, o, e: f"追溯码状态为 {o.status}（召回、锁定、被盗或销毁），不得结算",
+    "DUPLICATE": _dup_reason_zh,
+    "PRODUCT_MISMATCH": lambda v, o, e: f"追溯码赋码药品为 {o.issued_product_id}，与结算药品不符（疑似串换）",
+    "EXPIRED": lambda v, o, e: f"已于 {fmt_day(e)} 过期",
+    "DUPLICATE_IN_REQUEST": lambda v, o, e: "同一盒药品已在本次结算的前面明细中出现",
+    "QUANTITY_EXCEEDED": lambda v, o, e: f"拆零数量超过剩余：本盒共 {o.pack_units}，剩余 {o.units_remaining}",
+}
+
+# The receipt notices as the pharmacist reads them (LineResult.receipt_text).
+RECEIPT_TEXT = {
+    "RECEIVED_ELSEWHERE": "该药品由其他机构入库核验（来源不明/串货），请核实进货来源",
+    "NOT_RECEIVED": "该药品无入库核验记录（无随货同行单），请核实进货来源",
+}
 
 # One reason template per verdict (data, not a chain of ifs).
 _REASONS = {
@@ -447,7 +493,7 @@ _REASONS = {
     "BLOCKED": lambda v, o, e: f"code status is {o.status}",
     "DUPLICATE": _dup_reason,
     "PRODUCT_MISMATCH": lambda v, o, e: f"code was issued for product {o.issued_product_id}, not the billed one",
-    "EXPIRED": lambda v, o, e: f"expired on {_fmt_day(e)}",
+    "EXPIRED": lambda v, o, e: f"expired on {fmt_day(e)}",
     "DUPLICATE_IN_REQUEST": lambda v, o, e: "the same pack appears on an earlier line of this settlement",
     "QUANTITY_EXCEEDED": lambda v, o, e: (f"asked more units than remain: {o.units_remaining} of "
                                           f"{o.pack_units} left"),

@@ -169,7 +169,7 @@ class _Worker:
         self.started_at = time.monotonic()
         self.restart_at = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracecode.server.workers", str(self.index)],
+            [sys.executable, "-m", "tracecode.server.app", "--worker", str(self.index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
             text=True, bufsize=1)
         assert self.proc.stdin is not None  # stdin=PIPE
@@ -219,11 +219,12 @@ def supervise(config: Config) -> int:
     if os.environ.get(_WORKER_ENV):
         # Never supervise from inside a worker, whatever went wrong: no process avalanche.
         raise RuntimeError("tracecode worker process asked to supervise workers")
-    from . import app, priority  # the parent sets up logging and the embedded Redis as a single server does
+    from . import priority  # the parent sets up logging and the embedded Redis as a single server does
     from . import metrics as tc_metrics
+    from .logs import setup_logging
     from .store import EmbeddedRedis
 
-    app.setup_logging(config)
+    setup_logging(config)
     stopping = threading.Event()
     received: list[int] = []
 
@@ -354,7 +355,10 @@ def _watch_parent() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def worker_main(argv: list[str] | None = None) -> int:
+def worker_main(serve, argv: list[str] | None = None) -> int:
+    """A worker process's life: its index from argv, its Config from the parent's pipe, its log
+    lines tagged, then serve(config) (app.serve, handed in: this module never imports app, which
+    imports it). Entered as `python -m tracecode.server.app --worker N`."""
     global _worker_index
     argv = sys.argv[1:] if argv is None else argv
     _worker_index = int(argv[0])
@@ -377,11 +381,4 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     logging.setLogRecordFactory(record)
     threading.Thread(target=_watch_parent, name="tracecode-parent-watch", daemon=True).start()
-    from .app import serve
     return serve(config)
-
-
-if __name__ == "__main__":
-    # Through the package module, not this __main__ copy: app.serve() asks it in_worker().
-    from tracecode.server import workers as _self
-    sys.exit(_self.worker_main())

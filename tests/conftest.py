@@ -63,7 +63,7 @@ def redis_server(request):
 @pytest.fixture(scope="session")
 def pseudonym_key(tmp_path_factory):
     """The insured-pseudonym key file of the test deployment (every server of a test shares it)."""
-    from tracecode.server.pseudonym import generate_key_file
+    from tracecode.rules.pseudonym import generate_key_file
     return generate_key_file(str(tmp_path_factory.mktemp("pseudonym") / "pseudonym.key"))
 
 

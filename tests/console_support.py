@@ -24,7 +24,7 @@ from itertools import count
 import pytest
 
 from tracecode.server.store import RedisProcess, free_port
-from tracecode.server.pseudonym import generate_key_file
+from tracecode.rules.pseudonym import generate_key_file
 
 ARTIFACTS = os.environ.get("TRACECODE_TEST_ARTIFACTS",
                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts"))

@@ -72,14 +72,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 
 class ServeProcess:
-    """`python -m tracecode.clients.cli serve ARGS` as a child process; stdout is read for the
+    """`python -m tracecode.cli serve ARGS` as a child process; stdout is read for the
     ports it prints, stderr (the log) goes to a file."""
 
     def __init__(self, args: list[str], log_path: str, env: dict | None = None):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracecode.clients.cli", "serve", *args],
+            [sys.executable, "-m", "tracecode.cli", "serve", *args],
             stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})}, cwd=ROOT)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

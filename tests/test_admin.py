@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 
-from tracecode.clients import cli
+from tracecode import cli
 from tracecode.clients.files import Row
 from tracecode.clients.pos import line
 from tracecode.v1 import admin_pb2 as apb

@@ -427,7 +427,7 @@ def test_plaintext_mode_warns(config):
 # --------------------------------------------------------------------------- the CLI, end to end
 
 def _cli(*args, timeout=30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tracecode.clients.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tracecode.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 
 

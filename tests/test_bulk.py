@@ -18,7 +18,7 @@ import pytest
 from tracecode.clients.files import Row
 from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
-from tracecode.server.pseudonym import Pseudonymizer
+from tracecode.rules.pseudonym import Pseudonymizer
 from tracecode.v1 import bulk_pb2, bulk_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 
@@ -192,7 +192,7 @@ def test_killed_job_resumes_to_the_same_report(tmp_path, admin, target):
     run_job(target, files, str(ref), job_id="ref-job", chunk_size=5, progress=False)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "tracecode.clients.cli", "reverify", *files, "--server", target,
+    cmd = [sys.executable, "-m", "tracecode.cli", "reverify", *files, "--server", target,
            "--out", str(out), "--job-id", "kill-job", "--chunk-size", "2", "--quiet", "--max-rate", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

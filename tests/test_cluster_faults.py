@@ -159,7 +159,7 @@ def _kill_mid_settlement(cluster, store, failpoint: str, a: str, b: str, sid: st
     settled_at, for retries of the same body."""
     at = datetime.now(timezone.utc)
     env = dict(os.environ, TRACECODE_FAILPOINTS=f"{failpoint}=60")
-    proc = subprocess.Popen([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                              "--redis-url", cluster.url, "--redis-cluster", "--key-prefix", "ft",
                              "--metrics-port", "0", "--reservation-s", "2", "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

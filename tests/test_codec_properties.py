@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tracecode.codec import KIND_CN20, KIND_GS1, KIND_MALFORMED, Profile, fallback
+from tracecode.codec import KEY, KIND_CN20, KIND_GS1, KIND_MALFORMED, Profile, fallback
 from tracecode.codec.tables import CHARSET82
 
 GS = "\x1d"
@@ -238,6 +238,17 @@ profiles = st.builds(
 def test_twins_identical_on_random_input(raws, profile):
     compiled = _compiled()
     assert compiled.parse_many(raws, profile) == fallback.parse_many(raws, profile)
+
+
+@SETTINGS
+@given(raws=st.lists(any_text, max_size=20), profile=profiles, packs_=st.lists(packs(), max_size=5))
+def test_keys_many_is_the_key_column_of_parse_many(raws, profile, packs_):
+    """keys_many (the leads engine's column path) returns exactly parse_many's keys, both twins,
+    on random text and on valid scans (which take the key-only path of the compiled codec)."""
+    compiled = _compiled()
+    raws = raws + [raw_form(p, "]d2", GS, False) for p in packs_] + [hri_form(p) for p in packs_]
+    want = [p[KEY] for p in compiled.parse_many(raws, profile)]
+    assert compiled.keys_many(raws, profile) == want == fallback.keys_many(raws, profile)
 
 
 @SETTINGS

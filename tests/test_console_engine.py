@@ -19,7 +19,7 @@ def _engine_output(tmp_path, key_file):
              for i, rows in enumerate(h.files)]
     sites = synth.write_csv(str(tmp_path / "sites.csv"), h.sites, ["site_id", "site_kind", "region", "name"])
     out = str(tmp_path / "leads-out")
-    run = subprocess.run([sys.executable, "-m", "tracecode.clients.cli", "leads", *files, "--issuance", iss,
+    run = subprocess.run([sys.executable, "-m", "tracecode.cli", "leads", *files, "--issuance", iss,
                           "--sites", sites, "--out", out, "--pseudonym-key", key_file, "--quiet"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -48,6 +48,9 @@ def test_engine_output_imports_lead_for_lead(console_env, tmp_path):
     for lead in mine:
         ext = lead.hits.get().external.removeprefix("MODEL:")
         assert lead.lines == int(by_id[ext]["lines"]) and lead.packs == int(by_id[ext]["packs"])
+        # The console keeps the engine's Chinese summary and the version's status (issue 27).
+        assert lead.summary == by_id[ext]["summary"] and any("\u4e00" <= ch <= "\u9fff" for ch in lead.summary)
+        assert lead.model_status == by_id[ext]["model_status"] == "PRODUCTION"
     # The same files again, and the Parquet twins: nothing changes.
     before = sorted(Evidence.objects.filter(lead__in=mine).values_list("id", "key"))
     assert import_engine(f"{out}/leads.csv", f"{out}/evidence.csv").unchanged == len(rows)
@@ -62,3 +65,39 @@ def test_engine_output_imports_lead_for_lead(console_env, tmp_path):
     body = http(sup).post("/search/person", {"insured_id": raw}, follow=True).content.decode()
     found = Lead.objects.filter(evidence__insured_pseudonym=pseudonymizer().pseudonym(raw)).distinct()
     assert found and all(lead.ref in body for lead in found) and raw not in body
+
+
+def test_a_neutralised_cell_of_the_engine_comes_back_as_it_was(console_env, tmp_path):
+    """The engine writes a region starting with '=' as "'=..." (rules/cells.py: no live formula in
+    a spreadsheet); the console reads it back as the engine had it."""
+    from tracecode.console.ledger.intake import import_engine
+    from tracecode.console.ledger.models import Lead
+    from tracecode.leads import synth
+    h = synth.history(3000, seed=18)
+    evil = '=HYPERLINK("http://e.x/","x")'  # within the region's 32 characters
+    for s in h.sites:
+        s["region"] = evil
+    iss = synth.write_csv(str(tmp_path / "issuance.csv"), h.issuance, synth.ISSUANCE_COLUMNS)
+    files = [synth.write_csv(str(tmp_path / f"s{i}.csv"), rows, synth.SETTLEMENT_COLUMNS)
+             for i, rows in enumerate(h.files)]
+    sites = synth.write_csv(str(tmp_path / "sites.csv"), h.sites, ["site_id", "site_kind", "region", "name"])
+    out = str(tmp_path / "leads-out")
+    run = subprocess.run([sys.executable, "-m", "tracecode.cli", "leads", *files, "--issuance", iss,
+                          "--sites", sites, "--out", out, "--pseudonym-key", console_env.key_file, "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(f"{out}/leads.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["region"] for r in rows if r["region"]} == {"'" + evil}  # neutralised in the file an inspector may open
+    # Subjects of their own (the ledger keeps one open lead per subject, and the other test's
+    # history has these sites), the cells exactly as the engine wrote them.
+    mine = [dict(r, lead_id="N" + r["lead_id"], subject_id="NEUT-" + r["subject_id"]) for r in rows
+            if r["region"] and r["subject_kind"] == "SITE"]
+    with open(f"{out}/mine.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(mine)
+    rep = import_engine(f"{out}/mine.csv")
+    assert not rep.problems, rep.problems[:3]
+    leads = Lead.objects.filter(subject_id__startswith="NEUT-")
+    assert leads.count() == len(mine) > 0 and set(leads.values_list("region", flat=True)) == {evil}

@@ -190,9 +190,16 @@ def test_workflow_history_and_handed_down_close(console_env, tmp_path):
         r = c.post("/import/", {"kind": "batch", "source": "NATIONAL", "number": number, "received_on": "2024-12-03",
                                 "file": fh}, follow=True)
     text = r.content.decode()
-    assert "新建线索 1 条" in text and "batch.csv:4: subject_id: required" in text and "unknown columns ignored: extra" in text
-    with open(path, "rb") as fh:
-        c.post("/import/", {"kind": "batch", "source": "NATIONAL", "number": number, "received_on": "2024-12-03", "file": fh})
+    # All or nothing per file: the row without a subject refuses the file, named by file, line and field.
+    assert "整份文件未导入" in text and "batch.csv:4: subject_id: required" in text and "unknown columns ignored: extra" in text
+    assert not Lead.objects.filter(subject_id=site).exists()
+    path.write_bytes(_csv([{"机构编码": site, "线索描述": "疑似回流药", "统筹区": "R9", "extra": "ignored"},
+                           {"机构编码": site, "线索描述": "疑似回流药", "统筹区": "R9", "extra": "ignored"}]))
+    for _ in range(2):
+        with open(path, "rb") as fh:
+            r = c.post("/import/", {"kind": "batch", "source": "NATIONAL", "number": number, "received_on": "2024-12-03",
+                                    "file": fh}, follow=True)
+        assert "新建线索 1 条" in r.content.decode() or "未变化 2 条" in r.content.decode()
     assert Lead.objects.filter(subject_id=site).count() == 1
     lead = Lead.objects.get(subject_id=site)
     assert lead.source == "NATIONAL" and lead.batch.number == number
@@ -286,8 +293,11 @@ def test_parquet_leads_filters_and_sorting(console_env, tmp_path):
     ]
     path = tmp_path / "leads.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
+    rep = import_engine(str(path))  # all or nothing: the PERSON row refuses the file
+    assert rep.refused and rep.leads_created == 0 and [(p.line, p.field) for p in rep.problems] == [(5, "subject_kind")]
+    pq.write_table(pa.Table.from_pylist(rows[:3]), path)
     rep = import_engine(str(path))
-    assert rep.leads_created == 3 and [(p.line, p.field) for p in rep.problems] == [(5, "subject_kind")]
+    assert rep.leads_created == 3 and not rep.problems
     assert import_engine(str(path)).unchanged == 3
     http_c = http(sup)
 

@@ -117,8 +117,17 @@ def test_card_suspension_names_the_person_by_pseudonym_a_typed_id_must_match(con
     req = workflow.propose_sanction(lead, workflow.SanctionProposal("P_SUSPEND_CARD", "", "倒卖医保药品"), ins)
     assert req.subject_id == p and req.subject_type == "INSURED"
     c = http(sup)
-    r = c.post(f"/sanctions/{req.request_id}/approve", {"insured_id": "110101199001011234"}, follow=True)
+    # Another person's (valid) id does not match the lead's pseudonym; a mistyped id is named by its rule.
+    r = c.post(f"/sanctions/{req.request_id}/approve", {"insured_id": "11010519491231002X"}, follow=True)
     assert "与线索对象的化名核对" in r.content.decode()
+    r = c.post(f"/sanctions/{req.request_id}/approve", {"insured_id": "110101199001011234"}, follow=True)
+    body = r.content.decode()
+    assert "证件号无效" in body and "check character" in body and "110101199001011234" not in body
+    # An id the form itself refuses (too long) is an error too, not silently an approval by pseudonym.
+    r = c.post(f"/sanctions/{req.request_id}/approve", {"insured_id": "1" * 200}, follow=True)
+    assert "参保人证件号" in r.content.decode() and "1" * 200 not in r.content.decode()
+    req.refresh_from_db()
+    assert req.state == "PROPOSED"
     req.refresh_from_db()
     assert req.state == "PROPOSED"
     r = c.post(f"/sanctions/{req.request_id}/approve", {}, follow=True)  # no raw id: by pseudonym

@@ -20,7 +20,7 @@ def test_console_starts_on_sqlite(tmp_path):
     env["TRACECODE_CONSOLE_DATA_DIR"] = str(tmp_path / "data")
     pw = tmp_path / "pw"
     pw.write_text("a-long-enough-password\n")
-    cli = [sys.executable, "-m", "tracecode.clients.cli", "console"]
+    cli = [sys.executable, "-m", "tracecode.cli", "console"]
     out = subprocess.run([*cli, "user", "chief", "--role", "supervisor", "--password-file", str(pw)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

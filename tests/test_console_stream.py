@@ -1,6 +1,7 @@
-"""LIVE leads from the settlement audit streams, with real processes: a real redis-server, a
-real tracecode gRPC server, DUPLICATEs made by real POS calls, the console's consumer as its own
-process (killed mid-run and restarted), the ledger on a real PostgreSQL."""
+"""LIVE leads from the server's audit feed, with real processes: a real redis-server, a real
+tracecode gRPC server (whose AuditFeed service the console reads: the console reads no Redis),
+DUPLICATEs made by real POS calls, the console's consumer as its own process (killed mid-run and
+restarted), the ledger on a real PostgreSQL."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ from console_support import unique
 from factories import cn20, issuance, load
 
 from tracecode.clients.admin import AdminClient
+from tracecode.clients.audit import AuditFeedClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.store import free_port
 from tracecode.v1 import verification_pb2 as pb
@@ -58,8 +60,8 @@ class Consumer:
         if failpoints:
             env["TRACECODE_FAILPOINTS"] = failpoints
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tracecode.console.cli", "consume", "--redis-url", service.redis.url,
-             "--prefix", service.prefix, "--consumer", "console-a", "--metrics-port", str(self.metrics_port), *extra],
+            [sys.executable, "-m", "tracecode.console.cli", "consume", "--server", service.target,
+             "--consumer", "console-a", "--metrics-port", str(self.metrics_port), *extra],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill(self):
@@ -120,11 +122,8 @@ def test_consumer_killed_mid_run_loses_nothing_and_duplicates_nothing(console_en
         c.kill()
     seen, _ = _live(buyers)
     assert 0 < seen < dups  # killed mid-run, with work done
-    import redis
-    r = redis.Redis.from_url(service.redis.url, decode_responses=True)
-    pending = sum(r.xpending(s, "ledger-console")["pending"] for s in
-                  __import__("tracecode.console.ledger.stream", fromlist=["audit_streams"]).audit_streams(service.prefix)
-                  if r.exists(s))
+    with AuditFeedClient(service.target) as feed:
+        _, pending = feed.status("ledger-console")
     assert pending > 0  # delivered, committed (some), never acknowledged
 
     more = _resell(service.target, 6, buyers, first)  # while no consumer runs
@@ -166,8 +165,7 @@ def test_consumer_killed_mid_run_loses_nothing_and_duplicates_nothing(console_en
 
 def test_lag_metric_counts_what_the_group_has_not_read(console_env, service):
     from tracecode.console.ledger.stream import AuditConsumer, ConsumerConfig
-    consumer = AuditConsumer(ConsumerConfig(redis_url=service.redis.url, prefix=service.prefix, consumer="t"))
-    consumer.ensure_group()
+    consumer = AuditConsumer(ConsumerConfig(server=service.target, consumer="t"))
     buyers = [unique("BUY")]
     _resell(service.target, 5, buyers, unique("FIRST"))
     # One more resale by a card holder: the audit entry carries the server's pseudonym (`p`).
@@ -180,7 +178,7 @@ def test_lag_metric_counts_what_the_group_has_not_read(console_env, service):
         pos.verify(unique("FIRST"), [line(code, "P1")])
         pos.verify(buyers[0], [line(code, "P1")], insured_id=raw)
     lag, pending = consumer.update_lag()
-    assert (lag, pending) == (12, 0)  # 6 DISPENSED + 6 DUPLICATE attempts
+    assert (lag, pending) == (12, 0)  # 6 DISPENSED + 6 DUPLICATE attempts, the group not even made yet
     assert consumer.run_once(block_ms=100) == 12
     assert consumer.update_lag() == (0, 0)
     assert _live(buyers)[0] == 6
@@ -189,11 +187,12 @@ def test_lag_metric_counts_what_the_group_has_not_read(console_env, service):
     ev = Evidence.objects.get(site_id=buyers[0], canonical_code=code)
     assert ev.insured_pseudonym == pseudonymizer().pseudonym(raw)  # the console's and the server's agree
     assert raw not in console_env.pg.dump() and raw.upper() not in console_env.pg.dump()
+    consumer.close()
 
 
 def test_consumer_on_a_redis_cluster(console_env):
-    """The same consumer over a real 3-master Redis Cluster (the audit streams spread over its
-    slots), with a tracecode server on that cluster."""
+    """The same consumer over a tracecode server on a real 3-master Redis Cluster (the audit
+    streams spread over its slots; the server reads them one XREADGROUP per stream)."""
     from tracecode.console.ledger.stream import AuditConsumer, ConsumerConfig
     from tracecode.server.app import Server, make_store
     from tracecode.server.config import Config
@@ -207,8 +206,7 @@ def test_consumer_on_a_redis_cluster(console_env):
     srv = Server(cfg, store).start()
     try:
         target = f"127.0.0.1:{srv.port}"
-        consumer = AuditConsumer(ConsumerConfig(redis_url=cluster.url, prefix=prefix, consumer="t", cluster=True))
-        consumer.ensure_group()
+        consumer = AuditConsumer(ConsumerConfig(server=target, consumer="t"))
         buyers = [unique("BUY"), unique("BUY")]
         _resell(target, 8, buyers, unique("FIRST"))
         assert consumer.update_lag() == (16, 0)
@@ -219,20 +217,44 @@ def test_consumer_on_a_redis_cluster(console_env):
         assert seen == 16 and consumer.update_lag() == (0, 0)
         count, leads = _live(buyers)
         assert count == 8 and leads.count() == 2
-        consumer.replay_from_start()
         before = _snapshot(buyers)
-        while consumer.run_once(block_ms=100):
-            pass
+        consumer.replay_from_start()
+        # Heartbeats sent while the test was busy may come first: count events, not rounds.
+        replayed, deadline = 0, time.monotonic() + 30
+        while replayed < 16 and time.monotonic() < deadline:
+            replayed += consumer.run_once(block_ms=100)
+        assert replayed == 16
         assert _snapshot(buyers) == before
+        assert consumer.update_lag() == (0, 0)
+        consumer.close()
     finally:
         srv.stop(0)
         store.close()
         cluster.stop()
 
 
-def test_the_console_reads_the_streams_the_server_writes(console_env):
-    """The console spells the audit stream names itself (it must not import the server's store);
-    this holds it to the server's key layout."""
-    from tracecode.console.ledger.stream import audit_streams
-    from tracecode.server.store import KeySpace
-    assert audit_streams("tc") == KeySpace("tc").audit_streams()
+def test_the_console_reads_no_redis():
+    """The console knows the feed, not the streams: no redis import, no key format, no BUCKETS
+    anywhere in console/ (import-linter's "Only the store speaks Redis" holds it too)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "console")
+    offenders = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(folder, f), encoding="utf-8").read()
+                offenders += [f"{f}: {w}" for w in ("import redis", "BUCKETS", ":audit", "xreadgroup")
+                              if w in text]
+    assert not offenders, offenders
+
+
+def test_a_redis_import_in_the_console_breaks_the_contract(tmp_path):
+    """The console is a source module of import-linter's "Only the store speaks Redis": a planted
+    `import redis` in the consumer fails it."""
+    from test_architecture import _assemble, _lint
+    scratch = _assemble(str(tmp_path))
+    with open(os.path.join(scratch, "tracecode", "console", "ledger", "stream.py"), "a") as fh:
+        fh.write("\nimport redis  # deliberate violation\n")
+    out = _lint(scratch)
+    assert out.returncode != 0
+    assert "Only the store speaks Redis" in out.stdout and "BROKEN" in out.stdout and "tracecode.console" in out.stdout, \
+        out.stdout

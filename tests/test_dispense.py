@@ -32,7 +32,12 @@ def test_first_dispense_ok_then_duplicate_at_another_site_names_the_first(pos, a
     assert r.evidence.first_settlement_id == "s-1"
     assert abs(r.evidence.first_settled_at.seconds - datetime.now(timezone.utc).timestamp()) < 60
     assert r.evidence.attempts == 1
-    assert "SITE-A" in r.reason and "s-1" in r.reason
+    # The reason names the first site and time for whichever pharmacy reads it, never the first
+    # sale's settlement id (the evidence carries it to that site and to admins: docs/verification.md).
+    assert "SITE-A" in r.reason and "s-1" not in r.reason
+    # The pharmacist's reason, in Chinese, with the same facts and the same limits.
+    assert "SITE-A" in r.reason_zh and "回流药" in r.reason_zh and "s-1" not in r.reason_zh
+    assert first.results[0].reason_zh == ""
 
     third = pos.verify("SITE-C", [line(code, "8123456")])
     assert third.results[0].evidence.attempts == 2
@@ -147,3 +152,15 @@ def test_a_redis_that_lost_its_scripts_gets_them_again_and_answers(pos, admin, s
     again = pos.verify("SITE-NS", [line(codes[1], "8123456"), line(codes[2], "8123456")], **sale)
     assert again.replayed and verdicts(again) == ["OK", "OK"]
     assert verdicts(pos.verify("SITE-NS2", [line(codes[0], "8123456")])) == ["DUPLICATE"]
+
+
+def test_every_flagged_verdict_has_a_chinese_reason(pos, admin):
+    ok, locked, other = cn20(), cn20(), cn20()
+    load(admin, issuance(ok, "8123456"), issuance(locked, "8123456", status="LOCKED"), issuance(other, "8999999"))
+    resp = pos.verify("SITE-ZH", [line(ok, "8123456"), line(ok, "8123456"), line(locked, "8123456"),
+                                  line(other, "8123456"), line(cn20(), "8123456"), line("12", "8123456")])
+    assert verdicts(resp) == ["OK", "DUPLICATE_IN_REQUEST", "BLOCKED", "PRODUCT_MISMATCH", "UNKNOWN", "MALFORMED"]
+    zh = [r.reason_zh for r in resp.results]
+    assert zh[0] == "" and all(zh[1:])
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in z) for z in zh[1:])  # Chinese text, every one
+    assert "8999999" in zh[3] and "追溯码无法识别" in zh[5]

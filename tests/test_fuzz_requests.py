@@ -34,7 +34,7 @@ from factories import cn20, gs1, gtin14, issuance, load
 P1, P2 = "8123456", "P-FUZZ-2"
 SITES = ("FZ-A", "FZ-B", "FZ-C")
 SERIAL = itertools.count()
-FIELD = re.compile(r"(site_id|settlement_id|settled_at|settled_at\.nanos|at|at\.nanos|policy|lines|line_indexes|raw_code|"
+FIELD = re.compile(r"(site_id|settlement_id|settled_at|settled_at\.nanos|at|at\.nanos|policy|lines|line_indexes|raw_code|reason|"
                    r"lines\[(\d+)\]\.(raw_code|product_id|units))\Z")
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
          grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}

@@ -11,13 +11,15 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pytest
 
+from tracecode.clients.files import InputFileError
 from tracecode.clients.reverify import parse_time
 from tracecode.leads import synth
 from tracecode.leads.canon import profile_of
 from tracecode.leads.inputs import Limits, Pseudonyms, load_check, read_issuance, read_settlements, settled_ms
 from tracecode.server.config import Config
-from tracecode.server.pseudonym import generate_key_file
+from tracecode.rules.pseudonym import generate_key_file
 
 
 def test_settled_at_column_wise_equals_the_bulk_clients_parser():
@@ -108,11 +110,14 @@ def test_unusable_settlement_rows_are_reported_with_file_line_and_field(tmp_path
         assert sorted((e.line, e.field) for e in errors) == [(first + 1, "line_no"), (first + 2, "settled_at"),
                                                              (first + 3, "code"), (first + 4, "amount")]
         assert {e.file for e in errors} == {path}
-        assert t["code"].to_pylist() == ["81234560000000010000"] * 2  # stripped as files.py strips
-        assert t["amount_fen"].to_pylist() == [1250, None]  # the unreadable amount: line kept, amount not
-    errors = []
-    list(read_settlements([str(broken)], Limits(), Pseudonyms(), errors))
-    assert errors and errors[0].file == str(broken) and "cannot read" in errors[0].reason
+        assert t["code"].to_pylist() == ["81234560000000010000"]  # stripped as files.py strips
+        # An unreadable amount refuses its row, as tracecode reverify refuses it (rules/rows.py):
+        # a row is judged or in errors.csv, never both.
+        assert t["amount_fen"].to_pylist() == [1250]
+        assert not any("lots" in e.reason for e in errors)  # the value is not repeated
+    # A file that cannot be read to its end stops the run: its rows cannot be accounted for.
+    with pytest.raises(InputFileError, match="broken.csv.gz: cannot read the file"):
+        list(read_settlements([str(broken)], Limits(), Pseudonyms(), errors))
 
 
 def test_cli_writes_the_outputs_and_refuses_a_readable_key(tmp_path):
@@ -121,7 +126,7 @@ def test_cli_writes_the_outputs_and_refuses_a_readable_key(tmp_path):
     exports = [synth.write_csv(str(tmp_path / f"e{i}.csv"), h.files[i], synth.SETTLEMENT_COLUMNS) for i in (0, 1)]
     key = generate_key_file(str(tmp_path / "key"))
     out = tmp_path / "out"
-    cli = [sys.executable, "-m", "tracecode.clients.cli", "leads", *exports, "--issuance", iss, "--out", str(out)]
+    cli = [sys.executable, "-m", "tracecode.cli", "leads", *exports, "--issuance", iss, "--out", str(out)]
     done = subprocess.run(cli + ["--pseudonym-key", key, "--quiet"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "lines" in done.stdout and "leads" in done.stdout
@@ -133,3 +138,55 @@ def test_cli_writes_the_outputs_and_refuses_a_readable_key(tmp_path):
     os.chmod(key, 0o644)
     bad = subprocess.run(cli + ["--pseudonym-key", key], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "readable by group or others" in bad.stderr
+
+
+def test_the_read_stage_on_spark_executors_stages_what_the_worker_processes_stage(tmp_path):
+    """Issue 26, deliverable 1: Spark reads, checks, pseudonymises and canonicalises every file on
+    its executors (staging.spark_stage, local mode here; tests/test_leads_standalone.py runs it on
+    a cluster). Over CSV (.gz), JSONL and Parquet files with bad rows, insured ids and an issuance
+    file with rejections it stages the very tables the DuckDB path's worker processes stage, with
+    the same errors (file, line, field, reason); a file that cannot be read is the same error."""
+    import pyarrow.parquet as pq
+
+    from tracecode.leads.engines import SparkEngine
+    from tracecode.leads.staging import spark_stage, stage_all
+    from tracecode.rules.pseudonym import Pseudonymizer
+
+    h = synth.history(800, seed=9, noise=3.0)
+    ids = ["110101198001010011", "11010119800101001X", "ABC123", "bad id!", ""]
+    rows = [{**r, "insured_id": ids[n % len(ids)]} for n, r in enumerate(h.files[0] + h.files[1])]
+    rows[5]["line_no"] = "x"
+    rows[9]["settled_at"] = "yesterday"
+    rows[12]["amount"] = "lots"
+    cols = synth.SETTLEMENT_COLUMNS
+    third = len(rows) // 3
+    files = [synth.write_csv(str(tmp_path / "a.csv.gz"), rows[:third], cols),
+             synth.write_jsonl(str(tmp_path / "b.jsonl"), rows[third:2 * third]),
+             synth.write_parquet(str(tmp_path / "c.parquet"), rows[2 * third:], cols)]
+    iss = [synth.write_csv(str(tmp_path / "iss.csv"), h.issuance, synth.ISSUANCE_COLUMNS),
+           synth.write_csv(str(tmp_path / "iss2.csv"), ISSUANCE,
+                           ["code", "product_id", "gtin", "batch", "expiry", "pack_units", "status"])]
+    pz = Pseudonyms(Pseudonymizer(os.urandom(32)))
+    profile = profile_of(Config())
+    os.makedirs(tmp_path / "duck")
+    os.makedirs(tmp_path / "spark")
+    duck = stage_all(files, iss, str(tmp_path / "duck"), Limits(), pz, profile)
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(gzip.compress(b"site_id,settlement_id\n" * 50)[:-6])
+    engine = SparkEngine(str(tmp_path / "spark"), "local[1]")
+    try:
+        spark = spark_stage(engine.spark, files, iss, str(tmp_path / "spark"), Limits(), pz, profile)
+        with pytest.raises(InputFileError, match="broken.csv.gz: cannot read the file"):
+            spark_stage(engine.spark, [files[0], str(broken)], [], str(tmp_path / "spark"), Limits(), pz, profile)
+    finally:
+        engine.close()
+    key = lambda e: (e.file, e.line, e.field, e.reason)  # noqa: E731
+    n_errors = 0
+    for a, b in zip(duck[0] + duck[1], spark[0] + spark[1], strict=True):
+        assert a.rows == b.rows and a.rows > 0
+        assert pq.read_table(a.path).equals(pq.read_table(b.path)), a.path
+        assert sorted(a.errors, key=key) == sorted(b.errors, key=key)
+        n_errors += len(a.errors)
+    assert n_errors >= 3 + 9  # the rows broken above, the issuance rejections
+    people = set(pq.read_table(spark[0][0].path)["insured"].to_pylist()) - {""}
+    assert people and all(Pseudonymizer.looks_like_pseudonym(p) for p in people)

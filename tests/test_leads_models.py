@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from datetime import datetime, timedelta
 
 import pyarrow.parquet as pq
 import pytest
 
 from tracecode.leads import synth
+from tracecode.leads.assemble import MODEL_ORDER as MODELS
 from tracecode.leads.assemble import lead_id
+from tracecode.leads.config import load as load_config
 from tracecode.leads.inputs import Pseudonyms
 from tracecode.leads.run import Options, run
-from tracecode.server.pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.insured import resident_check_char
+from tracecode.rules.pseudonym import Pseudonymizer, generate_key_file
 
 T0 = datetime(2024, 4, 1, 9, 0, tzinfo=synth.CST)
 PRODUCT, OTHER = "8300001", "8300002"
@@ -28,6 +32,7 @@ class Plant:
     def __init__(self):
         self.codes = synth.Codes(None)
         self.issuance, self.rows, self.sites = [], [], []
+        self.receipts: list[list[dict]] = [[], []]  # two delivery files
         self.n = 0
 
     def pack(self, product: str = PRODUCT, units: int = 1) -> str:
@@ -49,8 +54,10 @@ class Plant:
         self.sale(later, when + timedelta(days=2), [code], "", billed)
 
 
-RAW = {name: f"11010119800101{n:03d}x" for n, name in enumerate(
-    ["P1", "P2", "S1", "S2", "S3", "S4", "S5", "S6", "BG"])}
+# Valid resident ids (GB 11643 check character), typed with a lower-case check character where
+# it is X, as at a counter: the engine normalises before it pseudonymises.
+RAW = {name: f"11010119800101{n:03d}" + resident_check_char(f"11010119800101{n:03d}").lower() for n, name in
+       enumerate(["P1", "P2", "S1", "S2", "S3", "S4", "S5", "S6", "BG"])}
 
 
 def planted() -> tuple[Plant, dict[str, set[str]]]:
@@ -110,6 +117,22 @@ def planted() -> tuple[Plant, dict[str, set[str]]]:
             p.sale(site, t, [p.pack()], billed=OTHER)
     for _ in range(3):
         p.resell("BG06", "W3", t, billed=OTHER)
+    # UNRECEIVED: U1 takes two packs into stock through the receiving check and sells them, then
+    # sells three it never received. Decoys: U2 sells five it received, three in one delivery
+    # file and two in a second; U3 never uses the receiving check (not judged).
+    def received(site, file, packs, when):
+        for k, code in enumerate(packs):
+            p.receipts[file].append({"site_id": site, "code": code, "delivery_id": f"DN-{site}-{file}",
+                                     "received_at": (when + timedelta(minutes=k)).isoformat()})
+    got = [p.pack() for _ in range(2)]
+    received("U1", 0, got, t - timedelta(hours=3))
+    p.sale("U1", t, got)
+    p.sale("U1", t + timedelta(hours=1), [p.pack() for _ in range(3)])
+    got = [p.pack() for _ in range(5)]
+    received("U2", 0, got[:3], t - timedelta(hours=3))
+    received("U2", 1, got[3:], t - timedelta(hours=2))
+    p.sale("U2", t, got)
+    p.sale("U3", t, [p.pack() for _ in range(4)])
     p.rows.sort(key=lambda r: r["settled_at"])  # one file in settled_at order
     expected = {
         "RESALE_BUYER": {"B1", "C9", "Q9", "R1", "R2", "R3", "K2", "K3", "X1", "X2", "W3"},
@@ -117,6 +140,7 @@ def planted() -> tuple[Plant, dict[str, set[str]]]:
         "RING": {"R1+R2+R3"},
         "STOCKPILING": {"S1", "S5"},
         "SWAP": {"W1"},
+        "UNRECEIVED": {"U1"},
         "ABNORMAL_SITE": {"A1"},
     }
     return p, expected
@@ -132,6 +156,8 @@ def dataset(tmp_path_factory):
         "issuance": synth.write_csv(str(d / "issuance.csv"), p.issuance, ["code", "product_id", "pack_units"]),
         "settlements": synth.write_csv(str(d / "settlements.csv"), p.rows, synth.SETTLEMENT_COLUMNS),
         "sites": synth.write_csv(str(d / "sites.csv"), p.sites, ["site_id", "site_kind", "region", "name"]),
+        "receipts": [synth.write_csv(str(d / f"receipts-{n}.csv"), rows, ["site_id", "code", "delivery_id", "received_at"])
+                     for n, rows in enumerate(p.receipts)],
     }
     return d, files, expected, Pseudonymizer.from_file(key)
 
@@ -139,7 +165,8 @@ def dataset(tmp_path_factory):
 def _run(d, files, pz, out: str, engine: str = "duckdb", extra: list[str] = ()) -> str:
     out = str(d / out)
     run(Options(files=[files["settlements"], *extra], issuance=[files["issuance"]], sites=files["sites"], out=out,
-                engine=engine, spark_master="local[1]", pseudonyms=Pseudonyms(pz), progress=False))
+                receipts=files["receipts"], engine=engine, spark_master="local[1]", pseudonyms=Pseudonyms(pz),
+                progress=False))
     return out
 
 
@@ -223,11 +250,15 @@ def test_no_raw_insured_id_in_any_output(dataset, duck):
     assert people and all(Pseudonymizer.looks_like_pseudonym(p) for p in people)
 
 
-def test_raw_ids_without_a_key_are_refused(dataset, tmp_path):
+@pytest.mark.parametrize("engine", ["duckdb", "spark"])
+def test_raw_ids_without_a_key_are_refused(dataset, tmp_path, engine):
+    """On Spark the file is read on an executor: the refusal comes back to the driver as the same
+    ValueError, and nothing is written."""
     _, files, _, _ = dataset
     with pytest.raises(ValueError, match="pseudonym-key"):
         run(Options(files=[files["settlements"]], issuance=[files["issuance"]], out=str(tmp_path / "o"),
-                    progress=False))
+                    engine=engine, spark_master="local[1]", progress=False))
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_spark_gives_the_same_leads_as_duckdb(dataset, duck):
@@ -236,3 +267,87 @@ def test_spark_gives_the_same_leads_as_duckdb(dataset, duck):
     for name in ("leads.csv", "evidence.csv", "errors.csv"):
         with open(os.path.join(duck, name), "rb") as a, open(os.path.join(spark, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+# --- issue 27: Chinese summaries, model status ------------------------------------------------
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def test_summaries_are_chinese_with_the_english_beside(duck):
+    leads = _leads(duck)
+    assert {ld["model"] for ld in leads} == set(MODELS)  # every model's templates are exercised
+    for ld in leads:
+        zh, en = ld["summary"], ld["summary_en"]
+        assert _CJK.search(zh) and "{" not in zh and "}" not in zh, zh
+        assert en.isascii() or "串换" in en, en  # SWAP names the practice in Chinese on purpose
+        # The two sentences state the same figures (in each language's order).
+        assert sorted(_NUMBER.findall(zh)) == sorted(_NUMBER.findall(en)), (zh, en)
+        assert ld["subject_id"] in zh or ld["subject_kind"] == "RING"
+    b1 = next(ld for ld in leads if ld["model"] == "RESALE_BUYER" and ld["subject_id"] == "B1")
+    assert b1["summary"].endswith("医保基金重复支付：21.00 元。") and b1["summary_en"].endswith("the fund paid 21.00 yuan a second time.")
+    # The Parquet file carries both columns and the status too.
+    t = pq.read_table(os.path.join(duck, "leads.parquet"))
+    assert t.column_names[-3:] == ["summary", "summary_en", "model_status"]
+    assert t.column("summary").to_pylist() == [ld["summary"] for ld in leads]
+
+
+def test_a_pilot_is_marked_and_a_retired_model_writes_nothing(dataset, duck, tmp_path):
+    d, files, _, pz = dataset
+    toml = tmp_path / "models.toml"
+    toml.write_text('[SWAP]\nstatus = "PILOT"\n\n[RING]\nstatus = "RETIRED"\n', encoding="utf-8")
+    out = str(tmp_path / "status")
+    run(Options(files=[files["settlements"]], issuance=[files["issuance"]], sites=files["sites"], out=out,
+                receipts=files["receipts"], pseudonyms=Pseudonyms(pz), progress=False, config=load_config(str(toml))))
+    leads, before = _leads(out), _leads(duck)
+    assert {ld["model_status"] for ld in before} == {"PRODUCTION"}
+    assert not [ld for ld in leads if ld["model"] == "RING"]
+    assert {ld["model_status"] for ld in leads if ld["model"] == "SWAP"} == {"PILOT"}
+    assert {ld["model_status"] for ld in leads if ld["model"] != "SWAP"} == {"PRODUCTION"}
+    # Nothing else changes: the same leads (ids, figures, summaries) but RING's.
+    strip = [{k: v for k, v in ld.items() if k != "model_status"} for ld in before if ld["model"] != "RING"]
+    assert [{k: v for k, v in ld.items() if k != "model_status"} for ld in leads] == strip
+    with open(os.path.join(out, "evidence.csv"), newline="", encoding="utf-8") as fh:
+        ev_ids = {e["lead_id"] for e in csv.DictReader(fh)}
+    assert ev_ids == {ld["lead_id"] for ld in leads}
+
+
+def test_an_unknown_status_is_refused_by_name(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[SWAP]\nstatus = "TRIAL"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"model SWAP status 'TRIAL' \(known: PILOT, PRODUCTION, RETIRED\)"):
+        load_config(str(toml))
+
+
+def test_unreceived_needs_receipts_counts_a_receipt_after_the_sale_and_reports_bad_rows(dataset, tmp_path):
+    d, files, _, pz = dataset
+    # Without receipts no site is judged: the model writes nothing.
+    out = str(tmp_path / "no-receipts")
+    run(Options(files=[files["settlements"]], issuance=[files["issuance"]], out=out, pseudonyms=Pseudonyms(pz),
+                progress=False))
+    assert not [ld for ld in _leads(out) if ld["model"] == "UNRECEIVED"]
+    # U2's second delivery file dated after its sales: those two packs were sold before they were
+    # received, so U2 has 2 unreceived packs (under the threshold of 3); with min_packs = 2 it is
+    # found. A bad row of a receipts file is reported by file, line and field.
+    with open(files["receipts"][1], encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    late = tmp_path / "late.csv"
+    with open(late, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, ["site_id", "code", "delivery_id", "received_at"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "received_at": (datetime.fromisoformat(r["received_at"]) + timedelta(days=9)).isoformat()})
+        w.writerow({"site_id": "U2", "code": "x", "delivery_id": "D", "received_at": ""})
+        w.writerow({"site_id": "U2", "code": rows[0]["code"], "delivery_id": "D", "received_at": "yesterday"})
+    (tmp_path / "m.toml").write_text("[UNRECEIVED]\nmin_packs = 2\n", encoding="utf-8")
+    out = str(tmp_path / "late")
+    run(Options(files=[files["settlements"]], issuance=[files["issuance"]], out=out, pseudonyms=Pseudonyms(pz),
+                receipts=[files["receipts"][0], str(late)], progress=False,
+                config=load_config(str(tmp_path / "m.toml"))))
+    got = {ld["subject_id"]: ld for ld in _leads(out) if ld["model"] == "UNRECEIVED"}
+    assert set(got) == {"U1", "U2"} and got["U2"]["packs"] == "2" and got["U1"]["packs"] == "3"
+    assert "无本机构入库核验记录" in got["U2"]["summary"]
+    with open(os.path.join(out, "errors.csv"), newline="", encoding="utf-8") as fh:
+        errs = {(e["line"], e["field"]) for e in csv.DictReader(fh) if e["file"] == str(late)}
+    assert errs == {(str(len(rows) + 2), "code"), (str(len(rows) + 3), "received_at")}

@@ -39,8 +39,24 @@ def test_memory_benchmark_runs_every_layout(tmp_path):
             assert run["sample_keys"][code_kind], "the sampled code has keys"
         assert all(f["type"] != "none" for f in run["sample_keys"]["settlement_1_line"].values())
     assert set(doc["summary"]) == set(doc["layouts"])
-    if len(layouts) > 1:
-        assert set(doc["ratio_layout2_to_layout1"]) == set(doc["summary"]["1"])
+    for figures in doc["summary"].values():
+        # With the audit stream archived a dispensed code keeps its state and record share only.
+        for size in ("5_lines", "1_line"):
+            assert 0 < figures[f"bytes_per_dispensed_code_{size}_archived"] < figures[f"bytes_per_dispensed_code_{size}"]
+    # The national sizing from the public volume, and how it moves with shelf life and dispense rate.
+    nat = doc["national"]
+    assert nat["assumptions"]["dispensed_per_day"] == 3e8 and nat["assumptions"]["live_codes"] == 3e8 * 365 * 2
+    grid = nat["masters_by_shelf_life_and_dispense_rate"]
+    assert list(grid) == ["1.0y", "2.0y", "3.0y"]
+    for row in grid.values():
+        assert list(row.values()) == sorted(row.values()) and row["1e+08/day"] < row["5e+08/day"]
+    assert grid["1.0y"]["3e+08/day"] < grid["3.0y"]["3e+08/day"]
+    # --renational recomputes that section from the figures alone.
+    del doc["national"]
+    out.write_text(json.dumps(doc))
+    subprocess.run([sys.executable, BENCH, "--renational", "--out", str(out)], check=True, capture_output=True,
+                   text=True, timeout=60)
+    assert json.loads(out.read_text())["national"] == nat
 
 
 def test_code_buckets_keep_each_hash_near_the_target():

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tracecode.clients.cli import build_parser
+from tracecode.cli import build_parser
 from tracecode.server import config as cfg
 from tracecode.server.config import Config
 

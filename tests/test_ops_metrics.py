@@ -184,7 +184,9 @@ def test_labels_are_bounded(pos, admin, scraped):
         assert needle not in s.text
     allowed = {"verdict", "channel", "outcome", "op", "kind", "version", "codec", "le",
                "grpc_type", "grpc_service", "grpc_method", "grpc_code",
-               "reason"}  # tracecode_sanction_refusals_total: SITE_SANCTIONED | INSURED_SANCTIONED
+               "reason",  # tracecode_sanction_refusals_total: SITE_SANCTIONED | INSURED_SANCTIONED
+               "model",  # tracecode_live_rule_results_total: STOCKPILING | RESALE_SOURCE
+               "notice"}  # tracecode_receipt_notices_total: RECEIVED_ELSEWHERE | NOT_RECEIVED
     ours = [x for x in s.samples if x.name.startswith(("tracecode_", "grpc_server_"))]
     assert ours and {k for x in ours for k in x.labels} <= allowed
 

@@ -39,7 +39,6 @@ def test_digest_is_injective_over_field_boundaries():
     # Raw scans may hold any character (they are then MALFORMED, but part of the body).
     a = [Line("A\x1fP\x1f0\x1eB", "P", 0)]
     b = [Line("A", "P", 0), Line("B", "P", 0)]
-    assert Verifier.legacy_digest("S", "1", 5, False, a) == Verifier.legacy_digest("S", "1", 5, False, b)
     assert Verifier.digest("S", "1", 5, False, a) != Verifier.digest("S", "1", 5, False, b)
     # Every field matters, including the number of lines and the policy.
     base = Verifier.digest("S", "1", 5, False, b)
@@ -182,44 +181,8 @@ def test_malformed_messages_are_counted_and_logged_at_most_once_a_second(target,
     assert "could not be decoded" in lines[0].getMessage()
 
 
-def test_a_settlement_stored_before_the_new_digest_replays_byte_for_byte(store, pos, admin):
-    """A record written by the previous release (legacy digest, the results JSON as it stores
-    them) answers its retry as stored: same verdicts, evidence and units, replayed, and nothing
-    is written again."""
-    import json
-
-    code, site, sid = cn20(), "PROBE-OLD", "OLD-1"
-    load(admin, issuance(code, P))
-    at = datetime.now(timezone.utc).replace(microsecond=0)
-    at_ms = int(at.timestamp() * 1000)
-    lines = [Line(code, P, 0)]
-    results = json.dumps({"rec": 1, "l": [["OK", 1, 1, 1, "ACTIVE", P, 0, site, sid, at_ms, 0, ""]]})
-    ledger = json.dumps([[code, 1, 0, 0]])
-    legacy = Verifier.legacy_digest(site, sid, at_ms, False, lines)
-    own = store.keys.settlement(site, sid)
-    if store.cluster:  # the claim names the part record in the code's slot
-        part = store.keys.settlement_part(site, sid, code)
-        store.r.hset(own, mapping={"d": legacy, "parts": json.dumps([part]), "site": site, "i": sid, "at": at_ms})
-        store.r.hset(part, mapping={"d": legacy, "r": results, "l": ledger, "site": site, "i": sid, "at": at_ms,
-                                    "ps": "F"})
-    else:
-        store.r.hset(own, mapping={"d": legacy, "r": results, "l": ledger, "site": site, "i": sid, "at": at_ms,
-                                   "ps": "F"})
-    out = pos.verify(site, [line(code, P)], settlement_id=sid, settled_at=at)
-    assert out.replayed and out.recorded
-    r = out.results[0]
-    assert (r.verdict, r.units_accepted, r.units_remaining) == (pb.OK, 1, 0)
-    assert (r.evidence.first_site_id, r.evidence.first_settlement_id) == (site, sid)
-    assert r.evidence.first_settled_at.ToMilliseconds() == at_ms
-    # The replay wrote nothing: the pack's own state was never touched by it.
-    assert pos.history(code).units_used == 0
-    # Another body under the old id is still ALREADY_EXISTS.
-    err = refusal(lambda: pos.verify(site, [line(code, "OTHER")], settlement_id=sid, settled_at=at))
-    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
-
-
 def test_pseudonym_many_is_pseudonym_per_id():
-    from tracecode.server.pseudonym import Pseudonymizer
+    from tracecode.rules.pseudonym import Pseudonymizer
 
     p = Pseudonymizer(b"k" * 32, "k2")
     ids = ["110105194912310021", " 11010519491231002x ", "", "   ", "ab-12"]

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from tracecode.clients.pos import PosClient, line
-from tracecode.server.verdicts import PRECEDENCE
+from tracecode.rules.verdicts import PRECEDENCE
 from tracecode.v1 import verification_pb2 as pb
 
 from factories import cn20, gs1, gtin14, issuance, load

@@ -10,7 +10,7 @@ from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.server.api import auth
 from tracecode.server.app import Server
-from tracecode.server.pseudonym import Pseudonymizer
+from tracecode.rules.pseudonym import Pseudonymizer
 
 from factories import cn20, issuance, load
 
@@ -88,3 +88,23 @@ def test_history_narrowed_for_a_pharmacy_full_for_an_admin(deployment, config):
     assert {e.site_id for e in full.events} == {"PH-A", "PH-B"}
     assert full.first_insured_id == pseudonym and full.first_dispense.first_settlement_id == "SA-1"
     assert pseudonym in [e.insured_id for e in full.events]
+
+
+def test_another_pharmacy_sees_site_and_time_only_in_every_answer(deployment):
+    """Issue 23, 4: a pharmacy's CheckCodes and its DUPLICATE evidence named the first sale's
+    settlement id of another pharmacy (GetCodeHistory hid it)."""
+    ops = deployment("admin", "admin", "ops1")
+    code = cn20()
+    load(ops, issuance(code, P))
+    a, b = deployment("pos", "site", "PH-A"), deployment("pos", "site", "PH-B")
+    a.verify("", [line(code, P)], settlement_id="SA-SECRET-7", insured_id="BUYER-A")
+
+    dup = b.verify("", [line(code, P)], settlement_id="SB-1").results[0]
+    checked = b.check([line(code, P)]).results[0]
+    for seen in (dup, checked):
+        assert seen.evidence.first_site_id == "PH-A" and seen.evidence.HasField("first_settled_at")
+        assert seen.evidence.first_settlement_id == "" and "SA-SECRET-7" not in str(seen)
+    # The first pharmacy sees its own settlement; an admin identity sees it too.
+    assert a.check([line(code, P)]).results[0].evidence.first_settlement_id == "SA-SECRET-7"
+    admin_pos = deployment("pos", "admin", "inspector-1")
+    assert admin_pos.check([line(code, P)], site_id="PH-C").results[0].evidence.first_settlement_id == "SA-SECRET-7"

@@ -20,7 +20,8 @@ from tracecode.clients.admin import AdminClient
 from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
 from tracecode.server.store import RedisProcess, free_port
-from tracecode.server.pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.packing import hex128_of
 
 from factories import cn20, issuance, load
 from ops_support import Samples, ServeProcess, scrape
@@ -121,7 +122,7 @@ def test_sanctions_bind_at_every_worker_within_a_second(served):
 
 # ------------------------------------------------------------------ the raw id, nowhere
 
-RAW = "11010819900307663x"  # as a POS might read it: lower-case check character
+RAW = "11010819900306648x"  # as a POS might read it: lower-case check character
 FORMS = {RAW, RAW.upper(), RAW.lower()}
 
 
@@ -199,9 +200,11 @@ def test_a_raw_insured_id_is_stored_logged_and_exported_nowhere(tmp_path):
             assert not [name for name, text in reports.items() if form in text], form
         # The pseudonym is where docs/security.md says: dispense state, sanction entries, audit,
         # the bulk report's insured_id / first_insured_id columns.
-        # Layout 2: a code's entry, "<code>=<fields joined by US>", holds it in its fp field.
+        # A code's entry, "<packed code>=<fields joined by US>", holds it packed in its fp field
+        # (rules/packing.py: the key id and the MAC's 128 bits in 22 characters).
         fp = ENTRY_FIELDS.index("fp")
-        assert any("=" in v and v.split("=", 1)[1].split(US)[fp:fp + 1] == [pseudonym] for v in stored)
+        assert any("=" in v and [hex128_of(x) for x in v.split("=", 1)[1].split(US)[fp:fp + 1]] == [pseudonym]
+                   for v in stored)
         assert any(k.endswith(f":x:ins:{pseudonym}") for k in stored)
         with open(report / "flagged.csv", encoding="utf-8") as fh:
             dup = next(r for r in csv.DictReader(fh) if r["verdict"] == "DUPLICATE")
@@ -241,14 +244,14 @@ def test_serve_generates_a_private_key_once_and_refuses_a_readable_one(tmp_path)
     os.chmod(readable, 0o644)
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "tracecode.clients.cli", "serve", "--listen", "127.0.0.1:0",
+    out = subprocess.run([sys.executable, "-m", "tracecode.cli", "serve", "--listen", "127.0.0.1:0",
                           "--pseudonym-key-file", str(readable), "--data-dir", str(data)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "readable by group or others" in out.stderr
 
 
 def test_sanction_cli_set_list_lift(target, capsys):
-    from tracecode.clients import cli
+    from tracecode import cli
     assert cli.main(["sanction", "set", "SUSPEND_SERVICE", "--server", target, "--site", "PH-CLI",
                      "--request-id", "cli-1", "--reason", "倒卖", "--reference", "LEAD-CLI"]) == 0
     line_out = capsys.readouterr().out.strip()

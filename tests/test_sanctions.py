@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from tracecode.clients.pos import PosClient, line
 from tracecode.clients.reverify import run_job
-from tracecode.server.pseudonym import Pseudonymizer
+from tracecode.rules.pseudonym import Pseudonymizer
 from tracecode.v1 import admin_pb2 as apb
 from tracecode.v1 import verification_pb2 as pb
 
@@ -186,7 +186,7 @@ def test_retry_of_a_settlement_recorded_before_the_sanction_replays(pos, admin):
 # ------------------------------------------------------------------ insured persons
 
 def test_suspended_person_is_refused_at_every_site_check_codes_says_so(pos, admin, store, config):
-    person, other = "110101199003077777", "110101199003078888"
+    person, other = "110101199003077774", "110101199003078881"
     pool = codes(admin, 20)
     s = admin.set_sanction("SUSPEND_CARD", request_id=rid(), insured_id=f"  {person.lower()} ",
                            reason="冒用医保卡", reference="CASE-7")
@@ -287,6 +287,13 @@ def _long(n):
     (dict(kind="SUSPEND_CARD", site_id="PH-BAD", insured_id="X1"), "site_id"),
     (dict(kind="SUSPEND_SERVICE", site_id="PH-BAD", request_id=""), "request_id"),
     (dict(kind="SUSPEND_SERVICE", site_id="PH-BAD", reason=""), "reason"),
+    # Issue 23, 2: control and bidirectional-override characters in admin text (a forged log line).
+    (dict(kind="SUSPEND_SERVICE", site_id="PH-BAD", actor="evil\nINFO forged\x00"), "actor"),
+    (dict(kind="SUSPEND_SERVICE", site_id="PH-BAD", reason="r\x00\x1b[31m"), "reason"),
+    (dict(kind="SUSPEND_SERVICE", site_id="PH-BAD", reference="\u202eCASE-7"), "reference"),
+    # Issue 23, 1: an id no documented format admits (Cyrillic Х; a wrong GB 11643 check character).
+    (dict(kind="SUSPEND_CARD", insured_id="11010519491231002\u0425"), "insured_id"),
+    (dict(kind="SUSPEND_CARD", insured_id="110105194912310021"), "insured_id"),
 ])
 def test_bad_sanction_requests_are_invalid_argument_and_change_nothing(admin, store, kw, field):
     tail = AuditTail(store)
@@ -294,14 +301,18 @@ def test_bad_sanction_requests_are_invalid_argument_and_change_nothing(admin, st
     kind = kw["kind"]
     req = apb.SetSanctionRequest(
         request_id=kw.get("request_id", rid()), kind=kind if isinstance(kind, int) else apb.SanctionKind.Value(kind),
-        site_id=kw.get("site_id", ""), insured_id=kw.get("insured_id", ""), reason=kw.get("reason", "r"))
+        site_id=kw.get("site_id", ""), insured_id=kw.get("insured_id", ""), reason=kw.get("reason", "r"),
+        reference=kw.get("reference", ""), actor=kw.get("actor", ""))
     if "frm" in kw:
         req.valid_from.FromDatetime(now + timedelta(seconds=kw["frm"]))
     if "until" in kw:
         req.valid_until.FromDatetime(now + timedelta(seconds=kw["until"]))
     with pytest.raises(grpc.RpcError) as err:
         admin.stub.SetSanction(req, timeout=5)
-    assert field in violations(err.value)
+    bad = violations(err.value)
+    assert field in bad
+    if kw.get("insured_id", "").strip():  # the reason names the rule, never the id
+        assert kw["insured_id"][:12] not in bad[field] and kw["insured_id"] not in str(err.value)
     assert not admin.list_sanctions(include_history=True)
     assert not tail.new()
 
@@ -313,6 +324,59 @@ def test_bad_lift_and_bad_insured_id_on_settlement(admin, pos):
     with pytest.raises(grpc.RpcError) as err:
         pos.verify("PH-LONG", [line(cn20(), P)], insured_id=_long(65))
     assert "insured_id" in violations(err.value)
+
+
+# Issue 23, 1: each spelling a probe settled OK while the person's card was suspended. NFKC
+# folds the full-width forms; spaces, zero-width and format characters and dashes go; the case
+# of the check character does not matter. The other forms are no id at all: refused as invalid.
+SUSPENDED = "11010519491231002X"
+SAME_PERSON = ["１１０１０５１９４９１２３１００２Ｘ", "11010519491231002Ｘ", "1101051949\u200b1231002X",
+               "\ufeff11010519491231002X", "110105 19491231 002X", "110105-19491231-002x", "\u3000110105194912310 02x"]
+NOT_AN_ID = ["11010519491231002X\x00", "11010519491231002\u0425", "011010519491231002X", "1101051949123100"]
+
+
+def test_every_spelling_of_a_suspended_id_is_refused_none_settles(pos, admin, config):
+    s = admin.set_sanction("SUSPEND_CARD", request_id=rid(), insured_id=SUSPENDED, reason="冒用医保卡")
+    pool = codes(admin, 4 * (len(SAME_PERSON) + len(NOT_AN_ID)) + 4)
+    wait_refused(pos, "PH-SPELL", pool, insured=SUSPENDED)
+    for variant in SAME_PERSON:
+        outcome, info = settle_or_refusal(pos, "PH-SPELL", pool.pop(), insured=variant)
+        assert outcome == "REFUSED" and info.metadata["sanction_id"] == s.sanction_id, ascii(variant)
+        assert [n.sanction_id for n in pos.check([line(pool[-1], P)], site_id="PH-SPELL",
+                                                 insured_id=variant).sanctions] == [s.sanction_id]
+        assert [x.sanction_id for x in admin.list_sanctions(insured_id=variant)] == [s.sanction_id]
+    for variant in NOT_AN_ID:
+        code = pool.pop()
+        with pytest.raises(grpc.RpcError) as err:
+            pos.verify("PH-SPELL", [line(code, P)], insured_id=variant)
+        assert "insured_id" in violations(err.value), ascii(variant)
+        assert variant not in str(err.value.details())
+        assert pos.history(code).units_used == 0
+
+
+def test_an_id_of_only_spaces_is_no_id(pos, admin):
+    """Counted as a settlement without an insured person, and bound by no card suspension."""
+    counter = "tracecode_settlements_without_insured_total"
+    code = codes(admin, 1)[0]
+    before = REGISTRY.get_sample_value(counter) or 0.0
+    resp = pos.verify("PH-BLANK", [line(code, P)], insured_id=" \u3000\t ")
+    assert verdicts(resp) == ["OK"]
+    assert (REGISTRY.get_sample_value(counter) or 0.0) == before + 1
+
+
+def test_control_and_override_characters_in_stored_text_are_refused(pos, admin):
+    code = codes(admin, 1)[0]
+    for product in ("8123456\u202e", "81\x0023456", "8123456\u2066"):
+        with pytest.raises(grpc.RpcError) as err:
+            pos.verify("PH-TEXT", [line(code, product)])
+        assert "lines[0].product_id" in violations(err.value)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.set_status(code, "RECALLED", reason="recall\nINFO forged")
+    assert "reason" in violations(err.value)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.recall(P, "B\x1b1")
+    assert "batch" in violations(err.value)
+    assert pos.history(code).units_used == 0 and admin.get(code).status == pb.ACTIVE
 
 
 # ------------------------------------------------------------------ the race

@@ -2,17 +2,17 @@
 
 The compiled `_wire` and the pure-Python `wire_fallback` must give identical answers for every
 input: each behaviour is asserted on both, then the twins are compared on generated inputs
-(valid and damaged packed results, legacy JSON, ARGV, digests). The oracles are today's code:
-the store's JSON decoding and ARGV packing and the verifier's digest, frozen here where the
-store now calls the module itself.
+(valid and damaged packed results, ARGV, digests). The oracles are the code the module
+replaced: the store's results reading and ARGV packing and the verifier's digest, frozen here
+where the store now calls the module itself.
 """
-import json
 import os
 import random
 import typing
 
 import pytest
 
+from tracecode.rules.packing import code_field, hex128_field, id_field
 from tracecode.codec import wire as wire_pkg
 from tracecode.codec import wire_fallback
 from tracecode.server.store import Store
@@ -53,15 +53,15 @@ def test_row_int_positions_are_the_stores():
 def test_row_shape_is_script_rows():
     # The leaf module cannot import ScriptRow: its width and int positions must be ScriptRow's.
     hints = typing.get_type_hints(ScriptRow)
-    assert wire_pkg.ROW_WIDTH == len(ROW_FIELDS) == 12
+    assert wire_pkg.ROW_WIDTH == len(ROW_FIELDS) == 13
     assert wire_pkg.INT_FIELDS == tuple(i for i, f in enumerate(ROW_FIELDS) if hints[f] is int)
 
 
-# --- results: packed and legacy JSON -------------------------------------------------------------
+# --- results: the packed form -------------------------------------------------------------
 
-DUP = ScriptRow("DUPLICATE", 0, 1, 1, "ACTIVE", "8123456", 20301231, "S00001", "sid-1", 1764600000123, 2, "")
-OK = ScriptRow("OK", 1, 1, 1, "ACTIVE", "8123456", 20301231, "", "", 0, 0, "")
-BAD = ScriptRow("MALFORMED", 0, 0, 0, "", "", 0, "", "", 0, 0, "20 digits expected, got 7")
+DUP = ScriptRow("DUPLICATE", 0, 1, 1, "ACTIVE", "8123456", 20301231, "S00001", "sid-1", 1764600000123, 2, "", "")
+OK = ScriptRow("OK", 1, 1, 1, "ACTIVE", "8123456", 20301231, "", "", 0, 0, "", "PH-RECEIVER")
+BAD = ScriptRow("MALFORMED", 0, 0, 0, "", "", 0, "", "", 0, 0, "20 digits expected, got 7", "")
 
 
 def packed(recorded, rows):
@@ -82,7 +82,7 @@ def test_decode_packed_zero_lines(wire):
 
 
 def test_decode_packed_empty_strings_and_negatives(wire):
-    row = ScriptRow("", 0, -3, 0, "", "", 0, "", "", -1, 0, "")
+    row = ScriptRow("", 0, -3, 0, "", "", 0, "", "", -1, 0, "", "")
     assert wire.decode_results(packed(False, [row]), ScriptRow).rows == [row]
 
 
@@ -106,10 +106,8 @@ def test_decode_packed_refuses_damage(wire, text):
 
 
 def _stored_oracle(text, site, sid, at_ms):
-    """Layout 2's stored-results reading as the store first wrote it (store._stored_results
-    before the wire module), frozen: a row's own first dispense is '=', '', ''."""
-    if text[:1] == "{":
-        return _today_decode(text)
+    """The stored-results reading as the store first wrote it (store.decode_stored before the
+    wire module), frozen: a row's own first dispense is '=', '', ''."""
     parts = text.split("\x1e")
     rows = []
     for part in parts[1:]:
@@ -134,7 +132,7 @@ def test_decode_stored_own_first_dispense(wire):
 
 
 def test_stored_results_twins_and_store_agree():
-    from tracecode.server.store import store as store_mod
+    from tracecode.server.store.types import decode_stored
     compiled = _compiled()
     rnd = random.Random(5)
     for _ in range(1000):
@@ -145,21 +143,7 @@ def test_stored_results_twins_and_store_agree():
         own = (f"S{rnd.randrange(99999):05d}", f"sid-{rnd.randrange(10**6)}", rnd.randrange(10**13))
         want = _stored_oracle(text, *own)
         assert compiled.decode_results(text, ScriptRow, own) == wire_fallback.decode_results(text, ScriptRow, own) == want
-        assert store_mod._stored_results(text, *own) == want
-
-
-def _today_decode(text):
-    """The store's JSON decoding before the wire module (store._decode), frozen: the oracle."""
-    doc = json.loads(text)
-    return bool(doc["rec"]), [ScriptRow(*row[:len(ROW_FIELDS)]) for row in doc["l"]]
-
-
-def test_decode_legacy_json(wire):
-    # As verify.lua writes it, the script-internal slots (code index, units asked) included.
-    text = json.dumps({"rec": 1, "l": [list(OK) + [1, 0], list(DUP) + [2, 0], list(BAD) + [0, 0]]})
-    assert wire.decode_results(text, ScriptRow) == _today_decode(text) == (True, [OK, DUP, BAD])
-    text = json.dumps({"rec": 0, "l": [], "sx": ["{}"]})
-    assert wire.decode_results(text, ScriptRow) == (False, [])
+        assert decode_stored(text, *own) == want
 
 
 def _random_row(rnd):
@@ -168,7 +152,7 @@ def _random_row(rnd):
 
     def i():
         return rnd.choice([0, 1, -1, rnd.randrange(10**13), rnd.randrange(-10**6, 10**6), 10**19 + rnd.randrange(10)])
-    return ScriptRow(s(), i(), i(), i(), s(), s(), i(), s(), s(), i(), i(), s())
+    return ScriptRow(s(), i(), i(), i(), s(), s(), i(), s(), s(), i(), i(), s(), s())
 
 
 def test_encode_decode_round_trip(wire):
@@ -213,32 +197,33 @@ def test_twins_agree_on_generated_results():
         a = _outcome(compiled.decode_results, text, ScriptRow)
         b = _outcome(wire_fallback.decode_results, text, ScriptRow)
         assert a == b, repr(text)
-        if not n % 3:
-            doc = json.dumps({"rec": rnd.randrange(2), "l": [list(r) + [1, 0] for r in rows]})
-            assert compiled.decode_results(doc, ScriptRow) == wire_fallback.decode_results(doc, ScriptRow) \
-                == _today_decode(doc)
 
 
 # --- verify.lua ARGV -----------------------------------------------------------------------------
 
 def _today_args(store, call, mode, lines, idx, codes):
-    """ARGV as Store._verify_keys_args built it before the wire module, frozen: the oracle."""
+    """ARGV as Store.verify_keys_args built it before the wire module, frozen: the oracle."""
     state = call.state
     lim = store.limits
     state_ttl = lim.reservation_ms if mode == "P" else call.state_ttl_s
     fixed = {"mode": mode, "site": call.site, "settlement_id": call.settlement_id,
-             "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day, "digest": call.digest,
+             "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day,
+             "digest": hex128_field(call.digest),
              "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
              "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
-             "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
+             "n_lines": len(lines), "state_ttl": state_ttl, "buyer": hex128_field(call.insured),
+             "site_packed": id_field(call.site), "settlement_packed": id_field(call.settlement_id)}
     args = [fixed[f] for f in VERIFY_ARGV]
     for line, i in zip(lines, idx):
         args.extend(line)
         args.append(i)
     args.extend(codes)
+    args.extend(code_field(c) for c in codes)
     gate = call.gate if not store.cluster and not state else ""
     n_gate = (1 + bool(call.insured)) if gate else 0
-    return args + [call.insured, gate, n_gate]
+    # The live rules' configuration (lua/gate.lua): live dispenses only.
+    live = call.live if mode in ("D", "P") and not state else ""
+    return args + [call.insured, gate, n_gate, live]
 
 
 def _random_call(rnd, n_lines):
@@ -254,7 +239,8 @@ def _random_call(rnd, n_lines):
     return SettlementCall(dispense=rnd.random() < 0.8, site=f"S{rnd.randrange(999):05d}", settlement_id=f"sid-{rnd.randrange(10**6)}",
                           settled_at_ms=1764600000000 + rnd.randrange(10**6), settle_day=20261201,
                           digest="2." + "%032x" % rnd.getrandbits(128), all_or_nothing=rnd.random() < 0.3,
-                          lines=lines, codes=codes, insured=rnd.choice(["", "ps-abc"]), gate=rnd.choice(["", "E", "N"]))
+                          lines=lines, codes=codes, insured=rnd.choice(["", "ps-abc"]), gate=rnd.choice(["", "E", "N"]),
+                          live=rnd.choice(["", "J|N|6|3|2592000000|1|N|2|7776000000|1|tc|256"]))
 
 
 def test_verify_argv_is_todays_argv(wire):
@@ -268,13 +254,14 @@ def test_verify_argv_is_todays_argv(wire):
         want = _today_args(store, call, mode, call.lines, idx, call.codes)
         # The store's own packing (whatever it calls) ...
         record = store.keys.settlement(call.site, call.settlement_id)
-        _, got = store._verify_keys_args(call, mode, record, list(call.lines), idx, list(call.codes))
+        _, got = store.verify_keys_args(call, mode, record, list(call.lines), idx, list(call.codes))
         assert got == want
         assert [type(v) for v in got] == [type(v) for v in want]
         # ... and the module's, from the fixed values and the gate's tail.
-        fixed, tail = want[:len(VERIFY_ARGV)], want[-3:]
-        assert wire.verify_argv(fixed, call.lines, idx, call.codes, tail) == want
-        assert len(want) == len(VERIFY_ARGV) + len(call.lines) * len(LINE_FIELDS) + len(call.codes) + 3
+        fixed, tail = want[:len(VERIFY_ARGV)], want[-4:]
+        codes = [*call.codes, *map(code_field, call.codes)]  # the codes, then their packed field names
+        assert wire.verify_argv(fixed, call.lines, idx, codes, tail) == want
+        assert len(want) == len(VERIFY_ARGV) + len(call.lines) * len(LINE_FIELDS) + 2 * len(call.codes) + 4
 
 
 def test_verify_argv_takes_any_sequences(wire):

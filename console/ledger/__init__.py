@@ -7,9 +7,11 @@
     stream.py    the settlement audit stream consumer (Redis Streams consumer group)
     gateway.py   sanctions to tracecode's Admin API over gRPC, with a pending/retry queue
     report.py    the weekly report (周报表): counts, snapshot, XLSX in the bureau's layout
+    effect.py    the models' effectiveness from the ledger: page figures, exports, Prometheus
     views.py     the pages; every view checks the user's role on the server
+    login.py     login throttling per user name and per address
 
-May import: Django, openpyxl, redis, prometheus_client, tracecode.server.pseudonym and
-tracecode.server.failpoints (standard library only, for crash tests),
+May import: Django, openpyxl, redis, prometheus_client, tracecode.rules (pseudonym, insured,
+text, cells, model_status) and tracecode.server.failpoints (standard library only, for crash tests),
 tracecode.clients and tracecode.v1.
 """

@@ -4,6 +4,8 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth.models import User
 
+from tracecode.rules.insured import InsuredIdError
+
 from .rules import ACTION_TYPES, CAUSES, SANCTION_ACTIONS, SOURCE_LABELS, Source
 
 
@@ -58,7 +60,7 @@ class ProposalForm(forms.Form):
 class ApproveForm(forms.Form):
     # Card suspension only, optional: the person's id as on the card, checked against the lead's
     # pseudonym, passed to the service, never stored (without it the pseudonym names the person).
-    insured_id = forms.CharField(required=False, label="参保人证件号（可选，用于核对，不留存）", max_length=64,
+    insured_id = forms.CharField(required=False, label="参保人证件号（可选，用于核对，不留存）", max_length=128,
                                  widget=forms.PasswordInput(render_value=False))
 
 
@@ -84,7 +86,20 @@ class SitesImportForm(forms.Form):
 
 
 class PersonSearchForm(forms.Form):
-    insured_id = forms.CharField(label="参保人证件号", max_length=64, widget=forms.PasswordInput(render_value=False))
+    """A raw insured id in, its pseudonym out (cleaned_data["insured_id"]): checked by
+    tracecode.rules.insured first, so another spelling of the same id finds the same person and
+    a mistyped one is an error naming the rule (never the id)."""
+    insured_id = forms.CharField(label="参保人证件号", max_length=128, widget=forms.PasswordInput(render_value=False))
+
+    def clean_insured_id(self) -> str:
+        from .intake import as_pseudonym
+        try:
+            pseudonym = as_pseudonym(self.cleaned_data["insured_id"])
+        except InsuredIdError as exc:
+            raise forms.ValidationError(f"证件号无效：{exc.rule}") from None
+        if not pseudonym:
+            raise forms.ValidationError("请填写证件号")
+        return pseudonym
 
 
 class ReportForm(forms.Form):

@@ -70,6 +70,28 @@ def service_metadata() -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {fh.read().strip()}"),)
 
 
+def channel_credentials(ca: str, cert: str, key: str) -> grpc.ChannelCredentials | None:
+    """TLS to the server when a CA or a client certificate is given (else plain: auth = none or
+    token on a trusted network); ValueError for a certificate without its key."""
+    if not (ca or cert):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("the TLS client certificate and its key go together")
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as fh:
+            return fh.read()
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
+                                        certificate_chain=read(cert))
+
+
+def service_credentials() -> grpc.ChannelCredentials | None:
+    """The channel credentials of the console's gRPC clients (TRACECODE_CONSOLE_TLS_*)."""
+    return channel_credentials(settings.TRACECODE_TLS_CA, settings.TRACECODE_TLS_CERT, settings.TRACECODE_TLS_KEY)
+
+
 def client():
     """One AdminClient per process (a gRPC channel reconnects by itself)."""
     global _client
@@ -77,7 +99,7 @@ def client():
         if _client is None:
             from tracecode.clients.admin import AdminClient
             metadata = service_metadata()
-            _client = AdminClient(settings.TRACECODE_SERVER, metadata=metadata,
+            _client = AdminClient(settings.TRACECODE_SERVER, metadata=metadata, credentials=service_credentials(),
                                   timeout_s=settings.TRACECODE_RPC_TIMEOUT_S)
         return _client
 

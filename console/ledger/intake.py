@@ -13,21 +13,28 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import os
+import threading
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
-from typing import Iterable, Iterator
+from decimal import Context, Decimal, InvalidOperation
+from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Max, Min, Sum
 
-from tracecode.server.pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.cells import restore
+from tracecode.rules.insured import InsuredIdError
+from tracecode.rules.insured import check as check_insured_id
+from tracecode.rules.pseudonym import Pseudonymizer, generate_key_file
+from tracecode.rules.text import REFUSED_CATEGORIES, text_problem
 
 from .models import Batch, Entry, Evidence, Hit, Lead, Site
-from .rules import HANDED_DOWN, LIVE_MODEL, OPEN_STATUSES, RISK_ORDER, Source
+from .rules import DEFAULT_MODEL_STATUS, HANDED_DOWN, LIVE_MODEL, MODEL_STATUS_LABELS, OPEN_STATUSES, RISK_ORDER, Source
 
 log = logging.getLogger("tracecode.console.intake")
 SYSTEM = "system:intake"
@@ -55,11 +62,16 @@ def pseudonymizer() -> Pseudonymizer:
 
 
 def as_pseudonym(value: str) -> str:
-    """A pseudonym as it is, anything else (a raw id) turned into one."""
+    """A pseudonym as it is, anything else (a raw id) checked (tracecode.rules.insured: NFKC,
+    spaces, zero-width characters and dashes removed, upper-cased, the GB 11643 check character)
+    and turned into one; '' for an id that is absent (empty, only spaces). Raises InsuredIdError,
+    whose message names the rule and never the id, for an id that matches no documented format:
+    another spelling of a person must not become another person."""
     value = (value or "").strip()
     if not value or Pseudonymizer.looks_like_pseudonym(value):
         return value
-    return pseudonymizer().pseudonym(value)
+    norm = check_insured_id(value)
+    return pseudonymizer().pseudonym(norm) if norm else ""
 
 
 # --- reports -------------------------------------------------------------------------------
@@ -67,13 +79,25 @@ def as_pseudonym(value: str) -> str:
 
 @dataclass(frozen=True)
 class RowProblem:
+    """What is wrong where: file, line (0: the file as a whole), field. The reason never holds a
+    raw insured id (InsuredIdError names the rule only) and quotes other values only shortened."""
     source: str
     line: int
     field: str
     reason: str
 
     def __str__(self):
-        return f"{self.source}:{self.line}: {self.field}: {self.reason}"
+        return f"{self.source}:{self.line}: {self.field}: {self.reason}" if self.line else \
+            f"{self.source}: {self.field}: {self.reason}"
+
+
+class ImportRefused(Exception):
+    """A problem found while writing (a lead's figures out of range once evidence is added):
+    raised inside the import's transaction so that nothing of the file is kept."""
+
+    def __init__(self, problem: RowProblem):
+        super().__init__(str(problem))
+        self.problem = problem
 
 
 @dataclass
@@ -84,6 +108,48 @@ class ImportReport:
     unchanged: int = 0           # rows already in the ledger
     problems: list[RowProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> bool:
+        """A file with any problem is imported not at all (all-or-nothing per file)."""
+        return bool(self.problems)
+
+
+def _refused(problems: list[RowProblem], warnings: list[str] | None = None) -> ImportReport:
+    return ImportReport(problems=problems, warnings=warnings or [])
+
+
+# --- limits --------------------------------------------------------------------------------
+
+def max_bytes() -> int:
+    """The largest file an import reads (settings.TRACECODE_IMPORT_MAX_BYTES)."""
+    return int(getattr(settings, "TRACECODE_IMPORT_MAX_BYTES", 20 * 1024 * 1024))
+
+
+# The most data rows one file may hold, per kind of file: one import is one transaction in one
+# request, so its size is bounded. A batch row costs a lead (about 3 ms on SQLite: 3,000 rows
+# took 9 s), so batches are capped lowest; the registry and the engine's files are larger by nature.
+ROW_CAPS = {"batch": ("TRACECODE_IMPORT_MAX_ROWS", 1000), "sites": ("TRACECODE_IMPORT_MAX_ROWS_SITES", 20000),
+            "engine": ("TRACECODE_IMPORT_MAX_ROWS_ENGINE", 20000)}
+
+
+def max_rows(kind: str) -> int:
+    name, default = ROW_CAPS[kind]
+    return int(getattr(settings, name, default))
+
+
+def max_text() -> int:
+    """The longest free text (summary, description) a row may carry."""
+    return int(getattr(settings, "TRACECODE_IMPORT_MAX_TEXT", 20000))
+
+
+# Ids that become parts of other keys: Hit.external is "MODEL:<lead_id>" (300) and Hit.key adds "@<ref>".
+LEAD_ID_MAX = 200
+
+
+def _show(value: str, n: int = 24) -> str:
+    """A value quoted in an error, shortened (the message must stay a message)."""
+    return repr(value if len(value) <= n else value[:n] + "…")
 
 
 # --- file reading --------------------------------------------------------------------------
@@ -101,31 +167,88 @@ BATCH_ALIASES = {
 SUBJECT_KIND_ALIASES = {"SITE": "SITE", "机构": "SITE", "定点医药机构": "SITE", "定点药店": "SITE",
                         "定点医疗机构": "SITE", "INSURED": "INSURED", "参保人": "INSURED", "参保人员": "INSURED"}
 
+# csv.field_size_limit is process-wide: raised only while the console reads a file (so that an
+# over-long field is named by its column below, not lost in a csv.Error), under this lock.
+_CSV_LIMIT = threading.Lock()
 
-def _rows(path: str, data: bytes | None = None) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line, fields) of a CSV (UTF-8, BOM allowed), XLSX (first sheet) or Parquet file."""
+
+class FileUnreadable(Exception):
+    """The file as a whole cannot be read (not a workbook, too big, too many rows, bad bytes)."""
+
+    def __init__(self, line: int, reason: str, field_name: str = "file"):
+        super().__init__(reason)
+        self.line, self.reason, self.field = line, reason, field_name
+
+
+def _read(path: str, data: Any = None, *, kind: str = "batch") -> list[tuple[int, dict[str, str]]]:
+    """Every (line, fields) of a CSV (UTF-8, BOM allowed), XLSX (first sheet) or Parquet file
+    (`data`: its bytes, an upload with .size and .read(), or None to read `path`),
+    read whole before anything is written; FileUnreadable when the file is not what its name
+    says, is over the size cap or holds more rows than the row cap."""
+    # An upload's size is known before it is read (Django has it on disk or in memory already).
+    size = os.path.getsize(path) if data is None else len(data) if isinstance(data, bytes) else data.size
+    if size > max_bytes():
+        raise FileUnreadable(0, f"{size} bytes, at most {max_bytes()} (TRACECODE_IMPORT_MAX_BYTES)")
+    if data is None:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    elif not isinstance(data, bytes):
+        data = data.read()
+    cap = max_rows(kind)
+    cap_name = ROW_CAPS[kind][0]
+    out: list[tuple[int, dict[str, str]]] = []
+
+    def add(line: int, rec: dict[str, str]) -> None:
+        if len(out) >= cap:
+            raise FileUnreadable(0, f"more than {cap} rows ({cap_name}): split the file")
+        out.append((line, rec))
+
     name = path.lower()
     if name.endswith(".xlsx"):
         from openpyxl import load_workbook
-        wb = load_workbook(io.BytesIO(data) if data is not None else path, read_only=True, data_only=True)
-        rows = wb.worksheets[0].iter_rows(values_only=True)
-        header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
-        for i, values in enumerate(rows, start=2):
-            if values is None or all(v is None or str(v).strip() == "" for v in values):
-                continue
-            yield i, {h: ("" if v is None else _cell(v)) for h, v in zip(header, values) if h}
-        return
+        try:  # openpyxl raises a zoo (BadZipFile, KeyError, XML errors...) for what is not a workbook
+            wb = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+            rows = wb.worksheets[0].iter_rows(values_only=True)
+            header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
+            for i, values in enumerate(rows, start=2):
+                if values is None or all(v is None or str(v).strip() == "" for v in values):
+                    continue
+                add(i, {h: ("" if v is None else restore(_cell(v))) for h, v in zip(header, values) if h})
+        except FileUnreadable:
+            raise
+        except Exception as exc:
+            raise FileUnreadable(0, f"not an XLSX workbook ({type(exc).__name__})") from None
+        return out
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
-        table = pq.read_table(io.BytesIO(data) if data is not None else path)
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as exc:  # pyarrow's errors for what is not Parquet
+            raise FileUnreadable(0, f"not a Parquet file ({type(exc).__name__})") from None
+        if table.num_rows > cap:
+            raise FileUnreadable(0, f"{table.num_rows} rows, at most {cap} ({cap_name}): split the file")
         for i, rec in enumerate(table.to_pylist(), start=2):
-            yield i, {k: "" if v is None else (v.isoformat() if isinstance(v, datetime) else str(v))
-                      for k, v in rec.items()}
-        return
-    text = data.decode("utf-8-sig") if data is not None else open(path, encoding="utf-8-sig", newline="").read()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for rec in reader:
-        yield reader.line_num, {k.strip(): (v or "").strip() for k, v in rec.items() if k}
+            add(i, {str(k): "" if v is None else (v.isoformat() if isinstance(v, (datetime, date)) else str(v))
+                    for k, v in rec.items()})
+        return out
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise FileUnreadable(line, f"byte 0x{data[exc.start]:02X} is not UTF-8 (save the file as UTF-8)") from None
+    with _CSV_LIMIT:
+        old = csv.field_size_limit(max(max_bytes(), 131072))
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            for rec in reader:
+                # restore: the engine's CSVs neutralise formula cells (rules/cells.py); undone here.
+                add(reader.line_num, {k.strip(): restore((v or "").strip()) if isinstance(v, str) else ""
+                                      for k, v in rec.items() if k})
+        except csv.Error as exc:
+            raise FileUnreadable(reader.line_num, f"not readable as CSV ({exc})") from None
+        finally:
+            csv.field_size_limit(old)
+    return out
 
 
 def _cell(v) -> str:
@@ -139,29 +262,138 @@ def _cell(v) -> str:
 def _ts(text: str) -> datetime | None:
     if not text:
         return None
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{_show(text)} is not an ISO 8601 time") from None
     if t.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset")
+        raise ValueError(f"{_show(text)} has no UTC offset")
     return t
 
 
-def _float(text: str) -> float | None:
-    """A score: a number, `inf` (ABNORMAL_SITE's +inf when MAD and mean deviation are 0), or empty."""
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
+# --- row checks: the model's own limits ----------------------------------------------------
+
+_WIDE = Context(prec=60)
+_INT_MAX = 2**31 - 1  # IntegerField on PostgreSQL and the SQLite columns alike
+_FREE_TEXT_ALLOWED = frozenset("\t\n\r")
 
 
-def _dec(text: str) -> Decimal | None:
-    if text in ("", None):
+def _free_text_problem(value: str, limit: int) -> str | None:
+    """Summaries and descriptions: several lines are fine, other control and format characters
+    (NUL, ESC, bidirectional overrides) are not."""
+    if len(value) > limit:
+        return f"{len(value)} characters, at most {limit}"
+    if value.isascii() and value.isprintable():
         return None
-    try:
-        return Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"{text!r} is not a number") from None
+    for i, ch in enumerate(value):
+        if ch not in _FREE_TEXT_ALLOWED and unicodedata.category(ch) in REFUSED_CATEGORIES:
+            return f"character U+{ord(ch):04X} at position {i + 1} is not allowed"
+    return None
+
+
+class _Row:
+    """One row's fields checked against the columns they go to, before anything is written:
+    every problem is recorded with file, line and field; the checked values are returned."""
+
+    def __init__(self, src: str, line: int, fields: dict[str, str], problems: list[RowProblem]):
+        self.src, self.line, self.f, self.problems = src, line, fields, problems
+        self.ok = True
+
+    def fail(self, name: str, reason: str) -> None:
+        self.ok = False
+        self.problems.append(RowProblem(self.src, self.line, name, reason))
+
+    def text(self, name: str, model: type[models.Model], column: str, *, required: bool = False,
+             limit: int | None = None) -> str:
+        """An id-like text (no control or format characters) within its column's max_length."""
+        value = self.f.get(name, "")
+        if required and not value:
+            self.fail(name, "required")
+            return ""
+        max_length = limit or model._meta.get_field(column).max_length
+        problem = text_problem(value, max_length, name, required=False)
+        if problem:
+            self.fail(name, problem)
+            return ""
+        return value
+
+    def free_text(self, name: str) -> str:
+        value = self.f.get(name, "")
+        problem = _free_text_problem(value, max_text())
+        if problem:
+            self.fail(name, problem)
+            return ""
+        return value
+
+    def decimal(self, name: str, model: type[models.Model], column: str) -> Decimal | None:
+        """A number that fits the DecimalField: finite, fewer integer digits than max_digits -
+        decimal_places allows, no more decimal places than it keeps."""
+        text = self.f.get(name, "")
+        if not text:
+            return None
+        fld = model._meta.get_field(column)
+        digits, places = fld.max_digits, fld.decimal_places
+        try:
+            d = Decimal(text)
+        except (InvalidOperation, ValueError):
+            self.fail(name, f"{_show(text)} is not a number")
+            return None
+        if not d.is_finite():
+            self.fail(name, f"{_show(text)} is not a finite number")
+            return None
+        bound = Decimal(10) ** (digits - places)
+        if abs(d) >= bound:
+            self.fail(name, f"{_show(text)} is out of range (less than {bound} in absolute value)")
+            return None
+        if d != d.quantize(Decimal(1).scaleb(-places), context=_WIDE):
+            self.fail(name, f"{_show(text)} has more than {places} decimal places")
+            return None
+        return d
+
+    def integer(self, name: str, *, low: int = 0) -> int | None:
+        text = self.f.get(name, "")
+        if not text:
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            self.fail(name, f"{_show(text)} is not a whole number")
+            return None
+        if not low <= n <= _INT_MAX:
+            self.fail(name, f"{_show(text)} is out of range ({low} to {_INT_MAX})")
+            return None
+        return n
+
+    def score(self, name: str) -> float | None:
+        """A score: a finite number, or +inf (ABNORMAL_SITE's when MAD and mean deviation are 0)."""
+        text = self.f.get(name, "")
+        if not text:
+            return None
+        try:
+            x = float(text)
+        except ValueError:
+            self.fail(name, f"{_show(text)} is not a number")
+            return None
+        if math.isnan(x) or x == -math.inf:
+            self.fail(name, f"{_show(text)} is not a score (a number, or inf)")
+            return None
+        return x
+
+    def time(self, name: str) -> datetime | None:
+        try:
+            return _ts(self.f.get(name, ""))
+        except ValueError as exc:
+            self.fail(name, str(exc))
+            return None
+
+    def insured(self, name: str, value: str) -> str:
+        """The pseudonym of an insured id (a pseudonym kept as is); the error names the rule,
+        never the id."""
+        try:
+            return as_pseudonym(value)
+        except InsuredIdError as exc:
+            self.fail(name, f"not a valid insured id: {exc.rule}")
+            return ""
 
 
 # --- the one-open-lead rule ----------------------------------------------------------------
@@ -176,6 +408,7 @@ class LeadFacts:
     subject_id: str
     region: str = ""
     model_version: str = ""
+    model_status: str = DEFAULT_MODEL_STATUS
     score: float | None = None
     risk: str = ""
     summary: str = ""
@@ -209,7 +442,7 @@ def _open_lead(facts: LeadFacts) -> tuple[Lead, bool]:
                 lead = Lead.objects.create(
                     ref=f"tmp-{os.urandom(8).hex()}", lock_key=facts.lock_key, source=facts.source.value,
                     batch=facts.batch, model=facts.model, model_version=facts.model_version,
-                    subject_kind=facts.subject_kind, subject_id=facts.subject_id, region=facts.region,
+                    model_status=facts.model_status, subject_kind=facts.subject_kind, subject_id=facts.subject_id, region=facts.region,
                     score=facts.score, risk=facts.risk, summary=facts.summary, packs=facts.packs,
                     lines=facts.lines, amount=facts.amount, window_start=facts.window_start,
                     window_end=facts.window_end, repeat_count=repeats)
@@ -229,6 +462,10 @@ def _hit(lead: Lead, external: str, facts: LeadFacts, description: str = "") -> 
     return hit
 
 
+_AMOUNT_BOUND = Decimal(10) ** (Lead._meta.get_field("amount").max_digits
+                                 - Lead._meta.get_field("amount").decimal_places)
+
+
 def _refresh_figures(lead: Lead, facts: LeadFacts, new_lines: int) -> None:
     """A lead's figures from its evidence (or the arrival's, when it brought none), the risk and
     score the highest seen; an entry records what the arrival added."""
@@ -240,6 +477,10 @@ def _refresh_figures(lead: Lead, facts: LeadFacts, new_lines: int) -> None:
         lead.window_start, lead.window_end = agg["lo"], agg["hi"]
         later = lead.evidence.filter(role="later").aggregate(s=Sum("amount"))["s"]
         lead.amount = later if lead.evidence.filter(role="later").exists() else agg["amount"]
+        if lead.amount is not None and abs(lead.amount) >= _AMOUNT_BOUND:
+            # Each line fits its column, their sum may not: refuse rather than store what no page can show.
+            raise ImportRefused(RowProblem(facts.subject_id if facts.subject_kind != "INSURED" else lead.ref, 0, "amount",
+                                           f"the lead's evidence sums to more than {_AMOUNT_BOUND}"))
     else:
         lead.lines, lead.packs = max(lead.lines, facts.lines), max(lead.packs, facts.packs)
         lead.amount = facts.amount if facts.amount is not None else lead.amount
@@ -304,106 +545,179 @@ def arrive(facts: LeadFacts, external: str, lines: list[EvidenceLine], report: I
 
 LEAD_REQUIRED = ("lead_id", "model", "subject_kind", "subject_id")
 EVIDENCE_REQUIRED = ("lead_id", "role", "site_id")
+_EVIDENCE_KEY_MAX = Evidence._meta.get_field("key").max_length or 300
 
 
-def import_engine(leads_path: str, evidence_path: str | None = None, *, leads_data: bytes | None = None,
-                  evidence_data: bytes | None = None) -> ImportReport:
-    """The engine's `leads` (+ `evidence`) files, CSV or Parquet. Importing them twice changes nothing."""
-    report = ImportReport()
+def _evidence_key(parts: list[str]) -> str:
+    """The line's identity; a key longer than its column (long ids) is kept as its hash."""
+    key = "|".join(parts)
+    return key if len(key) <= _EVIDENCE_KEY_MAX else "MODELH|" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _file_rows(src: str, path: str, data: Any, problems: list[RowProblem], kind: str) -> list[tuple[int, dict[str, str]]]:
+    try:
+        return _read(path, data, kind=kind)
+    except FileUnreadable as exc:
+        problems.append(RowProblem(src, exc.line, exc.field, exc.reason))
+        return []
+    except OSError as exc:  # the CLI names a file that is not there or not readable
+        problems.append(RowProblem(src, 0, "file", exc.strerror or type(exc).__name__))
+        return []
+
+
+def _write(report: ImportReport, write) -> ImportReport:
+    """Run the writes of a checked file in one transaction: all of it or (ImportRefused) none."""
+    try:
+        with transaction.atomic():
+            write()
+    except ImportRefused as exc:
+        return _refused([exc.problem], report.warnings)
+    return report
+
+
+def import_engine(leads_path: str, evidence_path: str | None = None, *, leads_data: Any = None,
+                  evidence_data: Any = None) -> ImportReport:
+    """The engine's `leads` (+ `evidence`) files, CSV or Parquet. Every row is checked first; any
+    problem and nothing is imported (report.refused). Importing the same files twice changes nothing."""
+    problems: list[RowProblem] = []
+    warnings: list[str] = []
     evidence: dict[str, list[EvidenceLine]] = {}
     if evidence_path:
         src = os.path.basename(evidence_path)
-        for line, f in _rows(evidence_path, evidence_data):
-            missing = [k for k in EVIDENCE_REQUIRED if not f.get(k)]
-            if missing:
-                report.problems.append(RowProblem(src, line, missing[0], "required"))
+        for line, f in _file_rows(src, evidence_path, evidence_data, problems, "engine"):
+            r = _Row(src, line, f, problems)
+            for k in EVIDENCE_REQUIRED:
+                if not f.get(k):
+                    r.fail(k, "required")
+            lead_id = r.text("lead_id", Evidence, "key", limit=LEAD_ID_MAX)
+            role = r.text("role", Evidence, "role")
+            site_id = r.text("site_id", Evidence, "site_id")
+            settlement_id = r.text("settlement_id", Evidence, "settlement_id")
+            code = r.text("canonical_code", Evidence, "canonical_code")
+            product_id = r.text("product_id", Evidence, "product_id")
+            line_no = r.integer("line_no")
+            settled_at = r.time("settled_at")
+            amount = r.decimal("amount", Evidence, "amount")
+            pseudonym = r.insured("insured_id", f.get("insured_id", ""))
+            if not r.ok:
                 continue
-            try:
-                ev = EvidenceLine(
-                    key="|".join(["MODEL", f["lead_id"], f["role"], f["site_id"], f.get("settlement_id", ""),
-                                  f.get("line_no", ""), f.get("canonical_code", "")]),
-                    role=f["role"], site_id=f["site_id"], settlement_id=f.get("settlement_id", ""),
-                    line_no=int(f["line_no"]) if f.get("line_no") else None, settled_at=_ts(f.get("settled_at", "")),
-                    canonical_code=f.get("canonical_code", ""), product_id=f.get("product_id", ""),
-                    insured_pseudonym=as_pseudonym(f.get("insured_id", "")), amount=_dec(f.get("amount", "")))
-            except ValueError as exc:
-                report.problems.append(RowProblem(src, line, "settled_at/line_no/amount", str(exc)))
-                continue
-            evidence.setdefault(f["lead_id"], []).append(ev)
+            evidence.setdefault(lead_id, []).append(EvidenceLine(
+                key=_evidence_key(["MODEL", lead_id, role, site_id, settlement_id, f.get("line_no", ""), code]),
+                role=role, site_id=site_id, settlement_id=settlement_id, line_no=line_no, settled_at=settled_at,
+                canonical_code=code, product_id=product_id, insured_pseudonym=pseudonym, amount=amount))
     src = os.path.basename(leads_path)
+    arrivals: list[tuple[int, LeadFacts, str]] = []
     seen_ids = set()
-    for line, f in _rows(leads_path, leads_data):
-        missing = [k for k in LEAD_REQUIRED if not f.get(k)]
-        if missing:
-            report.problems.append(RowProblem(src, line, missing[0], "required"))
+    for line, f in _file_rows(src, leads_path, leads_data, problems, "engine"):
+        r = _Row(src, line, f, problems)
+        for k in LEAD_REQUIRED:
+            if not f.get(k):
+                r.fail(k, "required")
+        kind = f.get("subject_kind", "").upper()
+        if f.get("subject_kind") and kind not in ("SITE", "INSURED", "RING"):
+            r.fail("subject_kind", f"{_show(f['subject_kind'])}: SITE, INSURED or RING")
+        lead_id = r.text("lead_id", Lead, "ref", limit=LEAD_ID_MAX)
+        model = r.text("model", Lead, "model")
+        if kind == "INSURED":
+            subject = r.insured("subject_id", f.get("subject_id", ""))
+        else:  # a site's id goes into Action and SanctionRequest (64) too; a ring joins several
+            subject = r.text("subject_id", Lead, "subject_id", limit=64 if kind == "SITE" else None)
+        risk = f.get("risk", "").upper()
+        if risk not in RISK_ORDER:
+            r.fail("risk", f"{_show(f.get('risk', ''))}: HIGH, MEDIUM, LOW or empty")
+        # A file from before statuses existed has no column (or an empty cell): its models were in use.
+        status = f.get("model_status", "").strip().upper() or DEFAULT_MODEL_STATUS
+        if status not in MODEL_STATUS_LABELS:
+            r.fail("model_status", f"{_show(f.get('model_status', ''))}: {', '.join(MODEL_STATUS_LABELS)} or empty")
+        facts = LeadFacts(
+            source=Source.MODEL, model=model, model_version=r.text("model_version", Lead, "model_version"),
+            model_status=status,
+            subject_kind=kind, subject_id=subject, region=r.text("region", Lead, "region"),
+            score=r.score("score"), risk=risk if risk in RISK_ORDER else "", summary=r.free_text("summary"),
+            packs=r.integer("packs") or 0, lines=r.integer("lines") or 0, amount=r.decimal("amount", Lead, "amount"),
+            window_start=r.time("window_start"), window_end=r.time("window_end"))
+        if not r.ok:
             continue
-        kind = f["subject_kind"].upper()
-        if kind not in ("SITE", "INSURED", "RING"):
-            report.problems.append(RowProblem(src, line, "subject_kind", f"{f['subject_kind']!r}: SITE, INSURED or RING"))
-            continue
-        try:
-            facts = LeadFacts(
-                source=Source.MODEL, model=f["model"], model_version=f.get("model_version", ""), subject_kind=kind,
-                subject_id=as_pseudonym(f["subject_id"]) if kind == "INSURED" else f["subject_id"],
-                region=f.get("region", ""), score=_float(f.get("score", "")),
-                risk=f.get("risk", "").upper(), summary=f.get("summary", ""),
-                packs=int(f.get("packs") or 0), lines=int(f.get("lines") or 0), amount=_dec(f.get("amount", "")),
-                window_start=_ts(f.get("window_start", "")), window_end=_ts(f.get("window_end", "")))
-        except ValueError as exc:
-            report.problems.append(RowProblem(src, line, "score/packs/lines/amount/window", str(exc)))
-            continue
-        seen_ids.add(f["lead_id"])
-        arrive(facts, f"MODEL:{f['lead_id']}", evidence.get(f["lead_id"], []), report)
+        seen_ids.add(lead_id)
+        arrivals.append((line, facts, lead_id))
     for orphan in sorted(set(evidence) - seen_ids):
-        report.warnings.append(f"evidence for lead_id {orphan} not in {src}: not imported")
-    return report
+        warnings.append(f"evidence for lead_id {orphan} not in {src}: not imported")
+    if problems:
+        return _refused(problems, warnings)
+    report = ImportReport(warnings=warnings)
+
+    def write():
+        for line, facts, lead_id in arrivals:
+            try:
+                arrive(facts, f"MODEL:{lead_id}", evidence.get(lead_id, []), report)
+            except ImportRefused as exc:
+                raise ImportRefused(RowProblem(src, line, exc.problem.field, exc.problem.reason)) from None
+    return _write(report, write)
 
 
 # --- handed-down batches and complaints ----------------------------------------------------
 
 
-def import_batch(path: str, source: Source, number: str, received_on: date, *, data: bytes | None = None,
+def import_batch(path: str, source: Source, number: str, received_on: date, *, data: Any = None,
                  user=None) -> ImportReport:
     """A batch (国家局/省局移交, 举报投诉): rows of subject and description, CSV or XLSX.
-    The same batch (source, number) imported twice changes nothing; a batch number seen before
-    with another date is refused."""
+    Every row is checked first; any problem and nothing is imported, not even the batch record
+    (so the corrected file may come with its date). The same batch (source, number) imported twice
+    changes nothing; a batch number seen before with another date is refused."""
     if source not in HANDED_DOWN:
         raise ValueError(f"source {source.value}: a batch is NATIONAL, PROVINCIAL or COMPLAINT")
     number = number.strip()
-    if not number:
-        raise ValueError("batch number is required")
-    report = ImportReport()
-    batch, created = Batch.objects.get_or_create(source=source.value, number=number,
-                                                 defaults={"received_on": received_on, "imported_by": user})
-    if not created and batch.received_on != received_on:
-        raise ValueError(f"batch {number} of {source.value} was received on {batch.received_on}, not {received_on}")
+    problem = text_problem(number, Batch._meta.get_field("number").max_length or 64, "batch number")
+    if problem:
+        raise ValueError(f"batch number: {problem}")
+    known = Batch.objects.filter(source=source.value, number=number).first()
+    if known is not None and known.received_on != received_on:
+        raise ValueError(f"batch {number} of {source.value} was received on {known.received_on}, not {received_on}")
     src = os.path.basename(path)
+    problems: list[RowProblem] = []
     unknown: set[str] = set()
-    for line, raw in _rows(path, data):
+    rows: list[tuple[str, str, str, str]] = []
+    for line, raw in _file_rows(src, path, data, problems, "batch"):
         f: dict[str, str] = {}
         for k, v in raw.items():
             if k in BATCH_ALIASES:
                 f[BATCH_ALIASES[k]] = v
             else:
                 unknown.add(k)
+        r = _Row(src, line, f, problems)
         named = f.get("subject_kind") or ("INSURED" if f.get("insured_id") else "SITE")
         kind = SUBJECT_KIND_ALIASES.get(named.upper() if named.isascii() else named)
         if kind is None:
-            report.problems.append(RowProblem(src, line, "subject_kind", f"{f.get('subject_kind')!r}: SITE or INSURED"))
+            r.fail("subject_kind", f"{_show(f.get('subject_kind', ''))}: SITE or INSURED")
             continue
-        subject = as_pseudonym(f.get("insured_id") or f.get("subject_id", "")) if kind == "INSURED" else f.get("subject_id", "")
-        if not subject:
-            report.problems.append(RowProblem(src, line, "subject_id" if kind == "SITE" else "insured_id", "required"))
-            continue
-        description = f.get("description", "")
-        region = f.get("region", "") or (Site.objects.filter(site_id=subject).values_list("region", flat=True).first() or "")
-        facts = LeadFacts(source=source, model=source.value, subject_kind=kind, subject_id=subject, region=region,
-                          batch=batch, summary=description)
-        digest = hashlib.sha256(f"{kind}|{subject}|{description}".encode()).hexdigest()[:24]
-        arrive(facts, f"{source.value}:{number}:{digest}", [], report, description)
-    if unknown:
-        report.warnings.append(f"{src}: unknown columns ignored: {', '.join(sorted(unknown))}")
-    return report
+        if kind == "INSURED":
+            column = "insured_id" if f.get("insured_id") else "subject_id"
+            subject = r.insured(column, f.get(column, ""))
+            if r.ok and not subject:
+                r.fail("insured_id", "required")
+        else:
+            subject = r.text("subject_id", Site, "site_id", required=True)
+        description = r.free_text("description")
+        region = r.text("region", Lead, "region")
+        if r.ok:
+            rows.append((kind, subject, description, region))
+    warnings = [f"{src}: unknown columns ignored: {', '.join(_show(u)[1:-1] for u in sorted(unknown)[:20])}"] if unknown else []
+    if problems:
+        return _refused(problems, warnings)
+    report = ImportReport(warnings=warnings)
+
+    def write():
+        batch, _ = Batch.objects.get_or_create(source=source.value, number=number,
+                                               defaults={"received_on": received_on, "imported_by": user})
+        if batch.received_on != received_on:  # another import of the number won the race
+            raise ImportRefused(RowProblem(src, 0, "received_on", f"batch {number} was received on {batch.received_on}"))
+        for kind, subject, description, region in rows:
+            region = region or (Site.objects.filter(site_id=subject).values_list("region", flat=True).first() or "")
+            facts = LeadFacts(source=source, model=source.value, subject_kind=kind, subject_id=subject, region=region,
+                              batch=batch, summary=description)
+            digest = hashlib.sha256(f"{kind}|{subject}|{description}".encode()).hexdigest()[:24]
+            arrive(facts, f"{source.value}:{number}:{digest}", [], report, description)
+    return _write(report, write)
 
 
 # --- live DUPLICATEs from the audit stream -------------------------------------------------
@@ -447,23 +761,31 @@ def add_live(events: Iterable[LiveDuplicate], report: ImportReport | None = None
 # --- the site registry ---------------------------------------------------------------------
 
 
-def import_sites(path: str, *, data: bytes | None = None) -> ImportReport:
-    report = ImportReport()
+def import_sites(path: str, *, data: Any = None) -> ImportReport:
+    """The site registry (site_id, site_kind, region, name), checked whole, then written whole."""
     src = os.path.basename(path)
-    for line, f in _rows(path, data):
-        if not f.get("site_id"):
-            report.problems.append(RowProblem(src, line, "site_id", "required"))
-            continue
+    problems: list[RowProblem] = []
+    rows: list[tuple[str, dict[str, str]]] = []
+    for line, f in _file_rows(src, path, data, problems, "sites"):
+        r = _Row(src, line, f, problems)
+        site_id = r.text("site_id", Site, "site_id", required=True)
         kind = (f.get("site_kind") or "").upper()
         if kind not in ("", "PHARMACY", "INSTITUTION"):
-            report.problems.append(RowProblem(src, line, "site_kind", f"{kind!r}: PHARMACY or INSTITUTION"))
-            continue
-        values = {"kind": kind, "region": f.get("region", ""), "name": f.get("name", "")}
-        site, created = Site.objects.get_or_create(site_id=f["site_id"], defaults=values)
-        if created:
-            pass
-        elif any(getattr(site, k) != v for k, v in values.items()):
-            Site.objects.filter(pk=site.pk).update(**values)
-        else:
-            report.unchanged += 1
-    return report
+            r.fail("site_kind", f"{_show(kind)}: PHARMACY or INSTITUTION")
+        values = {"kind": kind, "region": r.text("region", Site, "region"), "name": r.text("name", Site, "name")}
+        if r.ok:
+            rows.append((site_id, values))
+    if problems:
+        return _refused(problems)
+    report = ImportReport()
+
+    def write():
+        for site_id, values in rows:
+            site, created = Site.objects.get_or_create(site_id=site_id, defaults=values)
+            if created:
+                pass
+            elif any(getattr(site, k) != v for k, v in values.items()):
+                Site.objects.filter(pk=site.pk).update(**values)
+            else:
+                report.unchanged += 1
+    return _write(report, write)

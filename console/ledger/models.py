@@ -2,17 +2,21 @@
 
 A lead's current status and assignee are columns for filtering; the truth of what happened is
 `Entry`, which is append-only: entries are never updated or deleted (the model refuses, and on
-PostgreSQL a trigger refuses too, migrations/0002). Corrections are new entries.
+PostgreSQL and SQLite triggers refuse too, migrations/0002 and 0003). Corrections are new entries.
 """
 from __future__ import annotations
 
+import decimal
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
+from django.utils.functional import cached_property
 from django.db.models import Q
 
-from .rules import (ACTIONS, OPEN_STATUSES, RISK_LABELS, SOURCE_LABELS, STATUS_LABELS, Perm, Source, Status)
+from .rules import (ACTIONS, DEFAULT_MODEL_STATUS, MODEL_STATUS_LABELS, OPEN_STATUSES, PILOT, RISK_LABELS,
+                    SOURCE_LABELS, STATUS_LABELS, Perm, Source, Status)
 
 
 def _choices(labels):
@@ -21,6 +25,35 @@ def _choices(labels):
 
 class AppendOnly(Exception):
     """An attempt to edit or delete a history row."""
+
+
+class MoneyField(models.DecimalField):
+    """A DecimalField whose stored values always read back. SQLite keeps a decimal as a REAL
+    with 15 significant digits, and Django quantizes it with a context of max_digits digits: the
+    column's own maximum (99999999999999.99 reads back as 1.00000000000000E+14) or a value stored
+    before imports were checked (1e20) raised InvalidOperation on every page that listed the row.
+    Here the context is wide and does not trap, so such a value reads as a number (or NaN), never
+    an exception. Imports keep values within max_digits (intake.py); this is only the reading side.
+    The migration state knows it as a plain DecimalField (deconstruct): the schema is the same."""
+
+    @cached_property
+    def context(self):
+        return decimal.Context(prec=max(self.max_digits or 0, 400), traps=[decimal.DivisionByZero, decimal.Overflow])
+
+    def deconstruct(self):
+        name, _path, args, kwargs = super().deconstruct()
+        return name, "django.db.models.DecimalField", args, kwargs
+
+
+# Typed as Any like Django's own fields are here (no stubs), so a column holds what it holds (a Decimal).
+Money: Any = MoneyField
+
+
+def _label(labels, enum, code):
+    try:
+        return labels[enum(code)]
+    except (ValueError, KeyError):
+        return code
 
 
 class Site(models.Model):
@@ -58,6 +91,9 @@ class Lead(models.Model):
     batch = models.ForeignKey(Batch, null=True, blank=True, on_delete=models.PROTECT, related_name="leads")
     model = models.CharField(max_length=40, db_index=True)
     model_version = models.CharField(max_length=16, blank=True, default="")
+    # The model version's status when the lead was opened (rules.MODEL_STATUS_LABELS): a pilot's
+    # leads are worked like any other but counted apart. Like model_version it stays as opened.
+    model_status = models.CharField(max_length=12, default=DEFAULT_MODEL_STATUS, db_index=True)
     subject_kind = models.CharField(max_length=8)  # SITE | INSURED | RING
     subject_id = models.CharField(max_length=400, db_index=True)  # site id, pseudonym, ring
     region = models.CharField(max_length=32, blank=True, default="", db_index=True)
@@ -67,7 +103,7 @@ class Lead(models.Model):
     risk = models.CharField(max_length=8, blank=True, default="")
     packs = models.IntegerField(default=0)
     lines = models.IntegerField(default=0)
-    amount = models.DecimalField(max_digits=16, decimal_places=2, null=True)
+    amount = Money(max_digits=16, decimal_places=2, null=True)
     summary = models.TextField(blank=True, default="")
     status = models.CharField(max_length=16, choices=_choices(STATUS_LABELS), default=Status.NEW.value,
                               db_index=True)
@@ -86,9 +122,11 @@ class Lead(models.Model):
             fields=["lock_key"],
             condition=Q(status__in=sorted(s.value for s in OPEN_STATUSES)), name="one_open_lead_per_subject")]
 
+    # Labels of stored codes: a code the rules do not know (a row written by hand, an older
+    # version) is shown as it is rather than breaking every page that lists the lead.
     @property
     def status_label(self):
-        return STATUS_LABELS[Status(self.status)]
+        return _label(STATUS_LABELS, Status, self.status)
 
     @property
     def risk_label(self):
@@ -96,11 +134,19 @@ class Lead(models.Model):
 
     @property
     def source_label(self):
-        return SOURCE_LABELS[Source(self.source)]
+        return _label(SOURCE_LABELS, Source, self.source)
+
+    @property
+    def model_status_label(self):
+        return MODEL_STATUS_LABELS.get(self.model_status, self.model_status)
+
+    @property
+    def is_pilot(self):
+        return self.model_status == PILOT
 
     @property
     def is_open(self):
-        return Status(self.status) in OPEN_STATUSES
+        return self.status in {s.value for s in OPEN_STATUSES}
 
 
 class Hit(models.Model):
@@ -128,7 +174,7 @@ class Evidence(models.Model):
     canonical_code = models.CharField(max_length=128, blank=True, default="")
     product_id = models.CharField(max_length=64, blank=True, default="")
     insured_pseudonym = models.CharField(max_length=64, blank=True, default="", db_index=True)
-    amount = models.DecimalField(max_digits=16, decimal_places=2, null=True)
+    amount = Money(max_digits=16, decimal_places=2, null=True)
     first_site_id = models.CharField(max_length=64, blank=True, default="")  # LIVE: who sold it first
 
 
@@ -164,10 +210,10 @@ class Action(models.Model):
     site_kind = models.CharField(max_length=16, blank=True, default="")
     region = models.CharField(max_length=32, blank=True, default="", db_index=True)
     decided_on = models.DateField(db_index=True)
-    amount_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)     # 万元
-    monthly_turnover_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)  # 月营业额
-    violation_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)  # 违规额
-    confiscated_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)  # 罚没额
+    amount_wan = Money(max_digits=14, decimal_places=2, null=True)     # 万元
+    monthly_turnover_wan = Money(max_digits=14, decimal_places=2, null=True)  # 月营业额
+    violation_wan = Money(max_digits=14, decimal_places=2, null=True)  # 违规额
+    confiscated_wan = Money(max_digits=14, decimal_places=2, null=True)  # 罚没额
     note = models.TextField(blank=True, default="")
     actor = models.CharField(max_length=150)
     at = models.DateTimeField(auto_now_add=True)
@@ -176,7 +222,7 @@ class Action(models.Model):
 
     @property
     def label(self):
-        return ACTIONS[self.code].label
+        return ACTIONS[self.code].label if self.code in ACTIONS else self.code
 
 
 class Inspection(models.Model):
@@ -207,9 +253,9 @@ class SanctionRequest(models.Model):
     valid_until = models.DateTimeField(null=True)
     reason = models.TextField()
     # 暂停医保服务 / 解除定点协议: the reduced-fund-loss figures (万元), into the action on approval.
-    monthly_turnover_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)
-    violation_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)
-    confiscated_wan = models.DecimalField(max_digits=14, decimal_places=2, null=True)
+    monthly_turnover_wan = Money(max_digits=14, decimal_places=2, null=True)
+    violation_wan = Money(max_digits=14, decimal_places=2, null=True)
+    confiscated_wan = Money(max_digits=14, decimal_places=2, null=True)
     state = models.CharField(max_length=16, default=PROPOSED)
     proposed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     proposed_at = models.DateTimeField(auto_now_add=True)
@@ -232,11 +278,42 @@ class SanctionRequest(models.Model):
 
     @property
     def state_label(self):
-        return self.STATE_LABELS[self.state]
+        return self.STATE_LABELS.get(self.state, self.state)
 
     @property
     def action_label(self):
-        return ACTIONS[self.action_code].label
+        return ACTIONS[self.action_code].label if self.action_code in ACTIONS else self.action_code
+
+
+class ModelConfig(models.Model):
+    """A configuration of the leads engine's models (a TOML file of leads/config.py), proposed with
+    its backtest report and adopted by a second person (modelconf.py). Never deleted: the
+    configuration in force at any time, and who put it there, stays readable."""
+    PROPOSED, ADOPTED, REJECTED, SUPERSEDED = "PROPOSED", "ADOPTED", "REJECTED", "SUPERSEDED"
+    STATE_LABELS = {PROPOSED: "待审批", ADOPTED: "在用", REJECTED: "未批准", SUPERSEDED: "已替换"}
+    toml = models.TextField(blank=True, default="")
+    sha256 = models.CharField(max_length=64)
+    report = models.TextField(blank=True, default="")  # backtest.json, as uploaded ('' = none)
+    reason = models.TextField()
+    state = models.CharField(max_length=12, default=PROPOSED, db_index=True)
+    proposed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    proposed_at = models.DateTimeField(auto_now_add=True)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+")
+    decided_at = models.DateTimeField(null=True)
+    decision_note = models.TextField(blank=True, default="")
+    superseded_at = models.DateTimeField(null=True)
+
+    class Meta:
+        # At most one configuration in force.
+        constraints = [models.UniqueConstraint(fields=["state"], condition=Q(state="ADOPTED"),
+                                               name="one_adopted_model_config")]
+
+    @property
+    def state_label(self):
+        return self.STATE_LABELS.get(self.state, self.state)
+
+    def delete(self, *args, **kwargs):
+        raise AppendOnly("a model configuration is kept")
 
 
 class ReportSnapshot(models.Model):
@@ -258,3 +335,70 @@ class ReportSnapshot(models.Model):
 
     def delete(self, *args, **kwargs):
         raise AppendOnly("a submitted report is frozen")
+
+
+class LoginThrottle(models.Model):
+    """Failed logins per user and per address (views.ThrottledLoginForm), in the database so
+    that every console process (waitress threads, several servers behind one proxy) counts
+    the same failures. `key` is "user:<sha256 of the lower-cased name>" or "addr:<address>":
+    names typed at the login form are not stored as they were typed."""
+    key = models.CharField(max_length=80, unique=True)
+    failures = models.IntegerField(default=0)
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField()
+
+
+class Alert(models.Model):
+    """An alert a site's own counter raised (issue 28): a flagged attempt, a refusal, a notice,
+    from the audit feed (stream.py). The site answers it through the pharmacy API (alerts.py)
+    with a cause from rules.ANSWER_CAUSES and a note; the answer is kept here, once, and goes on
+    the lead the alert is evidence of (an Entry, and shown on the lead page)."""
+    # The event's own identity (kind, site, settlement, line, code): a redelivery is the same alert.
+    key = models.CharField(max_length=300, unique=True)
+    # What the site is given to answer by: not the row id, so alerts cannot be counted by guessing.
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True)
+    site_id = models.CharField(max_length=64, db_index=True)
+    kind = models.CharField(max_length=12)            # rules.ALERT_KINDS
+    verdict = models.CharField(max_length=32, blank=True, default="")  # ATTEMPT: the verdict's name
+    detail = models.TextField(blank=True, default="")
+    canonical_code = models.CharField(max_length=128, blank=True, default="")
+    settlement_id = models.CharField(max_length=128, blank=True, default="")
+    line_index = models.IntegerField(default=-1)
+    raised_at = models.DateTimeField(db_index=True)  # the settlement's time
+    received_at = models.DateTimeField(auto_now_add=True)
+    lead = models.ForeignKey(Lead, null=True, blank=True, on_delete=models.PROTECT, related_name="alerts")
+    # The answer (empty until answered; written once, rules in alerts.answer).
+    cause = models.CharField(max_length=16, blank=True, default="")
+    note = models.TextField(blank=True, default="")
+    answered_at = models.DateTimeField(null=True, db_index=True)
+    answered_by = models.CharField(max_length=80, blank=True, default="")  # the identity, site:<id>
+    # The inspector's acceptance of the answer (it closed the lead as 查证不属实 with its cause).
+    accepted_by = models.CharField(max_length=150, blank=True, default="")
+    accepted_at = models.DateTimeField(null=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["site_id", "raised_at"])]
+
+    @property
+    def kind_label(self):
+        from .rules import ALERT_KINDS
+        return ALERT_KINDS.get(self.kind, self.kind)
+
+    @property
+    def cause_label(self):
+        from .rules import ANSWER_CAUSES
+        return ANSWER_CAUSES[self.cause].label if self.cause in ANSWER_CAUSES else self.cause
+
+
+class PublicQueryWindow(models.Model):
+    """The public code query's rate limit (public.py): queries of one client address in its
+    current one-minute window, in the database so that every console process counts alike."""
+    address = models.CharField(max_length=64, unique=True)
+    window_start = models.DateTimeField()
+    count = models.IntegerField(default=0)
+
+
+class PublicQueryCount(models.Model):
+    """Queries of the public code query by outcome, ever (tracecode_console_public_queries_total)."""
+    outcome = models.CharField(max_length=16, unique=True)
+    count = models.BigIntegerField(default=0)

@@ -29,6 +29,11 @@ def _client():
         return _pos
 
 
+def client():
+    """The console's PosClient (its own identity): GetCodeHistory for lead pages and the public query."""
+    return _client()
+
+
 @dataclass(frozen=True)
 class PackEvent:
     type: str

@@ -15,13 +15,15 @@ import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 
 from django.db import transaction
 from django.utils import timezone
 
+from tracecode.rules.cells import neutralise_row
+
 from .models import Action, Inspection, Lead, ReportSnapshot, Site
-from .rules import ACTION_TYPES, CAUSES, HANDED_DOWN, SOURCE_LABELS, Party, Source, Status
+from .rules import ACTION_TYPES, HANDED_DOWN, PILOT, SOURCE_LABELS, Party, Source, Status, is_confirmed
 
 KINDS = ("INSTITUTION", "PHARMACY", "")  # 定点医疗机构, 定点药店, 类别不明
 KIND_HEADERS = ("定点医疗机构", "定点药店", "类别不明")
@@ -32,8 +34,14 @@ def week_of(day: date) -> date:
     return day - timedelta(days=day.weekday())
 
 
+_WIDE = Context(prec=400)
+
+
 def _money(v) -> str:
-    return str((v or Decimal(0)).quantize(Decimal("0.01")))
+    """万元 with two decimals. Wide context: a figure stored beyond its column (by hand, or before
+    the forms checked it) is written as it is rather than breaking the report page."""
+    d = v or Decimal(0)
+    return str(d.quantize(Decimal("0.01"), context=_WIDE)) if d.is_finite() else str(d)
 
 
 @dataclass
@@ -74,13 +82,15 @@ class WeeklyReport:
     persons: list[PersonRow]
     person_total: PersonRow
     batches: list[BatchRow] = field(default_factory=list)
+    pilot: dict = field(default_factory=dict)  # （附）试点模型线索, see _pilot
 
 
 def build(region: str, week_start: date) -> dict:
     """The report's content (a JSON-ready dict) for a region and the week starting week_start."""
     week_start = week_of(week_start)
     week_end = week_start + timedelta(days=6)
-    acts = list(Action.objects.filter(region=region, decided_on__gte=week_start, decided_on__lte=week_end))
+    acts = list(Action.objects.filter(region=region, decided_on__gte=week_start, decided_on__lte=week_end)
+                .select_related("lead"))
 
     inst_rows = []
     all_sites: dict[str, set[str]] = {k: set() for k in KINDS}
@@ -134,16 +144,33 @@ def build(region: str, week_start: date) -> dict:
     by_batch: dict[int, list[Lead]] = {}
     for lead in leads:
         by_batch.setdefault(lead.batch_id, []).append(lead)
-    fraud = {c.value for c, rule in CAUSES.items() if rule.fraud}
     for group in sorted(by_batch.values(), key=lambda g: (g[0].batch.received_on, g[0].batch.source, g[0].batch.number)):
         b = group[0].batch
         batch_rows.append(BatchRow(
             b.source, SOURCE_LABELS[Source(b.source)], b.number, b.received_on.isoformat(), len(group),
             sum(1 for lead in group if lead.status == Status.CLOSED.value and lead.closed_at and lead.closed_at < end_at),
-            sum(1 for lead in group if lead.cause in fraud and lead.status in (Status.CONFIRMED.value, Status.CLOSED.value))))
+            sum(1 for lead in group if is_confirmed(lead.status, lead.cause))))
     report = WeeklyReport(region, week_start.isoformat(), week_end.isoformat(), inst_rows, inst_total, remarks,
-                          person_rows, person_total, batch_rows)
+                          person_rows, person_total, batch_rows, _pilot(region, week_start, end_at, acts))
     return asdict(report)
+
+
+def _pilot(region: str, week_start: date, end_at: datetime, acts: list[Action]) -> dict:
+    """（附）试点模型线索, beside the bureau's three parts and never inside them (docs/console.md):
+    the pilot leads opened in the week, and the part of the week's actions (already counted in
+    （一）（二）, because the action was taken whatever found the subject) taken on pilot leads.
+    The bureau's parts count no model lead at all ((三) is handed-down batches only), so a pilot
+    can add no lead to them."""
+    start_at = timezone.make_aware(datetime.combine(week_start, time.min))
+    mine = [a for a in acts if a.lead.model_status == PILOT]
+    money = {a.code for a in ACTION_TYPES if a.money}
+    return {
+        "leads_opened": Lead.objects.filter(region=region, source=Source.MODEL.value, model_status=PILOT,
+                                            created_at__gte=start_at, created_at__lt=end_at).count(),
+        "institutions": len({a.subject_id for a in mine if a.party == Party.INSTITUTION.value}),
+        "persons": len({a.subject_id for a in mine if a.party == Party.PERSON.value}),
+        "recovered_wan": _money(sum((a.amount_wan or Decimal(0) for a in mine if a.code in money), Decimal(0))),
+    }
 
 
 def content_json(content: dict) -> str:
@@ -172,10 +199,23 @@ def submit(region: str, week_start: date, user) -> ReportSnapshot:
 
 
 def snapshot_content(snap: ReportSnapshot) -> dict:
-    content = json.loads(snap.content)
-    if sha256(content) != snap.sha256:
+    """The frozen content; ValueError when it does not match its hash (or is not JSON at all):
+    a snapshot changed behind the ledger's back is never served as what was submitted."""
+    try:
+        content = json.loads(snap.content)
+    except ValueError:
+        raise ValueError(f"report snapshot {snap.pk}: content is not JSON") from None
+    if not isinstance(content, dict) or sha256(content) != snap.sha256:
         raise ValueError(f"report snapshot {snap.pk}: content does not match its hash")
     return content
+
+
+def snapshot_intact(snap: ReportSnapshot) -> bool:
+    try:
+        snapshot_content(snap)
+    except ValueError:
+        return False
+    return True
 
 
 # --- the spreadsheet -----------------------------------------------------------------------
@@ -185,7 +225,18 @@ FIGURE_HEADERS = {"amount_wan": "金额（万元）", "monthly_turnover_wan": "�
                   "violation_wan": "违规额（万元）", "confiscated_wan": "罚没额（万元）"}
 
 
+def safe_row(row: list) -> list:
+    """A row as the spreadsheet gets it: text that a spreadsheet would run as a formula
+    (`=HYPERLINK(...)` in a batch number) neutralised by a leading apostrophe, so openpyxl
+    writes it as a string cell (data_type 's'); characters XML cannot hold dropped (openpyxl
+    would refuse the whole workbook). Numbers stay numbers."""
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    return neutralise_row(ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in row)
+
+
 def xlsx(content: dict, *, sha: str = "") -> bytes:
+    """The workbook of a report's content; every row goes through safe_row (nothing the ledger
+    holds becomes a formula)."""
     from openpyxl import Workbook
     from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
@@ -198,36 +249,36 @@ def xlsx(content: dict, *, sha: str = "") -> bytes:
     # （一）
     ws = wb.active
     ws.title = SHEET_TITLES[0]
-    ws.append([title])
-    ws.append(["序号", "处理类型"] + [f"{h}（家）" for h in KIND_HEADERS]
-              + [f"{FIGURE_HEADERS[f]}·{h}" for f in MONEY for h in KIND_HEADERS])
+    ws.append(safe_row([title]))
+    ws.append(safe_row(["序号", "处理类型"] + [f"{h}（家）" for h in KIND_HEADERS]
+              + [f"{FIGURE_HEADERS[f]}·{h}" for f in MONEY for h in KIND_HEADERS]))
     rows = content["institutions"] + [content["institution_total"]]
     for i, row in enumerate(rows, start=1):
         money = [row["money"].get(f, {}).get(k, "") for f in MONEY for k in KINDS]
-        ws.append([i if row["code"] != "TOTAL" else "", row["label"]] + [row["counts"][k] for k in KINDS]
-                  + [float(m) if m != "" else None for m in money])
-    ws.append([])
-    ws.append(["备注"])
+        ws.append(safe_row([i if row["code"] != "TOTAL" else "", row["label"]] + [row["counts"][k] for k in KINDS]
+                  + [float(m) if m != "" else None for m in money]))
+    ws.append(safe_row([]))
+    ws.append(safe_row(["备注"]))
     for k, v in content["remarks"].items():
-        ws.append([k, float(v) if "." in v else int(v)])
+        ws.append(safe_row([k, float(v) if "." in v else int(v)]))
 
     # （二）
     ws2 = wb.create_sheet(SHEET_TITLES[1])
-    ws2.append([title])
-    ws2.append(["序号", "处理类型", "人数（人）", "金额（万元）"])
+    ws2.append(safe_row([title]))
+    ws2.append(safe_row(["序号", "处理类型", "人数（人）", "金额（万元）"]))
     for i, row in enumerate(content["persons"] + [content["person_total"]], start=1):
-        ws2.append([i if row["code"] != "TOTAL" else "", row["label"], row["persons"],
-                    float(row["amount_wan"]) if row["amount_wan"] is not None else None])
+        ws2.append(safe_row([i if row["code"] != "TOTAL" else "", row["label"], row["persons"],
+                    float(row["amount_wan"]) if row["amount_wan"] is not None else None]))
 
     # （三）
     ws3 = wb.create_sheet(SHEET_TITLES[2])
-    ws3.append([title])
-    ws3.append(["序号", "线索来源", "批次", "移交日期", "移交总数", "已办结数量", "查证属实线索数量"])
+    ws3.append(safe_row([title]))
+    ws3.append(safe_row(["序号", "线索来源", "批次", "移交日期", "移交总数", "已办结数量", "查证属实线索数量"]))
     for i, b in enumerate(content["batches"], start=1):
-        ws3.append([i, b["source_label"], b["number"], b["received_on"], b["received"], b["closed"], b["confirmed"]])
+        ws3.append(safe_row([i, b["source_label"], b["number"], b["received_on"], b["received"], b["closed"], b["confirmed"]]))
     tot = ["", "合计", "", "", sum(b["received"] for b in content["batches"]),
            sum(b["closed"] for b in content["batches"]), sum(b["confirmed"] for b in content["batches"])]
-    ws3.append(tot)
+    ws3.append(safe_row(tot))
 
     for sheet in wb.worksheets:
         sheet["A1"].font = Font(bold=True, size=13)
@@ -236,20 +287,20 @@ def xlsx(content: dict, *, sha: str = "") -> bytes:
         for col in range(1, sheet.max_column + 1):
             sheet.column_dimensions[get_column_letter(col)].width = 16 if col > 1 else 6
         if sha:
-            sheet.append([])
-            sheet.append([f"报送快照 SHA-256：{sha}"])
+            sheet.append(safe_row([]))
+            sheet.append(safe_row([f"报送快照 SHA-256：{sha}"]))
     # Fixed document properties: the same content gives the same bytes.
     wb.properties.creator = "tracecode console"
     wb.properties.created = wb.properties.modified = datetime(2024, 1, 1)
     buf = io.BytesIO()
     wb.save(buf)
-    return _fixed_zip(buf.getvalue())
+    return fixed_zip(buf.getvalue())
 
 
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)
 
 
-def _fixed_zip(data: bytes) -> bytes:
+def fixed_zip(data: bytes) -> bytes:
     """The same workbook with every zip entry dated alike: openpyxl stamps entries with the time
     of writing, which would make a frozen report's file differ from one download to the next."""
     src = zipfile.ZipFile(io.BytesIO(data))

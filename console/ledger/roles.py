@@ -33,12 +33,25 @@ def role_of(user) -> str:
 
 
 def make_user(username: str, password: str, role: str):
-    """Create (or reset) a console user in one role."""
-    from django.contrib.auth.models import Group, User
+    """Create (or reset) a console user in one role. The password must pass Django's
+    AUTH_PASSWORD_VALIDATORS (django.core.exceptions.ValidationError otherwise), checked
+    before anything is written."""
+    from django.contrib.auth.models import User
+    from django.contrib.auth.password_validation import validate_password
+    from django.db import transaction
 
     if role not in ROLES:
         raise ValueError(f"role {role!r}: one of {', '.join(ROLES)}")
     ensure_roles()
+    existing = User.objects.filter(username=username).first()
+    validate_password(password, existing or User(username=username))
+    with transaction.atomic():
+        return _save_user(username, password, role)
+
+
+def _save_user(username: str, password: str, role: str):
+    from django.contrib.auth.models import Group, User
+
     user, _ = User.objects.get_or_create(username=username)
     user.set_password(password)
     user.is_active = True

@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# Re-exported: the ledger's code reads a model's status and its labels from here, with the rest.
+from tracecode.rules.model_status import DEFAULT as DEFAULT_MODEL_STATUS  # noqa: F401
+from tracecode.rules.model_status import PILOT as PILOT
+from tracecode.rules.model_status import STATUSES as MODEL_STATUS_LABELS  # noqa: F401
+
 
 class Source(str, Enum):
     MODEL = "MODEL"
@@ -48,6 +53,8 @@ class Perm(str, Enum):
     IMPORT = "import_leads"
     SUBMIT_REPORT = "submit_report"
     VIEW_REPORT = "view_report"
+    PROPOSE_CONFIG = "propose_model_config"  # propose a models' configuration with its backtest
+    APPROVE_CONFIG = "approve_model_config"  # adopt or reject one (never one's own)
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,13 @@ class Role:
 
 ROLES = {
     # 核查员: works the leads assigned to them, proposes sanctions, never imposes one.
-    "inspector": Role("核查员", frozenset({Perm.WORK, Perm.RECORD_ACTION, Perm.PROPOSE_SANCTION, Perm.VIEW_REPORT})),
+    "inspector": Role("核查员", frozenset({Perm.WORK, Perm.RECORD_ACTION, Perm.PROPOSE_SANCTION, Perm.VIEW_REPORT,
+                                         Perm.PROPOSE_CONFIG})),
     # 审核人 (科室负责人): assigns, reviews, closes, approves (imposes) and lifts sanctions, imports, reports.
     "supervisor": Role("审核人", frozenset({Perm.VIEW_ALL, Perm.WORK, Perm.ASSIGN, Perm.REVIEW, Perm.RECORD_ACTION,
                                            Perm.PROPOSE_SANCTION, Perm.APPROVE_SANCTION, Perm.IMPORT,
-                                           Perm.SUBMIT_REPORT, Perm.VIEW_REPORT})),
+                                           Perm.SUBMIT_REPORT, Perm.VIEW_REPORT, Perm.PROPOSE_CONFIG,
+                                           Perm.APPROVE_CONFIG})),
     # 审计: reads everything, changes nothing.
     "auditor": Role("审计（只读）", frozenset({Perm.VIEW_ALL, Perm.VIEW_REPORT})),
 }
@@ -77,6 +86,7 @@ class Cause(str, Enum):
     FRAUD_OTHER = "FRAUD_OTHER"
     TECH_DOUBLE_SCAN = "TECH_DOUBLE_SCAN"
     TECH_DATA_ERROR = "TECH_DATA_ERROR"
+    TECH_RETURN_RESOLD = "TECH_RETURN_RESOLD"
     NO_VIOLATION = "NO_VIOLATION"
 
 
@@ -94,8 +104,26 @@ CAUSES = {
     Cause.FRAUD_OTHER: CauseRule("其他欺诈骗保", True, False),
     Cause.TECH_DOUBLE_SCAN: CauseRule("技术原因：柜台重复扫码", False, True),
     Cause.TECH_DATA_ERROR: CauseRule("技术原因：赋码数据错误", False, True),
+    # A pack the buyer returned, the return never entered (no ReverseDispense), sold again.
+    Cause.TECH_RETURN_RESOLD: CauseRule("技术原因：退货误售", False, True),
     Cause.NO_VIOLATION: CauseRule("查无违规", False, False),
 }
+
+
+# The conclusion as the weekly report and the effectiveness page count it: a lead is concluded
+# once an inspector found it true or not (a supervisor may have closed it since; sent back, it
+# is open again), and confirmed (查证属实) only with a fraud cause. A technical cause (a double
+# scan, a data error) is therefore counted as unfounded, never as 查证属实.
+CONCLUDED = frozenset({Status.CONFIRMED, Status.UNFOUNDED, Status.CLOSED})
+FRAUD_CAUSES = frozenset(c.value for c, rule in CAUSES.items() if rule.fraud)
+
+
+def is_concluded(status: str) -> bool:
+    return status in {s.value for s in CONCLUDED}
+
+
+def is_confirmed(status: str, cause: str) -> bool:
+    return cause in FRAUD_CAUSES and status in (Status.CONFIRMED.value, Status.CLOSED.value)
 
 
 @dataclass(frozen=True)
@@ -169,3 +197,30 @@ SITE_KIND_LABELS = {"INSTITUTION": "定点医疗机构", "PHARMACY": "定点药�
 RISK_ORDER = {"HIGH": 0, "MEDIUM": 1, "LOW": 2, "": 3}
 RISK_LABELS = {"HIGH": "高", "MEDIUM": "中", "LOW": "低", "": "-"}
 SUBJECT_LABELS = {"SITE": "定点医药机构", "INSURED": "参保人", "RING": "机构团伙"}
+
+
+# --- a pharmacy's answers to its own alerts (issue 28; alerts.py) ----------------------------
+
+@dataclass(frozen=True)
+class AnswerCause:
+    label: str
+    # The lead cause an inspector's acceptance concludes with (查证不属实): a technical cause;
+    # None when the answer explains nothing the ledger can conclude on by itself (其他).
+    lead_cause: Cause | None
+
+
+# The pharmacy's table of causes, by its stable code (the JSON API's `cause`).
+ANSWER_CAUSES = {
+    "DOUBLE_SCAN": AnswerCause("柜台重复扫码", Cause.TECH_DOUBLE_SCAN),
+    "RETURN_RESOLD": AnswerCause("退货误售", Cause.TECH_RETURN_RESOLD),
+    "DATA_ERROR": AnswerCause("赋码数据错误", Cause.TECH_DATA_ERROR),
+    "OTHER": AnswerCause("其他", None),
+}
+# Every answer cause that concludes is a technical one: accepting an answer never finds fraud.
+assert all(a.lead_cause is None or CAUSES[a.lead_cause].technical for a in ANSWER_CAUSES.values())
+
+# Kinds of alert a counter raises (the audit feed's events the ledger keeps for the pharmacy).
+ALERT_KINDS = {"ATTEMPT": "结算预警", "REFUSED": "结算拒绝", "NOTICE": "事前提醒"}
+# Unanswered alerts are counted past these ages (metrics, alert rule): reminders as in Europe's
+# verification systems, after 48 hours and after 5 days.
+ALERT_AGES_H = {"48h": 48, "5d": 120}

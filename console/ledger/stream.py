@@ -1,25 +1,30 @@
-"""LIVE leads: a consumer of tracecode's settlement audit streams.
+"""LIVE leads: the console's reader of tracecode's audit feed.
 
-The server writes every flagged attempt to the audit stream of the code's bucket
-(`{prefix}:{bbbb}:audit`, keys.BUCKETS = 1024 of them; server/store/keys.py) as an entry
-t=ATTEMPT, x=<verdict>, c=<canonical code>, s=<site>, i=<settlement id>, l=<line index>,
-u=<units>, a=<settled_at, ms>, p=<insured pseudonym> (server/store/lua/verify.lua). The console
-reads them all through one Redis Streams consumer group:
+The server writes every flagged attempt to its audit streams and serves them through the
+AuditFeed gRPC service (proto/tracecode/v1/audit.proto; admin identities only), read through a
+named consumer group (`ledger-console` by default) whose position the server keeps. The console
+reads no Redis: it knows events, cursors and its group, not keys or streams.
 
-- at least once: an entry is acknowledged (XACK) only after the ledger has committed what it
-  means; a consumer killed in between gets the entry again when it restarts (its own pending
-  entries are read first), and a consumer that never comes back has its entries claimed by
-  another after `claim_idle_ms` (XAUTOCLAIM);
+- at least once: an event is acknowledged (Ack) only after the ledger has committed what it
+  means; a consumer killed in between gets the event again when it restarts (the feed delivers
+  a consumer's own unacknowledged events first), and a consumer that never comes back has its
+  events handed to another after `claim_idle_ms`;
 - idempotent: a DUPLICATE becomes an evidence line keyed by the attempt itself (site,
-  settlement, line, code), so a redelivery or a replay of the stream from the start adds nothing;
-- resumes where it stopped: the group's position is kept by Redis, not by the consumer;
-- lag: `tracecode_console_audit_lag` (entries not yet delivered to the group, XINFO GROUPS
-  `lag`, summed over the streams) and `tracecode_console_audit_pending` (delivered, not yet
-  acknowledged), on the consumer's /metrics.
+  settlement, line, code), so a redelivery or a replay from the start adds nothing;
+- alerts: every flagged attempt, refusal and notice is also kept for the pharmacy whose counter
+  raised it to answer (alerts.py), keyed by the event's identity likewise;
+- resumes where it stopped: the group's position is kept by the server, not by the consumer;
+- lag: `tracecode_console_audit_lag` (events not yet delivered to the group) and
+  `tracecode_console_audit_pending` (delivered, not yet acknowledged), from the feed's Status,
+  on the consumer's /metrics.
 
-On a Redis Cluster (`cluster=True`) one XREADGROUP cannot span streams of several slots: the
-consumer then sends one non-blocking XREADGROUP per stream in a cluster pipeline (grouped per
-node by redis-py) and polls every `poll_ms` when nothing came.
+The feed sends a batch, then the next only once this one is acknowledged; an empty batch is a
+heartbeat (nothing new within block_ms). After a failure (service away, database away) the
+consumer drops its Watch and opens a new one: what it had not acknowledged comes first again.
+
+May import: Django, grpc, prometheus_client, tracecode.clients (the feed's client), the
+generated stubs, tracecode.server.failpoints, and the ledger app. Never redis or the server's
+store and API.
 """
 from __future__ import annotations
 
@@ -28,218 +33,181 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
-from datetime import datetime, timezone
+from datetime import timezone
+from typing import Any, Iterator
 
-import redis
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from tracecode.clients.audit import AuditFeedClient
 from tracecode.server.failpoints import failpoint
+from tracecode.v1 import audit_pb2 as apb
+from tracecode.v1 import verification_pb2 as pb
 
+from . import alerts
+from .gateway import channel_credentials
 from .intake import ImportReport, LiveDuplicate, add_live
 
 log = logging.getLogger("tracecode.console.stream")
 
-BUCKETS = 1024  # tracecode.server.store.keys.BUCKETS: the number of audit streams; fixed for a data set
-
-
-def audit_streams(prefix: str) -> list[str]:
-    """The audit stream names, as server/store/keys.py spells them (read only: the console writes nothing there)."""
-    return [f"{prefix}:{{{b:04d}}}:audit" for b in range(BUCKETS)]
-
 
 @dataclass(frozen=True)
 class ConsumerConfig:
-    redis_url: str
-    prefix: str = "tc"
+    server: str                     # the tracecode server (host:port), as TRACECODE_CONSOLE_SERVER
     group: str = "ledger-console"
     consumer: str = ""              # default: host name (stable across restarts: own pending re-read)
-    count: int = 200                # entries per read
-    block_ms: int = 1000
-    claim_idle_ms: int = 60_000     # take over entries a vanished consumer left unacknowledged
-    max_rate: float = 0.0           # entries per second at most (0: no cap), to spare the database
+    count: int = 200                # events per batch at most
+    block_ms: int = 1000            # a heartbeat after this long without events (at most 1000)
+    claim_idle_ms: int = 60_000     # take over events a vanished consumer left unacknowledged
+    max_rate: float = 0.0           # events per second at most (0: no cap), to spare the database
     metrics_port: int = 0           # 0: no /metrics server
     metrics_addr: str = "127.0.0.1"
-    cluster: bool = False           # redis_url is a node of a Redis Cluster
-    poll_ms: int = 200              # cluster: the pause between reads that found nothing
+    tls_ca: str = ""                # CA of the server's certificate: connect with TLS
+    tls_cert: str = ""              # client certificate naming admin:<name> (auth = mtls)
+    tls_key: str = ""
+    token_file: str = ""            # bearer token of an admin identity (auth = token)
+    timeout_s: float = 10.0         # Ack, Reset and Status deadlines
 
     @property
     def name(self) -> str:
         return self.consumer or f"{socket.gethostname()}"
 
 
-@dataclass(frozen=True)
-class AuditEntry:
-    stream: str
-    entry_id: str
-    fields: dict[str, str]
+def connect(cfg: ConsumerConfig) -> AuditFeedClient:
+    """The feed's client with the configured credentials (TLS, mTLS, bearer token), as the
+    console's other clients make them (gateway.py). OSError, ValueError: a file is unreadable."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    if cfg.token_file:
+        with open(cfg.token_file, encoding="ascii") as fh:
+            metadata = (("authorization", f"Bearer {fh.read().strip()}"),)
+    return AuditFeedClient(cfg.server, credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+                           metadata=metadata, timeout_s=cfg.timeout_s)
 
-    def duplicate(self) -> LiveDuplicate | None:
-        f = self.fields
-        if f.get("t") != "ATTEMPT" or f.get("x") != "DUPLICATE":
-            return None
-        return LiveDuplicate(
-            site_id=f["s"], settlement_id=f.get("i", ""), line_index=int(f.get("l") or 0),
-            canonical_code=f.get("c", ""),
-            settled_at=datetime.fromtimestamp(int(f["a"]) / 1000, tz=timezone.utc),
-            # The pseudonym, when the server writes one (`p`): never a raw id.
-            insured_pseudonym=f.get("p", ""))
+
+def duplicate(e: apb.AuditEvent) -> LiveDuplicate | None:
+    """The ledger's view of a DUPLICATE attempt; None for any other event."""
+    if e.type != apb.AUDIT_ATTEMPT or e.verdict != pb.DUPLICATE:
+        return None
+    return LiveDuplicate(
+        site_id=e.site_id, settlement_id=e.settlement_id, line_index=e.line_index,
+        canonical_code=e.canonical_code, settled_at=e.at.ToDatetime(tzinfo=timezone.utc),
+        # The server's pseudonym, when the settlement named a person: never a raw id.
+        insured_pseudonym=e.insured_pseudonym)
 
 
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.lag = Gauge("tracecode_console_audit_lag", "Audit stream entries not yet delivered to the "
+        self.lag = Gauge("tracecode_console_audit_lag", "Audit events not yet delivered to the "
                          "console's consumer group (sum over the streams)", registry=self.registry)
-        self.pending = Gauge("tracecode_console_audit_pending", "Audit stream entries delivered to the "
+        self.pending = Gauge("tracecode_console_audit_pending", "Audit events delivered to the "
                              "console but not yet acknowledged", registry=self.registry)
-        self.entries = Counter("tracecode_console_audit_entries", "Audit stream entries processed",
+        self.entries = Counter("tracecode_console_audit_entries", "Audit events processed",
                                registry=self.registry)
         self.duplicates = Counter("tracecode_console_audit_duplicates", "DUPLICATE attempts turned into "
                                   "ledger evidence (redeliveries included)", registry=self.registry)
-        self.errors = Counter("tracecode_console_audit_errors", "Rounds that failed (Redis or database "
-                              "away); the entries stay pending and are read again", registry=self.registry)
+        self.alerts = Counter("tracecode_console_audit_alerts", "Counter alerts kept for pharmacies to "
+                              "answer (flagged attempts, refusals, notices; redeliveries included)",
+                              registry=self.registry)
+        self.errors = Counter("tracecode_console_audit_errors", "Rounds that failed (service or database "
+                              "away); the events stay pending and come again", registry=self.registry)
 
 
 class AuditConsumer:
     def __init__(self, cfg: ConsumerConfig, metrics: Metrics | None = None):
         self.cfg = cfg
-        # Both clients answer the same stream commands; Any because their stubs differ in detail.
-        self.r: Any
-        if cfg.cluster:
-            self.r = redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
-        else:
-            self.r = redis.Redis.from_url(cfg.redis_url, decode_responses=True, socket_timeout=10)
-        self.streams = audit_streams(cfg.prefix)
+        self.feed = connect(cfg)
         self.metrics = metrics or Metrics()
         self.stopping = threading.Event()
-        self._last_claim = 0.0
+        self._watch: Any = None  # the open Watch call (an iterator of batches that can be cancelled)
         self._last_lag = 0.0
 
-    # -- setup ------------------------------------------------------------------------------
-
-    def ensure_group(self, start_id: str = "0") -> None:
-        """Create the group on every stream (from the start by default, so nothing written before
-        the console's first run is missed). MKSTREAM: a bucket with no entries yet gets an empty
-        stream, which the server's XADD then appends to."""
-        pipe = self.r.pipeline(transaction=False)
-        for s in self.streams:
-            pipe.xgroup_create(s, self.cfg.group, id=start_id, mkstream=True)
-        for res in pipe.execute(raise_on_error=False):
-            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
-                raise res
+    def close(self) -> None:
+        self.drop_watch()
+        self.feed.close()
 
     def replay_from_start(self) -> None:
-        """Move the group back to the start of every stream (entries are read again; idempotent)."""
-        self.ensure_group()
-        pipe = self.r.pipeline(transaction=False)
-        for s in self.streams:
-            pipe.xgroup_setid(s, self.cfg.group, "0")
-        pipe.execute()
-
-    # -- reading ----------------------------------------------------------------------------
-
-    def _read(self, ids: str, block: int | None) -> list[AuditEntry]:
-        if self.cfg.cluster:
-            return self._read_cluster(ids, block)
-        reply = self.r.xreadgroup(self.cfg.group, self.cfg.name, {s: ids for s in self.streams},
-                                  count=self.cfg.count, block=block)
-        # An entry trimmed away while pending comes back without fields: it is acknowledged
-        # (nothing left to learn from it) rather than read again forever.
-        return [AuditEntry(stream, eid, fields or {}) for stream, entries in (reply or []) for eid, fields in entries]
-
-    def _read_cluster(self, ids: str, block: int | None) -> list[AuditEntry]:
-        deadline = time.monotonic() + (block or 0) / 1000
-        while True:
-            pipe = self.r.pipeline(transaction=False)
-            for s in self.streams:
-                pipe.xreadgroup(self.cfg.group, self.cfg.name, {s: ids}, count=self.cfg.count)
-            out = [AuditEntry(stream, eid, fields or {}) for reply in pipe.execute()
-                   for stream, entries in (reply or []) for eid, fields in entries]
-            if out or not block or time.monotonic() >= deadline or self.stopping.is_set():
-                return out
-            time.sleep(self.cfg.poll_ms / 1000)
-
-    def _claim(self) -> list[AuditEntry]:
-        """Entries other (vanished) consumers of the group left unacknowledged for claim_idle_ms."""
-        pipe = self.r.pipeline(transaction=False)
-        for s in self.streams:
-            pipe.xautoclaim(s, self.cfg.group, self.cfg.name, self.cfg.claim_idle_ms, "0-0", count=self.cfg.count)
-        out: list[AuditEntry] = []
-        for s, res in zip(self.streams, pipe.execute()):
-            out.extend(AuditEntry(s, eid, fields or {}) for eid, fields in res[1])
-        return out
-
-    def handle(self, entries: list[AuditEntry]) -> ImportReport:
-        """Commit what the entries mean, then acknowledge them (never the other way round)."""
-        report = ImportReport()
-        for e in entries:
-            dup = e.duplicate()
-            if dup is not None:
-                add_live([dup], report)  # one transaction per attempt
-                self.metrics.duplicates.inc()
-            self.metrics.entries.inc()
-            if self.cfg.max_rate:
-                time.sleep(1.0 / self.cfg.max_rate)
-        failpoint("console_before_ack")
-        pipe = self.r.pipeline(transaction=False)
-        by_stream: dict[str, list[str]] = {}
-        for e in entries:
-            by_stream.setdefault(e.stream, []).append(e.entry_id)
-        for s, ids in by_stream.items():
-            pipe.xack(s, self.cfg.group, *ids)
-        pipe.execute()
-        return report
+        """Move the group back to the start of the feed (events come again; idempotent)."""
+        self.feed.reset(self.cfg.group)
 
     def update_lag(self) -> tuple[int, int]:
-        pipe = self.r.pipeline(transaction=False)
-        for s in self.streams:
-            pipe.xinfo_groups(s)
-        lag = pending = 0
-        for groups in pipe.execute(raise_on_error=False):
-            if isinstance(groups, Exception):
-                continue
-            for g in groups:
-                if g["name"] == self.cfg.group:
-                    # lag is None when Redis cannot tell (entries deleted mid-range): count it as unknown (0).
-                    lag += int(g.get("lag") or 0)
-                    pending += int(g.get("pending") or 0)
+        lag, pending = self.feed.status(self.cfg.group)
         self.metrics.lag.set(lag)
         self.metrics.pending.set(pending)
         return lag, pending
 
+    def drop_watch(self) -> None:
+        """End the open Watch: the next round opens another, which delivers what this consumer
+        has not acknowledged first."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _batches(self, block_ms: int) -> Iterator[apb.AuditEventBatch]:
+        if self._watch is None:
+            self._watch = self.feed.watch(self.cfg.group, self.cfg.name, max_batch=self.cfg.count,
+                                          block_ms=block_ms, claim_idle_ms=self.cfg.claim_idle_ms)
+        return self._watch
+
+    def handle(self, events: list[apb.AuditEvent]) -> ImportReport:
+        """Commit what the events mean, then acknowledge them (never the other way round)."""
+        report = ImportReport()
+        for e in events:
+            dup = duplicate(e)
+            if dup is not None:
+                add_live([dup], report)  # one transaction per attempt
+                self.metrics.duplicates.inc()
+            # Every alert of a counter, for its pharmacy to answer (alerts.py; after add_live, so
+            # a DUPLICATE's alert finds its lead).
+            if alerts.record(e) is not None:
+                self.metrics.alerts.inc()
+            self.metrics.entries.inc()
+            if self.cfg.max_rate:
+                time.sleep(1.0 / self.cfg.max_rate)
+        failpoint("console_before_ack")
+        self.feed.ack(self.cfg.group, [e.cursor for e in events])
+        return report
+
     def run_once(self, block_ms: int | None = None) -> int:
-        """One round: own pending entries first (after a restart), claims now and then, new ones."""
+        """One batch (or a heartbeat) from the feed, committed then acknowledged; the number of
+        events. block_ms applies when this round opens the Watch."""
+        try:
+            batch = next(self._batches(self.cfg.block_ms if block_ms is None else block_ms))
+        except StopIteration:  # the server ended the call (it stops): the next round reconnects
+            self._watch = None
+            return 0
+        except grpc.RpcError:
+            self.drop_watch()
+            raise
+        events = list(batch.events)
+        try:
+            if events:
+                self.handle(events)
+        except BaseException:
+            self.drop_watch()  # unacknowledged: they come again, first, on the next Watch
+            raise
         now = time.monotonic()
-        entries = self._read("0", None)  # delivered to this consumer before and never acknowledged
-        if not entries and now - self._last_claim > self.cfg.claim_idle_ms / 1000 / 2:
-            self._last_claim = now
-            entries = self._claim()
-        if not entries:
-            entries = self._read(">", self.cfg.block_ms if block_ms is None else block_ms)
-        if entries:
-            self.handle(entries)
-        if now - self._last_lag > 1.0 or not entries:
+        if now - self._last_lag > 1.0 or not events:
             self._last_lag = now
             self.update_lag()
-        return len(entries)
+        return len(events)
 
     def run(self) -> None:
         from django.db import close_old_connections
         if self.cfg.metrics_port:
             start_http_server(self.cfg.metrics_port, addr=self.cfg.metrics_addr, registry=self.metrics.registry)
-        self.ensure_group()
-        log.warning("audit consumer %s of group %s on %d streams", self.cfg.name, self.cfg.group, len(self.streams))
+        log.warning("audit consumer %s of group %s on %s", self.cfg.name, self.cfg.group, self.cfg.server)
         while not self.stopping.is_set():
             try:
                 self.run_once()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except grpc.RpcError as exc:
                 self.metrics.errors.inc()
-                log.warning("audit stream unreachable (%s); retrying", exc)
+                log.warning("audit feed unavailable (%s: %s); retrying", exc.code().name, exc.details())
                 self.stopping.wait(1.0)
             except Exception:
-                # A database failure: nothing was acknowledged, the entries come again next round.
+                # A database failure: nothing was acknowledged, the events come again next round.
                 self.metrics.errors.inc()
-                log.exception("audit round failed; entries stay pending")
+                log.exception("audit round failed; events stay pending")
                 close_old_connections()
                 self.stopping.wait(1.0)
+        self.close()

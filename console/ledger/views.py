@@ -3,23 +3,29 @@ roles.has); hiding a button is only a courtesy. A lead the user may not see is a
 from __future__ import annotations
 
 import logging
+import re
 from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
 from django.db.models import Case, IntegerField, Q, Value, When
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from . import forms, gateway, intake, packs, report, workflow
-from .models import Batch, Lead, ReportSnapshot, SanctionRequest
+from tracecode.rules.insured import InsuredIdError
+from tracecode.rules.text import first_refused
+
+from . import alerts, effect, forms, gateway, intake, modelconf, packs, report, workflow
+from .models import Alert, Batch, Lead, ModelConfig, ReportSnapshot, SanctionRequest
 from .roles import has, role_of
 from .rules import (ACTIONS, CAUSES, RISK_LABELS, RISK_ORDER, ROLES, SITE_KIND_LABELS, SOURCE_LABELS,
-                    STATUS_LABELS, SUBJECT_LABELS, Perm, Source, Status)
+                    STATUS_LABELS, SUBJECT_LABELS, Cause, Perm, Source, Status)
 
 log = logging.getLogger("tracecode.console.views")
 
@@ -31,18 +37,36 @@ def roles_context(request):
             "can": {p.name: has(user, p) for p in Perm} if user is not None else {}}
 
 
+# A user with none of these (the auditor) is read-only: any POST of theirs is refused at the door.
+WRITE_PERMS = tuple(p for p in Perm if p not in (Perm.VIEW_ALL, Perm.VIEW_REPORT))
+
+
+def back(request) -> str:
+    """Where to send the user after a refusal: the page they came from when it is one of ours
+    (never a foreign Referer: that would make the console an open redirect), else the list."""
+    referer = request.META.get("HTTP_REFERER", "")
+    if referer and url_has_allowed_host_and_scheme(referer, allowed_hosts={request.get_host()},
+                                                   require_https=request.is_secure()):
+        return referer
+    return reverse("lead-list")
+
+
 def _guard(view):
-    """Login required; Forbidden -> 403, RuleError -> a message and back to the page."""
+    """Login required; every POST of a read-only role (the auditor) a 403, whatever the view
+    (docs/console.md: an auditor's POST is always refused, the person search included);
+    Forbidden -> 403, RuleError -> a message and back to the page."""
     @login_required
     @wraps(view)
     def wrapped(request, *args, **kwargs):
         try:
+            if request.method == "POST" and not any(has(request.user, p) for p in WRITE_PERMS):
+                raise workflow.Forbidden("只读角色不能提交")
             return view(request, *args, **kwargs)
         except workflow.Forbidden as exc:
             raise PermissionDenied(str(exc)) from None
         except workflow.RuleError as exc:
             messages.error(request, str(exc))
-            return redirect(request.META.get("HTTP_REFERER") or reverse("lead-list"))
+            return redirect(back(request))
     return wrapped
 
 
@@ -76,13 +100,18 @@ FILTERS = ("status", "source", "batch", "model", "risk", "region", "subject")
 @_guard
 def lead_list(request):
     qs = workflow.visible_leads(request.user).select_related("assignee", "batch")
-    f = {k: request.GET.get(k, "").strip() for k in FILTERS}
+    f = {k: request.GET.get(k, "").strip()[:400] for k in FILTERS}
+    if any(first_refused(v) for v in f.values()):
+        # A NUL in a filter would make PostgreSQL's driver raise: no stored value holds one anyway.
+        qs = qs.none()
     if f["status"]:
         qs = qs.filter(status=f["status"]) if f["status"] != "OPEN" else qs.exclude(status=Status.CLOSED.value)
     if f["source"]:
         qs = qs.filter(source=f["source"])
     if f["batch"]:
-        qs = qs.filter(batch_id=f["batch"]) if f["batch"].isdigit() else qs.none()
+        # (an id beyond 64 bits would overflow SQLite's INTEGER in the query itself)
+        qs = qs.filter(batch_id=int(f["batch"])) if f["batch"].isascii() and f["batch"].isdigit() \
+            and int(f["batch"]) < 2**63 else qs.none()
     if f["model"]:
         qs = qs.filter(model=f["model"])
     if f["risk"]:
@@ -116,10 +145,10 @@ def person_search(request):
     """Search by a person's raw id: the console computes the pseudonym; the id goes no further
     (POST, so it is in no URL, log or history)."""
     form = forms.PersonSearchForm(request.POST)
-    if not form.is_valid():
+    if not form.is_valid():  # the form checks the id (tracecode.rules.insured) and never echoes it
         _form_errors(request, form)
         return redirect("lead-list")
-    return redirect(f"{reverse('lead-list')}?subject={intake.as_pseudonym(form.cleaned_data['insured_id'])}")
+    return redirect(f"{reverse('lead-list')}?subject={form.cleaned_data['insured_id']}")
 
 
 # --- one lead ------------------------------------------------------------------------------
@@ -150,7 +179,7 @@ def lead_detail(request, ref):
         "entries": lead.entries.all(), "actions": lead.actions.order_by("at"), "inspections": lead.inspections.all(),
         "sanctions": sanctions, "transitions": transitions,
         "subject_label": SUBJECT_LABELS.get(lead.subject_kind, lead.subject_kind),
-        "risk_label": RISK_LABELS.get(lead.risk, lead.risk), "cause_label": CAUSES[lead.cause].label if lead.cause else "",
+        "risk_label": RISK_LABELS.get(lead.risk, lead.risk), "cause_label": _cause_label(lead.cause),
         "may_work": own and has(user, Perm.WORK) and lead.is_open,
         "may_act": own and has(user, Perm.RECORD_ACTION) and lead.status in (Status.CONFIRMED.value, Status.CLOSED.value),
         "may_propose": own and has(user, Perm.PROPOSE_SANCTION) and lead.status == Status.CONFIRMED.value,
@@ -162,7 +191,71 @@ def lead_detail(request, ref):
         "approve_form": forms.ApproveForm(), "reason_form": forms.ReasonForm(),
         "handed_down": lead.source in {s.value for s in (Source.NATIONAL, Source.PROVINCIAL, Source.COMPLAINT)},
         "site_kinds": SITE_KIND_LABELS, "statuses": STATUS_LABELS,
+        # The pharmacy's answers to the alerts this lead holds (alerts.py), and whether this user
+        # may accept one (the transition to 查证不属实 is the user's to make).
+        "alerts": alerts_on(lead),
+        "may_accept": own and has(user, Perm.WORK) and lead.status == Status.IN_PROGRESS.value,
     })
+
+
+def alerts_on(lead: Lead) -> list[Alert]:
+    found = list(lead.alerts.order_by("raised_at", "id")[:200])
+    for a in found:
+        a.message = alerts.message(a)
+        a.acceptable = bool(a.answered_at) and not a.accepted_at and a.cause != "OTHER"
+    return found
+
+
+ALERT_STATES = {"open": "待答复", "answered": "已答复", "all": "全部"}
+
+
+@require_safe
+@_guard
+def alert_overview(request):
+    """Every pharmacy's alerts and answers (supervisors and auditors): who has not answered, and
+    the answers to alerts that have no lead (only a DUPLICATE's alert is evidence of one)."""
+    if not has(request.user, Perm.VIEW_ALL):
+        raise workflow.Forbidden("无权查看药店预警")
+    which = request.GET.get("state", "open")
+    if which not in ALERT_STATES:
+        which = "open"
+    site = request.GET.get("site", "").strip()[:64]
+    qs = Alert.objects.select_related("lead")
+    if which == "open":
+        qs = qs.filter(answered_at__isnull=True)
+    elif which == "answered":
+        qs = qs.filter(answered_at__isnull=False)
+    if site and first_refused(site) is None:
+        qs = qs.filter(site_id=site)
+    found = list(qs.order_by("raised_at", "id")[:500])
+    now = timezone.now()
+    for a in found:
+        a.message = alerts.message(a)
+        a.age_h = int((now - a.raised_at).total_seconds() // 3600)
+    counts = alerts.unanswered(now)
+    return render(request, "ledger/alerts.html", {"alerts": found, "state": which, "site": site, "states": ALERT_STATES,
+                                                  "total": counts.total, "over_48h": counts.older["48h"],
+                                                  "over_5d": counts.older["5d"]})
+
+
+@require_POST
+@_guard
+def alert_accept(request, pk):
+    """The inspector accepts a pharmacy's technical answer: the lead becomes 查证不属实 with it."""
+    a = get_object_or_404(Alert.objects.select_related("lead"), pk=pk)
+    if a.lead is None or not workflow.can_see(request.user, a.lead):
+        raise Http404("预警不存在或无权查看")
+    lead = alerts.accept(a.pk, request.user, request.POST.get("reason", ""))
+    messages.success(request, f"已采纳药店答复，线索变为「{lead.status_label}」")
+    return redirect("lead-detail", ref=lead.ref)
+
+
+def _cause_label(cause: str) -> str:
+    """A stored cause the rules no longer know is shown as it is, not a 500."""
+    try:
+        return CAUSES[Cause(cause)].label if cause else ""
+    except (ValueError, KeyError):
+        return cause
 
 
 def _lead_form(form_class, needs: Perm | None = None):
@@ -262,10 +355,25 @@ def _typed_insured_id(request, req: SanctionRequest) -> str:
     by the lead's pseudonym; a typed id is a check that the right person is meant: it must match
     that pseudonym, and is never kept."""
     form = forms.ApproveForm(request.POST)
-    insured_id = form.data.get("insured_id", "").strip() if form.is_valid() else ""
-    if req.subject_type == "INSURED" and insured_id and intake.as_pseudonym(insured_id) != req.subject_id:
-        raise workflow.RuleError("证件号与线索对象的化名不符（与线索对象的化名核对）")
+    if not form.is_valid():  # a typed id the form refuses is not silently dropped (approving by pseudonym)
+        raise workflow.RuleError("参保人证件号：" + "；".join(e for errs in form.errors.values() for e in errs))
+    insured_id = form.cleaned_data.get("insured_id", "").strip()
+    if req.subject_type == "INSURED" and insured_id:
+        try:
+            pseudonym = intake.as_pseudonym(insured_id)
+        except InsuredIdError as exc:
+            raise workflow.RuleError(f"参保人证件号无效：{exc.rule}") from None
+        if pseudonym != req.subject_id:
+            raise workflow.RuleError("证件号与线索对象的化名不符（与线索对象的化名核对）")
     return insured_id
+
+
+def _reason_of(request) -> str:
+    """The reason of a POST through its form (length, no NUL: PostgreSQL cannot store one)."""
+    form = forms.ReasonForm(request.POST)
+    if not form.is_valid():
+        raise workflow.RuleError("理由：" + "；".join(e for errs in form.errors.values() for e in errs))
+    return form.cleaned_data["reason"]
 
 
 @require_POST
@@ -293,8 +401,7 @@ def sanction_retry(request, request_id):
 @_guard
 def sanction_reject(request, request_id):
     req = _sanction(request, request_id)
-    form = forms.ReasonForm(request.POST)
-    workflow.reject_sanction(req, request.user, form.data.get("reason", ""))
+    workflow.reject_sanction(req, request.user, _reason_of(request))
     return redirect("lead-detail", ref=req.lead.ref)
 
 
@@ -302,8 +409,7 @@ def sanction_reject(request, request_id):
 @_guard
 def sanction_lift(request, request_id):
     req = _sanction(request, request_id)
-    form = forms.ReasonForm(request.POST)
-    workflow.propose_lift(req, request.user, form.data.get("reason", ""))
+    workflow.propose_lift(req, request.user, _reason_of(request))
     messages.success(request, "已提议解除，待另一名审核人批准")
     return redirect("lead-detail", ref=req.lead.ref)
 
@@ -321,7 +427,7 @@ def sanction_lift_approve(request, request_id):
 @_guard
 def sanction_lift_reject(request, request_id):
     req = _sanction(request, request_id)
-    workflow.reject_lift(req, request.user, request.POST.get("reason", ""))
+    workflow.reject_lift(req, request.user, _reason_of(request))
     return redirect("lead-detail", ref=req.lead.ref)
 
 
@@ -329,8 +435,11 @@ def sanction_lift_reject(request, request_id):
 
 
 def _report_messages(request, rep: intake.ImportReport) -> None:
-    messages.success(request, f"新建线索 {rep.leads_created} 条，并入已有线索 {rep.leads_extended} 条，"
-                              f"新增证据 {rep.evidence_added} 条，未变化 {rep.unchanged} 条")
+    if rep.refused:
+        messages.error(request, f"文件有 {len(rep.problems)} 处错误，整份文件未导入（改正后重新导入）：")
+    else:
+        messages.success(request, f"新建线索 {rep.leads_created} 条，并入已有线索 {rep.leads_extended} 条，"
+                                  f"新增证据 {rep.evidence_added} 条，未变化 {rep.unchanged} 条")
     for w in rep.warnings:
         messages.warning(request, w)
     for p in rep.problems[:50]:
@@ -355,17 +464,23 @@ def imports(request):
         if form.is_valid():
             d = form.cleaned_data
             try:
+                # The uploads themselves: intake checks their size before it reads them.
                 if kind == "engine":
                     ev = d.get("evidence")
-                    rep = intake.import_engine(d["leads"].name, ev.name if ev else None, leads_data=d["leads"].read(),
-                                               evidence_data=ev.read() if ev else None)
+                    rep = intake.import_engine(d["leads"].name, ev.name if ev else None, leads_data=d["leads"],
+                                               evidence_data=ev)
                 elif kind == "batch":
                     rep = intake.import_batch(d["file"].name, Source(d["source"]), d["number"], d["received_on"],
-                                              data=d["file"].read(), user=request.user)
+                                              data=d["file"], user=request.user)
                 else:
-                    rep = intake.import_sites(d["file"].name, data=d["file"].read())
+                    rep = intake.import_sites(d["file"].name, data=d["file"])
             except (ValueError, KeyError) as exc:
                 raise workflow.RuleError(f"导入失败：{exc}") from None
+            except DatabaseError as exc:
+                # Every row was checked against the columns first, so this is not expected: the
+                # transaction rolled back (nothing imported); say so rather than answer a 500.
+                log.error("import of %s refused by the database: %s", kind, type(exc).__name__)
+                raise workflow.RuleError("导入失败：数据库拒绝写入，整份文件未导入") from None
             _report_messages(request, rep)
             return redirect("imports")
         _form_errors(request, form)
@@ -391,6 +506,8 @@ def weekly(request):
     form, region, week = _report_args(request)
     content = report.build(region, week) if week else None
     snap = ReportSnapshot.objects.filter(region=region, week_start=week).first() if week else None
+    if snap is not None and not report.snapshot_intact(snap):
+        messages.error(request, f"已报送快照 {snap.pk} 的内容与其 SHA-256 不符（被改动过），不能作为报送版本下载")
     # Sheet (一) as the spreadsheet lays it out: counts per kind, then each figure per kind.
     sheet1 = [(row["label"], [row["counts"][k] for k in report.KINDS],
                [row["money"].get(f, {}).get(k, "") for f in report.MONEY for k in report.KINDS])
@@ -420,8 +537,15 @@ def snapshot_xlsx(request, pk):
     if not has(request.user, Perm.VIEW_REPORT):
         raise workflow.Forbidden("无权查看周报表")
     snap = get_object_or_404(ReportSnapshot, pk=pk)
-    return _xlsx_response(report.xlsx(report.snapshot_content(snap), sha=snap.sha256),
-                          f"weekly-{snap.region}-{snap.week_start}-submitted.xlsx")
+    try:
+        content = report.snapshot_content(snap)
+    except ValueError:
+        # Tampered (content and hash disagree): never serve it as what was submitted.
+        log.error("report snapshot %s: content does not match its SHA-256", snap.pk)
+        return render(request, "ledger/report.html", {"tampered": snap, "form": forms.ReportForm(),
+                                                      "snapshots": ReportSnapshot.objects.order_by("-week_start", "region")[:50]},
+                      status=409)
+    return _xlsx_response(report.xlsx(content, sha=snap.sha256), f"weekly-{snap.region}-{snap.week_start}-submitted.xlsx")
 
 
 def _xlsx_response(data: bytes, name: str) -> HttpResponse:
@@ -440,3 +564,146 @@ def weekly_submit(request):
     snap = report.submit(form.cleaned_data["region"], form.cleaned_data["week"], request.user)
     messages.success(request, f"已报送，快照 SHA-256 {snap.sha256}")
     return redirect(f"{reverse('weekly')}?region={snap.region}&week={snap.week_start}")
+
+
+# --- the models' configuration: proposed with a backtest, adopted by two (modelconf.py) -------
+
+
+def _config_reader(request) -> None:
+    if not (has(request.user, Perm.VIEW_ALL) or has(request.user, Perm.PROPOSE_CONFIG)):
+        raise workflow.Forbidden("无权查看模型配置")
+
+
+def _upload_text(request, name: str, limit: int) -> str:
+    """A text field or an uploaded file of the same name (UTF-8), bounded before it is read."""
+    f = request.FILES.get(f"{name}_file")
+    if f is None:
+        return request.POST.get(name, "")
+    if f.size > limit:
+        raise workflow.RuleError(f"上传的文件超过 {limit // 1024} KB")
+    try:
+        return f.read().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise workflow.RuleError("上传的文件不是 UTF-8 文本") from None
+
+
+@require_safe
+@_guard
+def model_configs(request):
+    _config_reader(request)
+    configs = list(ModelConfig.objects.select_related("proposed_by", "decided_by").order_by("-proposed_at")[:50])
+    for c in configs:
+        try:
+            c.report_rows = modelconf.read_report(c.report)
+        except workflow.RuleError:
+            c.report_rows = []
+    return render(request, "ledger/models.html", {"configs": configs, "adopted": modelconf.adopted()})
+
+
+@require_POST
+@_guard
+def model_config_propose(request):
+    cfg = modelconf.propose(_upload_text(request, "toml", modelconf.MAX_TOML),
+                            _upload_text(request, "report", modelconf.MAX_REPORT),
+                            request.POST.get("reason", ""), request.user)
+    messages.success(request, f"已提交模型配置 #{cfg.pk}，待另一名审核人批准后生效")
+    return redirect("model-configs")
+
+
+@require_POST
+@_guard
+def model_config_adopt(request, pk):
+    cfg = modelconf.adopt(get_object_or_404(ModelConfig, pk=pk), request.user)
+    messages.success(request, f"模型配置 #{cfg.pk} 已生效：引擎下次运行使用该配置")
+    return redirect("model-configs")
+
+
+@require_POST
+@_guard
+def model_config_reject(request, pk):
+    cfg = modelconf.reject(get_object_or_404(ModelConfig, pk=pk), request.user, _reason_of(request))
+    messages.success(request, f"模型配置 #{cfg.pk} 未批准")
+    return redirect("model-configs")
+
+
+@require_safe
+@_guard
+def model_config_adopted(request):
+    _config_reader(request)
+    cfg = modelconf.adopted()
+    if cfg is None:
+        raise Http404("尚无生效的模型配置（引擎使用内置配置）")
+    resp = HttpResponse(cfg.toml, content_type="application/toml; charset=utf-8")
+    resp["Content-Disposition"] = f'attachment; filename="models-{cfg.pk}.toml"'
+    return resp
+
+
+@require_safe
+@_guard
+def conclusions_csv(request):
+    if not has(request.user, Perm.VIEW_ALL):
+        raise workflow.Forbidden("无权导出查结结论")
+    resp = HttpResponse(modelconf.conclusions_csv(), content_type="text/csv; charset=utf-8")
+    resp["Content-Disposition"] = 'attachment; filename="conclusions.csv"'
+    return resp
+
+
+# --- the models' effectiveness (effect.py) -------------------------------------------------------
+
+
+def _effect_filters(request) -> effect.Filters:
+    # Supervisors and auditors (who see every lead): figures over leads an inspector may not open.
+    if not has(request.user, Perm.VIEW_ALL):
+        raise workflow.Forbidden("无权查看模型成效")
+    return effect.Filters.parse(request.GET)
+
+
+@require_safe
+@_guard
+def effectiveness(request):
+    try:
+        f = _effect_filters(request)
+    except effect.FilterError as exc:
+        messages.error(request, str(exc))
+        return render(request, "ledger/effectiveness.html", {"f": effect.Filters(), "eff": None}, status=400)
+    eff = effect.compute(f)
+    groups = effect.by_model(eff)
+    leads = Lead.objects.filter(source=Source.MODEL.value)
+    return render(request, "ledger/effectiveness.html", {
+        "f": f, "eff": eff, "query": request.GET.urlencode(),
+        "totals": [("在用合计", eff.production, "PRODUCTION"), ("试点合计（另计）", eff.pilot, "PILOT")],
+        "precision_bars": effect.bars(((label, fig.precision or 0.0,
+                                        f"{fig.precision:.1%}（{fig.confirmed}/{fig.concluded}）"
+                                        if fig.precision is not None else "未有查结")
+                                       for label, fig in groups), scale=1.0),
+        "recovered_bars": effect.bars((label, float(fig.recovered_wan), f"{fig.recovered_wan:.2f} 万元")
+                                      for label, fig in groups),
+        "opened_bars": effect.bars((label, float(fig.opened), f"{fig.opened} 条") for label, fig in groups),
+        "options": {"models": sorted(set(leads.values_list("model", flat=True))),
+                    "regions": sorted(set(leads.exclude(region="").values_list("region", flat=True)))}})
+
+
+def _effect_export(request) -> tuple[effect.Effectiveness, str]:
+    try:
+        f = _effect_filters(request)
+    except effect.FilterError as exc:
+        raise workflow.RuleError(str(exc)) from None
+    parts = [p for p in (f.model, f.version and f"v{f.version}", f.region, f.month_from, f.month_to) if p]
+    # Only ASCII letters, digits and -._ in the file name: a region is free text (quotes, Chinese).
+    return effect.compute(f), re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(["effectiveness", *parts]))
+
+
+@require_safe
+@_guard
+def effectiveness_xlsx(request):
+    eff, name = _effect_export(request)
+    return _xlsx_response(effect.to_xlsx(eff, "医保大数据模型成效（线索台账统计）"), f"{name}.xlsx")
+
+
+@require_safe
+@_guard
+def effectiveness_csv(request):
+    eff, name = _effect_export(request)
+    resp = HttpResponse(effect.to_csv(eff), content_type="text/csv; charset=utf-8")
+    resp["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+    return resp

@@ -291,8 +291,12 @@ def _other_approver(req_user_id, actor, what: str) -> None:
 def approve_sanction(req: SanctionRequest, actor) -> SanctionRequest:
     """The second person's yes: the action is recorded and the SetSanction call becomes owed
     (gateway.deliver makes it now or, if the service is away, later)."""
+    # One transaction, the row read under its lock (PostgreSQL: FOR UPDATE; SQLite: BEGIN
+    # IMMEDIATE, settings.SQLITE_OPTIONS): a second approver waits, then finds it done.
     req = SanctionRequest.objects.select_for_update().get(pk=req.pk)
     _other_approver(req.proposed_by_id, actor, "制裁提议")
+    if req.state == SanctionRequest.APPROVED and req.approved_by_id is not None:
+        raise RuleError(f"该制裁已由 {req.approved_by.username} 批准（already approved），无需再批")
     if req.state != SanctionRequest.PROPOSED:
         raise RuleError(f"该提议的状态为「{req.state_label}」，不能审批")
     if Status(req.lead.status) not in (Status.CONFIRMED, Status.CLOSED):

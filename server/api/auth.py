@@ -186,6 +186,12 @@ SERVICE_ROLES: dict[str, frozenset] = {
     "tracecode.v1.Verification": frozenset({SITE}),
     "tracecode.v1.Admin": frozenset({ADMIN}),
     "tracecode.v1.BulkVerification": frozenset({ADMIN}),
+    # The audit feed (server/api/audit.py, issue 24): the ledger console's LIVE leads.
+    "tracecode.v1.AuditFeed": frozenset({ADMIN}),
+    # Who the caller is (server/api/identity.py, issue 28): any authenticated identity.
+    "tracecode.v1.Identity": _ANY,
+    # The receiving check (server/api/receiving.py, issue 28): a pharmacy's own deliveries.
+    "tracecode.v1.Receiving": frozenset({SITE}),
     "grpc.health.v1.Health": PUBLIC,
     "grpc.reflection.v1alpha.ServerReflection": _ANY,
     "grpc.reflection.v1.ServerReflection": _ANY,
@@ -257,6 +263,12 @@ class RateLimiter:
 
 # The authenticated caller of the call this thread is handling (set by AuthInterceptor).
 _CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("tracecode_caller", default=None)
+
+
+def current_caller() -> Identity | None:
+    """The caller of the call this thread is handling, as the AuthInterceptor admitted it (None
+    without authentication)."""
+    return _CALLER.get()
 
 
 def _abort(context: grpc.ServicerContext, err: AuthError):

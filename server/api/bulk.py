@@ -21,7 +21,7 @@ from tracecode.v1 import verification_pb2 as pb
 
 from .. import metrics, priority
 from ..errors import InvalidRequest
-from ..pseudonym import Pseudonymizer
+from tracecode.rules.pseudonym import Pseudonymizer
 from ..verifier import Line, Verifier
 from . import convert
 from .sanctions import notice_pb
@@ -63,6 +63,9 @@ class BulkServicer(bulk_pb2_grpc.BulkVerificationServicer):
                 raise InvalidRequest([("options.mode", "CHECK or REPLAY")])
             replay = opts.mode == bpb.REPLAY
             state = self.job_keys(opts.job_id) if replay else None
+            # A job runs for hours over the data set as it is now: the marker is compared again
+            # (the data set may have been re-created under this server since it started).
+            self.verifier.store.recheck_dataset()
         except Exception as exc:  # noqa: BLE001 - mapped to a status by the shared mapper
             answer(context, exc, "Reverify")
             return

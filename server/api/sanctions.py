@@ -81,7 +81,7 @@ class SanctionAdmin:
     sanctions: "SanctionService"
     authorize: Callable[[grpc.ServicerContext], str | None]
 
-    def _set_sanction(self, request: apb.SetSanctionRequest, context) -> apb.Sanction:
+    def set_sanction(self, request: apb.SetSanctionRequest, context) -> apb.Sanction:
         caller = self.authorize(context) or "admin"
         kind = apb.SanctionKind.Name(request.kind) if request.kind in apb.SanctionKind.values() else None
         s = self.sanctions.set(
@@ -92,12 +92,12 @@ class SanctionAdmin:
             reason=request.reason, reference=request.reference, actor=request.actor or caller)
         return sanction_pb(s, self.sanctions.in_force(s))
 
-    def _lift_sanction(self, request: apb.LiftSanctionRequest, context) -> apb.Sanction:
+    def lift_sanction(self, request: apb.LiftSanctionRequest, context) -> apb.Sanction:
         caller = self.authorize(context) or "admin"
         s = self.sanctions.lift(request.sanction_id, request.reason, request.actor or caller)
         return sanction_pb(s, self.sanctions.in_force(s))
 
-    def _list_sanctions(self, request: apb.ListSanctionsRequest, context) -> apb.ListSanctionsResponse:
+    def list_sanctions(self, request: apb.ListSanctionsRequest, context) -> apb.ListSanctionsResponse:
         self.authorize(context)
         found = self.sanctions.list(site_id=request.site_id, insured_id=request.insured_id,
                                     insured_pseudonym=request.insured_pseudonym,

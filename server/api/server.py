@@ -13,18 +13,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tracecode.v1 import (admin_pb2, admin_pb2_grpc, bulk_pb2, bulk_pb2_grpc, verification_pb2,
+from tracecode import __version__
+from tracecode.v1 import (admin_pb2, admin_pb2_grpc, audit_pb2, audit_pb2_grpc, bulk_pb2, bulk_pb2_grpc,
+                          identity_pb2, identity_pb2_grpc, receiving_pb2, receiving_pb2_grpc, verification_pb2,
                           verification_pb2_grpc)
 
 from .. import metrics
 from ..config import Config
 from ..errors import StoreUnavailable
 from ..issuance import IssuanceService
-from ..store import Store
-from ..pseudonym import Pseudonymizer
+from ..receiving import ReceivingService
+from ..store import DataSetMarker, Store
+from tracecode.rules import live
+from tracecode.rules.pseudonym import Pseudonymizer
 from ..sanction_service import SanctionService, resolve_key_file
 from ..verifier import Verifier
+from .audit import AuditFeedServicer
 from .bulk import BulkServicer
+from .identity import IdentityServicer
+from .receiving import ReceivingServicer
 from .interceptors import Chain, DrainInterceptor, LogContextInterceptor, MetricsInterceptor
 from .servicer import AdminServicer, VerificationServicer
 
@@ -38,6 +45,12 @@ SERVICE_NAMES = (
     verification_pb2.DESCRIPTOR.services_by_name["Verification"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     bulk_pb2.DESCRIPTOR.services_by_name["BulkVerification"].full_name,
+    # The audit feed (issue 24): drained, measured, health-reported and reflected like the others.
+    audit_pb2.DESCRIPTOR.services_by_name["AuditFeed"].full_name,
+    # WhoAmI (issue 28): the console's pharmacy API verifies a pharmacy's token through it.
+    identity_pb2.DESCRIPTOR.services_by_name["Identity"].full_name,
+    # The receiving check (issue 28): a pharmacy's deliveries, before they become stock.
+    receiving_pb2.DESCRIPTOR.services_by_name["Receiving"].full_name,
 )
 
 
@@ -142,12 +155,20 @@ class Server:
         self.config = config
         self.store = store
         install_malformed_message_log()
-        self.verifier = Verifier(store, config)
+        self.verifier = Verifier(store, config, live.load(config.models_config or None, config.live_rules))
         # Insured pseudonyms and sanctions (sanction_service.py): one key file per deployment.
         self.sanctions = SanctionService(
             store, Pseudonymizer.from_file(resolve_key_file(config)), tz=self.verifier.tz,
             view_max_age_s=config.sanction_view_max_age_s)
         self.verifier.sanctions = self.sanctions
+        # The data set must be the one this configuration and key describe (store/marker.py): a
+        # mismatch refuses to start (DataSetMismatch); Redis down defers the check to the first call.
+        key = self.sanctions.pseudonymizer
+        try:
+            store.open_dataset(DataSetMarker(store.keys.code_buckets, key.key_id, key.fingerprint(),
+                                             written_by=__version__), create=True)
+        except StoreUnavailable as exc:
+            log.warning("data-set marker not checked yet (%s): the first call to Redis checks it", exc)
         self.drain = DrainInterceptor(SERVICE_NAMES)
         # Log context outermost, so the metrics interceptor's per-call debug line carries the ids;
         # drain innermost, so the calls it turns away are counted (Unavailable).
@@ -163,12 +184,18 @@ class Server:
             # queueing without bound behind the handler threads.
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         )
-        verification_pb2_grpc.add_VerificationServicer_to_server(
-            VerificationServicer(self.verifier, identity), self.grpc)
+        verification = VerificationServicer(self.verifier, identity)
+        verification_pb2_grpc.add_VerificationServicer_to_server(verification, self.grpc)
+        receiving_pb2_grpc.add_ReceivingServicer_to_server(
+            ReceivingServicer(ReceivingService(self.verifier), verification.site_of), self.grpc)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(_CountedIssuance(store, self.verifier.profile), authorize, self.sanctions), self.grpc)
         bulk_pb2_grpc.add_BulkVerificationServicer_to_server(
             BulkServicer(self.verifier, authorize=authorize), self.grpc)
+        # The audit feed (server/api/audit.py): admin only, through the same authorize hook.
+        self.audit = AuditFeedServicer(store, authorize)
+        audit_pb2_grpc.add_AuditFeedServicer_to_server(self.audit, self.grpc)
+        identity_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -203,6 +230,9 @@ class Server:
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         self.watch.stopping.set()
+        # Open audit feeds end now (their readers reconnect), rather than hold the drain for the
+        # whole grace period.
+        self.audit.stopping.set()
         self.watch.set(False)
         # From here on the watch thread, if mid-ping, cannot flip the status back to SERVING.
         self.health.enter_graceful_shutdown()

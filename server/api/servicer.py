@@ -11,8 +11,10 @@ from tracecode.v1 import admin_pb2_grpc
 from tracecode.v1 import verification_pb2 as pb
 from tracecode.v1 import verification_pb2_grpc
 
+from tracecode.rules import insured
+
 from .. import metrics, priority
-from ..errors import InvalidRequest, PermissionDenied
+from ..errors import InvalidRequest, LiveRuleRefused, PermissionDenied
 from ..issuance import IssuanceService
 from ..verifier import Verifier
 from . import convert
@@ -28,48 +30,63 @@ class VerificationServicer(verification_pb2_grpc.VerificationServicer):
         # authentication (then the body's site id is taken as it is).
         self.identity = identity or (lambda context: None)
 
-    def _site(self, claimed: str, context) -> str:
+    def site_of(self, claimed: str, context) -> tuple[str, str | None]:
+        """(the site the call acts for, the viewer): the viewer is the caller's own site id, or
+        None for an admin identity or a server without authentication (they see every field)."""
         who = self.identity(context)
         if who is None:
-            return claimed
+            return claimed, None
         if claimed and claimed != who:
             raise PermissionDenied(f"authenticated as site {who!r}, request names site {claimed!r}")
-        return who
+        return who, who
 
     @priority.foreground
     @guarded
     def VerifyDispense(self, request: pb.VerifyDispenseRequest, context) -> pb.VerifyDispenseResponse:
-        site = self._site(request.site_id, context)
+        site, viewer = self.site_of(request.site_id, context)
         if not request.HasField("settled_at"):
             raise InvalidRequest([("settled_at", "required: the time of the sale")])
         start = time.perf_counter()
-        if not request.insured_id:
+        if not insured.normalise(request.insured_id):  # only spaces is no id either
             metrics.WITHOUT_INSURED.inc()
-        out = self.verifier.dispense(site, request.settlement_id, convert.ms(request.settled_at),
-                                     convert.lines(request.lines), convert.all_or_nothing(request.policy),
-                                     insured_id=request.insured_id)
+        try:
+            out = self.verifier.dispense(site, request.settlement_id, convert.ms(request.settled_at),
+                                         convert.lines(request.lines), convert.all_or_nothing(request.policy),
+                                         insured_id=request.insured_id)
+        except LiveRuleRefused as exc:
+            metrics.observe_live(exc.notice.get("m", ""), "refused")
+            raise
         metrics.observe_settlement("pos", out, time.perf_counter() - start)
-        return pb.VerifyDispenseResponse(
+        if not out.replayed:
+            for o in out.results:
+                if o.receipt:
+                    metrics.observe_receipt_notice(o.receipt)
+        response = pb.VerifyDispenseResponse(
             settlement_id=request.settlement_id, site_id=site, recorded=out.recorded,
-            replayed=out.replayed, results=[convert.line_fields(i, o) for i, o in enumerate(out.results)])
+            replayed=out.replayed, results=[convert.line_fields(i, o, viewer) for i, o in enumerate(out.results)])
+        if out.notices:
+            for n in out.notices:
+                metrics.observe_live(n.model, "unjudged" if n.action == "UNJUDGED" else "notice")
+            response.notices.extend(convert.notice_pb(n) for n in out.notices)
+        return response
 
     @priority.foreground
     @guarded
     def ReverseDispense(self, request: pb.ReverseDispenseRequest, context) -> pb.ReverseDispenseResponse:
-        site = self._site(request.site_id, context)
+        site, _ = self.site_of(request.site_id, context)
         lines = self.verifier.reverse(site, request.settlement_id, list(request.line_indexes), request.reason)
         metrics.REVERSALS.inc()
         return pb.ReverseDispenseResponse(settlement_id=request.settlement_id, lines=[
-            pb.ReversedLine(line_index=i, canonical_code=code, units_returned=returned, units_used=used,
-                            already_reversed=already) for i, code, returned, used, already in lines])
+            pb.ReversedLine(line_index=r.line_index, canonical_code=r.canonical_code, units_returned=r.units_returned,
+                            units_used=r.units_used, already_reversed=r.already_reversed) for r in lines])
 
     @priority.foreground
     @guarded
     def CheckCodes(self, request: pb.CheckCodesRequest, context) -> pb.CheckCodesResponse:
-        site = self._site(request.site_id, context)
+        site, viewer = self.site_of(request.site_id, context)
         at = convert.ms(request.at, "at") if request.HasField("at") else None
         out = self.verifier.check_with_sanctions(site, at, convert.lines(request.lines), request.insured_id)
-        return pb.CheckCodesResponse(results=[convert.line_fields(i, o) for i, o in enumerate(out.results)],
+        return pb.CheckCodesResponse(results=[convert.line_fields(i, o, viewer) for i, o in enumerate(out.results)],
                                      sanctions=[notice_pb(n) for n in out.sanctions])
 
     @priority.foreground
@@ -88,9 +105,9 @@ class AdminServicer(SanctionAdmin, admin_pb2_grpc.AdminServicer):
         self.authorize = authorize or (lambda context: None)
         self.sanctions = sanctions
 
-    SetSanction = guarded(SanctionAdmin._set_sanction)
-    LiftSanction = guarded(SanctionAdmin._lift_sanction)
-    ListSanctions = guarded(SanctionAdmin._list_sanctions)
+    SetSanction = guarded(SanctionAdmin.set_sanction)
+    LiftSanction = guarded(SanctionAdmin.lift_sanction)
+    ListSanctions = guarded(SanctionAdmin.list_sanctions)
 
     @guarded
     def UpsertIssuance(self, request_iterator: Iterable[apb.UpsertIssuanceRequest], context):

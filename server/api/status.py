@@ -10,8 +10,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..errors import Sanctioned, SanctionViewStale, StoreUnavailable, status_of
-from .sanctions import abort_sanctioned
+from ..errors import LiveRuleRefused, Sanctioned, SanctionViewStale, StoreUnavailable, status_of
+from .sanctions import ERROR_DOMAIN, abort_sanctioned
 
 log = logging.getLogger("tracecode.server")
 
@@ -49,8 +49,22 @@ def answer(context: grpc.ServicerContext, exc: BaseException, where: str):
         log.warning("%s", exc)
     if isinstance(exc, Sanctioned) and exc.notices:
         abort_sanctioned(context, exc.notices, exc.text or str(exc))  # FAILED_PRECONDITION + ErrorInfo
+    if isinstance(exc, LiveRuleRefused):
+        abort_live_refused(context, exc)
     abort(context, getattr(grpc.StatusCode, name or "INTERNAL"), _MESSAGES.get(type(exc), str(exc)),
           getattr(exc, "violations", None))
+
+
+def abort_live_refused(context: grpc.ServicerContext, exc: LiveRuleRefused):
+    """FAILED_PRECONDITION naming the live rule that refused the settlement: ErrorInfo reason =
+    the model (STOCKPILING, RESALE_SOURCE), metadata its version and figures; nothing was marked."""
+    n = exc.notice
+    info = error_details_pb2.ErrorInfo(reason=str(n.get("m", "")), domain=ERROR_DOMAIN, metadata={
+        "model_version": str(n.get("v", "")), "packs": str(n.get("k", "")), "sites": str(n.get("s", "")),
+        "product_id": str(n.get("g", "")), "window_hours": f"{float(n.get('w', 0)):g}"})
+    status = status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message=exc.text or str(exc))
+    status.details.add().Pack(info)
+    context.abort_with_status(rpc_status.to_status(status))
 
 
 def guarded(method):

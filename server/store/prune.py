@@ -1,4 +1,4 @@
-"""Dropping the state of packs past their expiry plus the return window (layout 2).
+"""Dropping the state of packs past their expiry plus the return window.
 
     tracecode prune-expired [--redis-url ...]      # e.g. nightly, from cron or a Kubernetes CronJob
 
@@ -6,7 +6,7 @@ A pack's state matters while it can still be sold or returned: a scan after its 
 EXPIRED and its last return is possible return_window_days after its last sale, so once its expiry
 lies that far in the past its entry (issuance and dispense state) and its history list can go. This
 is what keeps a national data set near the packs on the market rather than every pack ever issued
-(docs/scaling.md). Layout 2 keeps many codes per hash, so Redis can not expire them one by one
+(docs/scaling.md). The store keeps many codes per hash, so Redis can not expire them one by one
 (per-field TTLs need Redis 7.4): this job walks every bucket instead, reading each once and
 pruning in one atomic call per bucket (lua/prune.lua judges each code again). It is idempotent and
 may be stopped at any point; a bucket's walk costs one HGETALL of at most a few hundred fields.
@@ -16,29 +16,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from tracecode.rules.packing import code_of
+
 from .layout import ENTRY_FIELDS, LOT_FIELDS, US
 from .store import Store, wrap_errors
 
 _LOT = ENTRY_FIELDS.index("lot")
-_EXPIRY, _PRODUCT, _BATCH = (LOT_FIELDS.index(f) for f in ("expiry", "product_id", "batch"))
+_EXPIRY = LOT_FIELDS.index("expiry")
 
 
 @dataclass
 class PruneSummary:
     buckets: int = 0  # bucket hashes read
     codes: int = 0  # entries seen
-    pruned: int = 0  # entries (and their history lists) dropped
+    pruned: int = 0  # entries (and their history lists) dropped; with dry_run, those that would be
+    cutoff_day: int = 0
+    dry_run: bool = False
 
 
 @wrap_errors
-def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
+def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64, dry_run: bool = False,
                   progress: Callable[[PruneSummary], None] | None = None) -> PruneSummary:
-    """Drop every code whose lot expired before cutoff_day (YYYYMMDD) from `store` (layout 2)."""
-    if store.layout != 2:
-        raise ValueError("prune_expired works on layout 2 (run tracecode migrate-layout first)")
-    script = store._scripts["prune"]
+    """Drop every code whose lot expired before cutoff_day (YYYYMMDD) from `store`.
+    dry_run: read and judge as usual, count the candidates, drop nothing."""
+    script = store.scripts["prune"]
     keys = store.keys
-    summary = PruneSummary()
+    summary = PruneSummary(cutoff_day=cutoff_day, dry_run=dry_run)
     buckets = keys.buckets()
     for start in range(0, len(buckets), batch):
         chunk = buckets[start:start + batch]
@@ -53,25 +56,26 @@ def prune_expired(store: Store, cutoff_day: int, *, batch: int = 64,
         lot_fields = {lots: {lot_id: text.split(US) for lot_id, text in read[len(chunk) + i].items()}
                       for i, lots in enumerate(dictionaries)}
         calls = []
-        lot_of: dict[str, list[str]] = {}  # candidate code -> its lot's fields (its batch index)
         for n, (bucket, lots) in enumerate(chunk):
             entries = read[n]
             summary.buckets += 1
             summary.codes += len(entries)
             fields = lot_fields[lots]
             stale = []
-            for code, value in entries.items():
+            for field, value in entries.items():
+                code = code_of(field)
                 lot = fields.get(value.split(US, 1)[_LOT])
                 if lot and 0 < int(lot[_EXPIRY] or 0) < cutoff_day:
                     stale.append(code)
-                    lot_of[code] = lot
-            if stale:
+            if stale and dry_run:
+                summary.pruned += len(stale)
+            elif stale:
                 ks = [bucket, lots]
                 for c in stale:
-                    ks += [keys.history(c), keys.batch_part(lot_of[c][_PRODUCT], lot_of[c][_BATCH], c)]
+                    ks.append(keys.history(c))
                 calls.append((script, ks,
                               [cutoff_day, *stale]))
-        for res in store._run(calls) if calls else []:
+        for res in store.run_scripts(calls) if calls else []:
             if isinstance(res, Exception):
                 raise res
             summary.pruned += len(res)

@@ -47,7 +47,7 @@ class SanctionStore:
                 k.sanction("log"), k.sanction_audit()]
 
     def _audit_args(self, s: Sanction, now_ms: int, actor: str, reason: str) -> list:
-        return [now_ms, self.store.limits.audit_max, CHANGE_STREAM_MAX, s.kind,
+        return [now_ms, self.store.limits.audit_arg, CHANGE_STREAM_MAX, s.kind,
                 s.subject_id if s.subject == SITE else "", s.subject_id if s.subject == INSURED else "",
                 reason, s.reference, actor]
 
@@ -60,7 +60,7 @@ class SanctionStore:
         """Store a new sanction; (False, the stored one) for a repeated request id with the same
         body, SettlementConflict for another body under it."""
         entry = _entry(req, now_ms)
-        changed, text = self.store._call(self.store._scripts["sanction"], self._script_keys(entry),
+        changed, text = self.store.call_script(self.store.scripts["sanction"], self._script_keys(entry),
                                          self._set_args(req, entry, now_ms), durable=True)
         return bool(changed), Sanction.from_json(text)
 
@@ -78,7 +78,7 @@ class SanctionStore:
             # ARGV[5] is unused by 'L' (the layouts of both operations share ARGV[6] onwards).
             args = ["L", sanction_id, current, new.to_json(), "", *self._audit_args(s, now_ms, by, reason)]
             try:
-                _, text = self.store._call(self.store._scripts["sanction"], self._script_keys(s), args,
+                _, text = self.store.call_script(self.store.scripts["sanction"], self._script_keys(s), args,
                                            durable=True)
             except redis.ResponseError as exc:
                 if str(exc).startswith("TCRETRY"):
@@ -135,7 +135,8 @@ class SanctionStore:
         self.r.xadd(self.keys.audit_for(skey),
                     {"t": "REFUSED", "c": "", "s": site, "i": settlement_id, "l": -1, "u": 0,
                      "x": notice.reason, "a": now_ms, "n": notice.sanction_id, "k": notice.kind, "p": insured},
-                    maxlen=self.store.limits.audit_max, approximate=True)
+                    # Archived: only the hard bound (lua/_audit.lua; a drop here is not counted: rare, cluster only).
+                    maxlen=self.store.limits.audit_bound or self.store.limits.audit_max, approximate=True)
 
     @wrap_errors
     def first_insured(self, codes: Sequence[str], state: KeySpace | None = None) -> dict[str, str]:
@@ -146,13 +147,13 @@ class SanctionStore:
     def set_many(self, reqs: Sequence[SetRequest], *, now_ms: int, batch: int = 1000) -> int:
         """SetSanction for many requests, pipelined `batch` script calls per round trip (a ledger
         import, the benchmark's 110,000 sanctions); returns how many were new."""
-        script, new = self.store._scripts["sanction"], 0
+        script, new = self.store.scripts["sanction"], 0
         for start in range(0, len(reqs), batch):
             calls = []
             for req in reqs[start:start + batch]:
                 entry = _entry(req, now_ms)
                 calls.append((script, self._script_keys(entry), self._set_args(req, entry, now_ms)))
-            for res in self.store._run(calls):
+            for res in self.store.run_scripts(calls):
                 if isinstance(res, Exception):
                     raise res
                 new += int(res[0])

@@ -2,7 +2,7 @@
 
 Every operation a verdict depends on is one Lua script call (loaded once, called by SHA), so the
 check and the mark of a code are atomic and a settlement costs one round trip, whatever its size.
-The scripts live in server/lua/; the key layout in keys.py.
+The scripts live in server/store/lua/; the key layout in keys.py.
 """
 from __future__ import annotations
 
@@ -12,39 +12,45 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import hiredis
 import redis
 
 from tracecode.codec import wire
 
-from ..errors import (BadLineIndex, SettlementConflict, SettlementNotFound, StoreUnavailable,
+from ..errors import (BadLineIndex, DataSetMismatch, PackPruned, SettlementConflict, SettlementNotFound, StoreUnavailable,
                      from_script_error)
-from ..failpoints import failpoint
 from .embedded import LISTPACK_CONFIG
 from .keys import KeySpace, slot_of
-from .layout import ENTRY_FIELDS, LOT_FIELDS, US, VERIFY_ARGV, lua_layout, lua_row_text
-from .types import (CodeEvent, CodeHistory, IssuanceRecord, ScriptRow, SettlementCall,
-                    SettlementResult)
+from .marker import DataSetMarker
+from .layout import ENTRY_FIELDS, LOT_FIELDS, RS, US, VERIFY_ARGV, lua_layout, lua_row_text
+from tracecode.rules.schema import RECEIVE_ARGV
+from .twophase import TwoPhase, conflict_or
+from .types import (CodeEvent, CodeHistory, IssuanceRecord, ReceiveCall, ReceiveResult, ReceiveRow, Reversal, ScriptRow,
+                    SettlementCall, StoredSettlement, SettlementResult, decode_stored)
 from redis.crc import key_slot
-from ..verdicts import lua_precedence
+from tracecode.rules.live import person_tag
+from tracecode.rules.packing import code_field, code_of, hex128_field, hex128_of, id_field, id_of, ms_of
+from tracecode.rules.verdicts import lua_precedence
 
 log = logging.getLogger("tracecode.store")
 
+# observer(operation name, seconds, failed): how the store's operations are measured.
+StoreObserver = Callable[[str, float, bool], None]
 
-def script_text(name: str, layout: int = 2) -> str:
-    """A script's text with its shared parts spliced in. Layout 1's own scripts are in lua/v1/
-    (frozen); the scripts both layouts share (gate, claim, decide, sanction) are in lua/."""
+
+def script_text(name: str) -> str:
+    """A script's text with its shared parts spliced in."""
     lua = resources.files("tracecode.server.store").joinpath("lua")
-    own = lua.joinpath("v1") if layout == 1 else lua
-    source = own if own.joinpath(name).is_file() else lua
-    text = source.joinpath(name).read_text()
+    text = lua.joinpath(name).read_text()
     if name == "verify.lua":  # judged inside the sanction gate, in the same call (lua/gate.lua)
         text = lua.joinpath("gate.lua").read_text().replace("--@VERIFY@--", text)
-    if "--@HISTORY@--" in text:  # layout 1
-        text = text.replace("--@HISTORY@--", lua.joinpath("v1", "_history.lua").read_text())
     text = text.replace("--@STATE@--", lua.joinpath("_state.lua").read_text().replace("--@ROWTEXT@--", lua_row_text()))
+    # The audit writer (lua/_audit.lua): where the script marks it, before its first audit entry.
+    text = text.replace("--@AUDIT@--", lua.joinpath("_audit.lua").read_text())
+    # The live rules (lua/_live.lua): in gate.lua (one node) and live.lua (a cluster's second call).
+    text = text.replace("--@LIVE@--", lua.joinpath("_live.lua").read_text())
     text = text.replace("--@LAYOUT@--", lua_layout())
     return text.replace("--@PRECEDENCE@--", lua_precedence())
 
@@ -52,6 +58,14 @@ def script_text(name: str, layout: int = 2) -> str:
 @dataclass(frozen=True)
 class StoreLimits:
     audit_max: int = 1_000_000  # per audit stream (there are keys.BUCKETS of them); approximate trim
+    # With an archiver (tracecode archive): the hard bound per stream, entries; the archiver trims
+    # at its watermark and only this bound drops unarchived entries (lua/_audit.lua). 0: no archive.
+    audit_bound: int = 0
+
+    @property
+    def audit_arg(self) -> int:
+        """The scripts' audit_max argument: > 0 MAXLEN ~ audit_max; < 0 archived, bound -arg."""
+        return -self.audit_bound if self.audit_bound else self.audit_max
     history_max: int = 256  # events kept per code; the total is counted past it
     settlement_ttl_s: int = 40 * 86400  # idempotency record and return ledger lifetime (config.py)
     reservation_ms: int = 30_000  # cluster ALL_OR_NOTHING: how long prepared units stay reserved
@@ -61,12 +75,10 @@ class StoreLimits:
     replica_ack_timeout_ms: int = 500
 
 
-# Layout 1's issuance hash field -> public name.
-_ISSUANCE_FIELDS = (("p", "product_id"), ("g", "gtin"), ("b", "batch"), ("e", "expiry"),
-                    ("n", "pack_units"), ("m", "manufacturer"), ("s", "status"))
-# Layout 2's entry and lot positions (layout.py), 0-based.
+# The entry's and the lot's field positions (layout.py), 0-based.
 _E = {f: i for i, f in enumerate(ENTRY_FIELDS)}
 _LOT = {f: i for i, f in enumerate(LOT_FIELDS)}
+_ID_FIELDS = (_E["fs"], _E["fi"], _E["rs"])  # packed ids (rules/packing.py id_field)
 
 
 # Failures after which the same call may succeed: Redis down, restarting, or a cluster between
@@ -95,18 +107,34 @@ def _unavailable(error) -> bool:
 
 def _wrap_errors(fn):
     """Translate redis-py failures into store errors at the boundary, once: "retry later" answers
-    into StoreUnavailable, a script's own TC... error into its domain error (errors.py registry)."""
+    into StoreUnavailable, a script's own TC... error into its domain error (errors.py registry).
+    A store method so wrapped is also reported to the store's observer, when it has one (the
+    metrics: app.make_store), by name, with its duration and whether it failed: Redis unreachable
+    or an error reply, not a domain answer such as a conflict."""
+    name = fn.__name__
+
     def call(*args, **kwargs):
+        observer = getattr(args[0], "observer", None) if args else None
+        start = time.perf_counter() if observer else 0.0
+        failed = False
         try:
             return fn(*args, **kwargs)
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             if _unavailable(exc):
+                failed = True
                 raise StoreUnavailable(f"redis unavailable: {exc}") from exc
             domain = from_script_error(str(exc)) if isinstance(exc, redis.ResponseError) else None
             if domain is None:
+                failed = True
                 raise
             raise domain from None
-    call.__name__ = fn.__name__
+        except StoreUnavailable:
+            failed = True
+            raise
+        finally:
+            if observer:
+                observer(name, time.perf_counter() - start, failed)
+    call.__name__ = name
     call.__doc__ = fn.__doc__
     return call
 
@@ -120,20 +148,14 @@ def _pack(commands: Sequence[tuple]) -> bytes:
     return b"".join([hiredis.pack_command(c) for c in commands])
 
 
-def _stored_results(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
-    """A settlement's results as verify.lua and commit.lua answer and store them (layout.py):
-    packed, a first dispense that is the settlement's own written '=', '', '' (so the site, id and
-    time of the settlement complete them); or the JSON of layout 1 (records stored before the
-    migration). Decoded by tracecode.codec.wire (compiled; tests/test_wire.py holds it to this)."""
-    return wire.decode_results(text, ScriptRow, (site, settlement_id, at_ms))
-
-
 def _decode(reply: list, call: SettlementCall) -> SettlementResult:
     """A verify.lua answer {replayed, results, part state[, sanctions json]} to `call`, decoded
     once, here. The 4th element: the sanction entries gate.lua found binding a check (json)."""
-    recorded, rows = _stored_results(reply[1], call.site, call.settlement_id, call.settled_at_ms)
-    sx = json.loads(reply[3]) if len(reply) > 3 else []
-    return SettlementResult(bool(reply[0]), recorded, rows, sx)
+    recorded, rows = decode_stored(reply[1], call.site, call.settlement_id, call.settled_at_ms)
+    sx = json.loads(reply[3]) if len(reply) > 3 and reply[3] else []
+    # The 5th: the live rules' answer (lua/gate.lua), when they ran.
+    live = json.loads(reply[4]) if len(reply) > 4 else ({} if call.live and not reply[0] else None)
+    return SettlementResult(bool(reply[0]), recorded, rows, sx, live)
 
 
 @dataclass
@@ -208,23 +230,28 @@ def _pipeline(client: redis.Redis, n: int, packed: bytes) -> list:
 
 class Store:
     def __init__(self, client, keys: KeySpace | None = None, limits: StoreLimits | None = None,
-                 cluster: bool = False):
+                 cluster: bool = False, observer: StoreObserver | None = None):
         self.r = client
         self.cluster = cluster
+        # Told of each operation's duration and failure (metrics.observe_store); None: nobody.
+        self.observer = observer
         self.keys = keys or KeySpace()
-        self.layout = self.keys.layout
         self.limits = limits or StoreLimits()
-        names = ["verify", "reverse", "issue", "status", "commit", "claim", "decide", "sanction"]
-        if self.layout == 2:
-            names += ["read", "migrate", "prune"]
-        self._scripts = {name: client.register_script(script_text(f"{name}.lua", self.layout)) for name in names}
-        self._verify = self._scripts["verify"]
-        self._reverse = self._scripts["reverse"]
-        self._issue = self._scripts["issue"]
-        self._status = self._scripts["status"]
-        self._commit = self._scripts["commit"]
-        self._claim = self._scripts["claim"]
-        self._decide = self._scripts["decide"]
+        names = ["verify", "reverse", "issue", "status", "commit", "claim", "decide", "sanction", "read", "prune",
+                 "archive_commit", "live", "receive", "batch"]
+        self.scripts = {name: client.register_script(script_text(f"{name}.lua")) for name in names}
+        self._verify = self.scripts["verify"]
+        self._reverse = self.scripts["reverse"]
+        self._issue = self.scripts["issue"]
+        self._status = self.scripts["status"]
+        self._commit = self.scripts["commit"]
+        self._claim = self.scripts["claim"]
+        self._decide = self.scripts["decide"]
+        # The data-set marker this store must find before its first script call (marker.py);
+        # None when nobody asked (a store driven directly, by tests or benchmarks).
+        self.dataset: DataSetMarker | None = None
+        self._dataset_create = False
+        self._dataset_open = True
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 2.0, max_connections: int = 64,
@@ -250,19 +277,47 @@ class Store:
         return bool(self.r.ping())
 
     def config_warnings(self) -> list[str]:
-        """What in the Redis server's configuration costs layout 2 memory (never correctness):
-        hashes above the listpack limits are kept as hashtables, ~70 bytes more per code."""
-        if self.layout != 2:
-            return ["store_layout = 1: a layout kept only for migration; run `tracecode migrate-layout`"]
+        """What in the Redis server's configuration costs memory (never correctness): hashes
+        above the listpack limits are kept as hashtables, ~70 bytes more per code."""
         want = dict(zip(LISTPACK_CONFIG[0::2], LISTPACK_CONFIG[1::2]))
         try:
             node = self.r.get_redis_connection(self.r.get_primaries()[0]) if self.cluster else self.r
             got = node.config_get("hash-max-listpack-*")
         except redis.RedisError as exc:  # CONFIG is often disabled on managed Redis
-            return [f"cannot read the Redis configuration ({exc}); layout 2 needs {LISTPACK_CONFIG}"]
+            return [f"cannot read the Redis configuration ({exc}); tracecode wants {LISTPACK_CONFIG}"]
         low = [f"{k.lstrip('-')} is {got.get(k.lstrip('-'))} (want >= {v})" for k, v in want.items()
                if int(got.get(k.lstrip("-"), 0) or 0) < int(v)]
         return [f"Redis {', '.join(low)}: codes will take more memory (docs/scaling.md)"] if low else []
+
+    # ------------------------------------------------------------------ the data-set marker
+
+    def expect_dataset(self, expected: DataSetMarker, *, create: bool) -> None:
+        """Hold the data set to `expected` from the next script call on: that call compares the
+        marker first (open_dataset) and runs only if it matches."""
+        self.dataset, self._dataset_create, self._dataset_open = expected, create, False
+
+    @_wrap_errors
+    def open_dataset(self, expected: DataSetMarker, *, create: bool) -> None:
+        """Hold the data set to `expected` (marker.py): write the marker when there is none and
+        `create` (a server's first start), then compare. DataSetMismatch names what differs;
+        StoreUnavailable when Redis cannot be reached, and then the first script call checks
+        before it runs (no script runs on an unchecked data set)."""
+        self.expect_dataset(expected, create=create)
+        key, where = self.keys.marker(), f"under key prefix {self.keys.prefix!r}"
+        if create:
+            self.r.set(key, expected.encode(), nx=True)  # the first of two racing servers wins
+        raw = self.r.get(key)
+        if raw is None:
+            raise DataSetMismatch(f"no data-set marker {where}: no tracecode server has started on this data set "
+                                  "(a server writes it at its first start)")
+        expected.check(DataSetMarker.decode(raw, where), where)
+        self._dataset_open = True
+
+    def recheck_dataset(self) -> None:
+        """Compare the marker again (a bulk job, a pruning run: the data set may have been
+        re-created under the server since it started)."""
+        if self.dataset is not None:
+            self.open_dataset(self.dataset, create=False)
 
     # ------------------------------------------------------------------ script calls
 
@@ -272,12 +327,12 @@ class Store:
         clients = ([self.r.get_redis_connection(n) for n in self.r.get_primaries()] if self.cluster
                    else [self.r])
         for client in clients:
-            for script in self._scripts.values():
+            for script in self.scripts.values():
                 client.script_load(script.script)
 
-    def _call(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> Any:
+    def call_script(self, script, keys: Sequence[str], args: Sequence, *, durable: bool = False) -> Any:
         """One script call, one round trip."""
-        res = self._run([(script, keys, args)], durable=durable)[0]
+        res = self.run_scripts([(script, keys, args)], durable=durable)[0]
         if isinstance(res, Exception):
             raise res
         return res
@@ -295,7 +350,7 @@ class Store:
             groups.setdefault(node.name, (self.r.get_redis_connection(node), []))[1].append(p)
         return list(groups.values())
 
-    def _run(self, calls: Sequence[tuple], *, durable: bool = False, wire: bytes | None = None) -> list:
+    def run_scripts(self, calls: Sequence[tuple], *, durable: bool = False, wire: bytes | None = None) -> list:
         """Many script calls (script, keys, args) pipelined: one round trip (one per master on a
         cluster), executed in order per node. A script's own error comes back in its place.
         Every script is idempotent, so calls may be sent again after a NOSCRIPT or a MOVED
@@ -305,6 +360,8 @@ class Store:
         connection (WAIT counts the replicas that have this connection's writes); fewer replicas
         than asked is UNAVAILABLE and the caller retries with the same id. This is what makes an
         acknowledged dispense survive the loss of its master."""
+        if not self._dataset_open:  # Redis was down when the marker was to be checked
+            self.open_dataset(self.dataset, create=self._dataset_create)
         need = self.limits.min_replicas_acked if durable else 0
         for attempt in (0, 1):
             results: list = [None] * len(calls)
@@ -365,7 +422,7 @@ class Store:
 
     # ------------------------------------------------------------------ settlements
 
-    def _parts(self, call: SettlementCall) -> list[tuple[str, list, list[int], list[str]]]:
+    def parts_of(self, call: SettlementCall) -> list[tuple[str, list, list[int], list[str]]]:
         """Split a settlement into parts that one script call can judge atomically:
         [(record key, lines, line indexes, codes)]. On one node a single part, recorded under
         the settlement's key. On a cluster one part per hash slot, recorded in that slot;
@@ -374,26 +431,10 @@ class Store:
         site, sid, lines, codes = call.site, call.settlement_id, call.lines, call.codes
         if not self.cluster:
             return [(sk.settlement(site, sid), list(lines), list(range(len(lines))), list(codes))]
-        by_slot: dict[int, list[int]] = {}
-        for u, code in enumerate(codes, 1):
-            by_slot.setdefault(slot_of(code), []).append(u)
-        groups = list(by_slot.values()) or [[]]
-        local = {}
-        for g in groups:
-            for j, u in enumerate(g, 1):
-                local[u] = (g, j)
-        parts = []
-        for g in groups:
-            part_lines, idx = [], []
-            for i, (u, product, units, reason) in enumerate(lines):
-                if (u and local[u][0] is g) or (not u and g is groups[0]):
-                    part_lines.append((local[u][1] if u else 0, product, units, reason))
-                    idx.append(i)
-            first = codes[g[0] - 1] if g else f"{site}:{sid}"
-            parts.append((sk.settlement_part(site, sid, first), part_lines, idx, [codes[u - 1] for u in g]))
-        return parts
+        return [(sk.settlement_part(site, sid, first or f"{site}:{sid}"), part_lines, idx, part_codes)
+                for first, part_lines, idx, part_codes in _by_slot(lines, codes)]
 
-    def _verify_keys_args(self, call: SettlementCall, mode: str, record: str, lines, idx, codes) -> tuple[list, list]:
+    def verify_keys_args(self, call: SettlementCall, mode: str, record: str, lines, idx, codes) -> tuple[list, list]:
         """KEYS and ARGV of one verify.lua call (layout documented in the script).
 
         `state`, when given, holds the dispense state, history, settlement records and audit of a
@@ -411,10 +452,12 @@ class Store:
         if mode == "P":
             state_ttl = lim.reservation_ms
         fixed = {"mode": mode, "site": call.site, "settlement_id": call.settlement_id,
-                 "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day, "digest": call.digest,
-                 "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_max,
+                 "settled_at_ms": call.settled_at_ms, "settle_day": call.settle_day,
+                 "digest": hex128_field(call.digest),
+                 "policy": "A" if call.all_or_nothing else "R", "audit_max": 0 if state else lim.audit_arg,
                  "history_max": lim.history_max, "settlement_ttl_s": call.state_ttl_s or lim.settlement_ttl_s,
-                 "n_lines": len(lines), "state_ttl": state_ttl, "reserved": 0}
+                 "n_lines": len(lines), "state_ttl": state_ttl, "buyer": hex128_field(call.insured),
+                 "site_packed": id_field(call.site), "settlement_packed": id_field(call.settlement_id)}
         # lua/gate.lua's tail: the sanction index keys it reads (on one node only), the insured
         # pseudonym, the gate mode, the number of those keys.
         gate = call.gate if not self.cluster and not state else ""
@@ -427,26 +470,123 @@ class Store:
         # ARGV: the fixed values, per line a PlanLine (LINE_FIELDS but the last) and its
         # line_index (the last of LINE_FIELDS), the codes, the gate's tail; built in one
         # compiled call (tracecode.codec.wire.verify_argv).
-        args = wire.verify_argv([fixed[f] for f in VERIFY_ARGV], lines, idx, codes,
-                                (call.insured, gate, len(gate_keys)))
+        # The live rules ride on live dispenses only (never a bulk job's namespace).
+        live = call.live if mode in ("D", "P") and not state else ""
+        args = wire.verify_argv([fixed[f] for f in VERIFY_ARGV], lines, idx, [*codes, *map(code_field, codes)],
+                                (call.insured, gate, len(gate_keys), live))
         return keys, args
 
-    def _verify_call(self, call: SettlementCall) -> tuple[list, list]:
+    def verify_call(self, call: SettlementCall) -> tuple[list, list]:
         """KEYS and ARGV of a single-part settlement (one node); the benchmarks use it too."""
-        ((record, lines, idx, codes),) = self._parts(call)
-        return self._verify_keys_args(call, "D" if call.dispense else "C", record, lines, idx, codes)
+        ((record, lines, idx, codes),) = self.parts_of(call)
+        return self.verify_keys_args(call, "D" if call.dispense else "C", record, lines, idx, codes)
 
     @_wrap_errors
     def verify(self, call: SettlementCall) -> SettlementResult:
         """Judge (and when `call.dispense`, mark) one settlement: one round trip on one node (one
         per slot touched on a cluster), decoded into one ScriptRow per line."""
         if self.cluster:
-            out = self._verify_sharded([call])[0]
+            out = TwoPhase(self).run([call])[0]
             if isinstance(out, Exception):
                 raise out
             return out
-        keys, args = self._verify_call(call)
-        return _decode(self._call(self._verify, keys, args, durable=call.dispense and not call.state), call)
+        keys, args = self.verify_call(call)
+        return _decode(self.call_script(self._verify, keys, args, durable=call.dispense and not call.state), call)
+
+    # ------------------------------------------------------------------ receiving (入库核验)
+
+    def _receive_parts(self, call: ReceiveCall) -> list[tuple[str, list, list[int], list[str]]]:
+        """[(record key, lines, line indexes, codes)]: one part on a single node (any key may be
+        touched there), one per hash slot on a cluster (malformed lines with the first)."""
+        site, did, lines, codes = call.site, call.delivery_id, call.lines, call.codes
+        if not self.cluster:
+            return [(self.keys.delivery(site, did), list(lines), list(range(len(lines))), list(codes))]
+        return [(self.keys.delivery_part(site, did, first or f"{site}:{did}"), part_lines, idx, part_codes)
+                for first, part_lines, idx, part_codes in _by_slot(lines, codes)]
+
+    def _receive_args(self, call: ReceiveCall, record: str, lines, idx, codes) -> tuple[list, list]:
+        keys = [record, self.keys.audit_for(record)]
+        for code in codes:
+            bucket, lots, _, _ = self.keys.code_keys(code)
+            keys += [bucket, lots]
+        fixed = {"site": call.site, "delivery_id": call.delivery_id, "supplier": call.supplier,
+                 "received_at_ms": call.received_at_ms, "receive_day": call.receive_day, "digest": call.digest,
+                 "audit_max": self.limits.audit_arg, "record_ttl_s": self.limits.settlement_ttl_s,
+                 "n_lines": len(lines)}
+        args: list = [fixed[f] for f in RECEIVE_ARGV]
+        for (u, product, reason), i in zip(lines, idx):
+            args += [u, product, reason, i]
+        return keys, args + list(codes)
+
+    @_wrap_errors
+    def receive(self, call: ReceiveCall) -> ReceiveResult:
+        """The receiving check of one delivery: one atomic call on one node (one round trip); on a
+        cluster a claim of the delivery id for this body, then one atomic call per slot, pipelined
+        (one round trip per master). Every part is idempotent on the delivery's digest, so a
+        retry after any failure answers what was recorded and finishes what was not."""
+        parts = self._receive_parts(call)
+        if self.cluster:
+            # The claim: receive.lua over no lines, on the delivery's own record. A different body
+            # under the same id is refused here, before any part is written.
+            keys, args = self._receive_args(call, self.keys.delivery(call.site, call.delivery_id), [], [], [])
+            conflict_or(self.call_script(self.scripts["receive"], keys, args, durable=True), None)
+        calls = [(self.scripts["receive"], *self._receive_args(call, rk, lines, idx, codes))
+                 for rk, lines, idx, codes in parts]
+        outs = [conflict_or(reply, None) for reply in self.run_scripts(calls, durable=True)]
+        for out in outs:
+            if isinstance(out, SettlementConflict):
+                raise out
+        rows: list[ReceiveRow | None] = [None] * len(call.lines)
+        replayed = True
+        for (_, _, idx, _), (replayed_part, text) in zip(parts, outs):
+            replayed &= bool(replayed_part)
+            for i, row in zip(idx, _receive_rows(text)):
+                rows[i] = row
+        return ReceiveResult(replayed, [r for r in rows if r is not None])
+
+    def live_keys(self, person: str, products: Sequence[str] = ()) -> list[str]:
+        """live.lua's KEYS for one person: the audit stream of their hash tag, their RESALE_SOURCE
+        state, then per product their STOCKPILING codes and sites (lua/_live.lua names them so)."""
+        tag, p = person_tag(person), self.keys.prefix
+        keys = [f"{p}:{tag}:audit", f"{p}:{tag}:vr:{person}"]
+        for product in products:
+            keys += [f"{p}:{tag}:vc:{person}:{product}", f"{p}:{tag}:vt:{person}:{product}"]
+        return keys
+
+    @_wrap_errors
+    def live_rules(self, cfg: str, op: str, person: str, call: SettlementCall, packs: Sequence[tuple[str, str]],
+                   credits: Sequence[tuple[str, str]]) -> list[dict]:
+        """The live rules in the persons' own slots (a cluster's one further round trip, pipelined
+        per node): op 'J' judges and records `person` with the settlement's recorded OK `packs`
+        ((product, code)) and credits the first buyers of its DUPLICATEs ((pseudonym, code));
+        'D' judges only, before the settlement (a refusal raises LiveRuleRefused). Returns the
+        person's notices."""
+        lim = self.limits
+        mine = [code for fp, code in credits if fp == person] if op == "J" else []
+
+        def args(o: str, who: str, ps, cs) -> list:
+            # The state's members are the packs' codes packed (rules/packing.py), as on one node.
+            return [cfg, o, who, call.site, call.settlement_id, call.settled_at_ms, lim.audit_arg, len(ps),
+                    *[x for product, code in ps for x in (product, code_field(code))], len(cs),
+                    *map(code_field, cs)]
+        calls = []
+        if person:
+            products = list(dict.fromkeys(product for product, _ in packs))  # first appearance order
+            calls.append((self.scripts["live"], self.live_keys(person, products), args(op, person, packs, mine)))
+        if op == "J":
+            others: dict[str, list[str]] = {}
+            for fp, code in credits:
+                if fp != person:
+                    others.setdefault(fp, []).append(code)
+            for fp, codes in others.items():
+                calls.append((self.scripts["live"], self.live_keys(fp), args("W", fp, [], codes)))
+        if not calls:
+            return []
+        replies = self.run_scripts(calls, durable=op == "J")
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return json.loads(replies[0]) if person and replies[0] != "[]" else []
 
     def prepare_batch(self, calls: Sequence[SettlementCall]) -> "PreparedBatch":
         """The CPU half of verify_batch: every call's KEYS, ARGV and (on one node) the pipeline's
@@ -456,7 +596,7 @@ class Store:
             return PreparedBatch(list(calls), None, None)
         batch = []
         for call in calls:
-            keys, args = self._verify_call(call)
+            keys, args = self.verify_call(call)
             batch.append((self._verify, keys, args))
         return PreparedBatch(list(calls), batch, _pack([("EVALSHA", self._verify.sha, len(k), *k, *a)
                                                         for _, k, a in batch]))
@@ -468,123 +608,9 @@ class Store:
         `calls` may come already prepared (prepare_batch)."""
         prepared = calls if isinstance(calls, PreparedBatch) else self.prepare_batch(calls)
         if self.cluster:
-            return self._verify_sharded(prepared.calls)
-        replies = self._run(prepared.batch or [], wire=prepared.wire)
-        return [_conflict_or(res, lambda r, c=c: _decode(r, c)) for res, c in zip(replies, prepared.calls)]
-
-    def _verify_sharded(self, calls: Sequence[SettlementCall]) -> list:
-        """Cluster: claim each settlement id (its digest on the settlement's own key), then judge
-        every part in its slot, pipelined. An ALL_OR_NOTHING settlement over several slots is a
-        two-phase commit with the settlement's own record as its log:
-
-        1. prepare: each part is judged and, when all its lines are OK, its units reserved
-           (verify.lua mode 'P'; a part left prepared by a dead coordinator is judged afresh);
-        2. decide: commit ('K') when every part was prepared, within half the reservation's
-           life, else abort ('X'); the decision is recorded once (decide.lua, first one wins);
-        3. apply the recorded decision to every part (commit.lua), which never takes units that
-           another settlement holds or took (an expired reservation: docs/scaling.md).
-
-        A retry that finds a decision recorded applies it without judging again; one that finds
-        none prepares again. `replayed` is true only when nothing was written by this call."""
-        out: list = [None] * len(calls)
-        plans = [self._parts(c) for c in calls]
-        decided: dict[int, str] = {}
-        claims = []
-        for n, c in enumerate(calls):
-            if c.dispense:
-                sk = c.state or self.keys
-                skey = sk.settlement(c.site, c.settlement_id)
-                args = [c.digest, json.dumps([p[0] for p in plans[n]]), c.site, c.settlement_id,
-                        c.settled_at_ms, c.state_ttl_s or self.limits.settlement_ttl_s]
-                ckeys = [skey, sk.registry_for(skey)] if c.state else [skey]
-                claims.append((n, (self._claim, ckeys, args)))
-        if claims:
-            for (n, _), res in zip(claims, self._run([call for _, call in claims])):
-                if isinstance(res, Exception):
-                    raise res
-                mine, decision = res
-                if not mine:
-                    out[n] = SettlementConflict("settlement id already used with a different request body")
-                elif decision:
-                    decided[n] = decision
-        started = time.monotonic()
-        # Phase 1: every part of every undecided settlement, pipelined.
-        batch, where = [], []
-        for n, (c, parts) in enumerate(zip(calls, plans)):
-            if out[n] is not None or n in decided:
-                continue
-            two_phase = c.dispense and c.all_or_nothing and len(parts) > 1
-            mode = "P" if two_phase else ("D" if c.dispense else "C")
-            for record, lines, idx, codes in parts:
-                keys, args = self._verify_keys_args(c, mode, record, lines, idx, codes)
-                batch.append((self._verify, keys, args))
-                where.append((n, record, idx, codes))
-        results: dict[int, list[list]] = {}
-        durable = any(c.dispense and not c.state for c in calls)
-        for (n, record, idx, codes), res in zip(where, self._run(batch, durable=durable) if batch else []):
-            if isinstance(res, Exception):
-                out[n] = _conflict_or(res, None)
-                continue
-            c = calls[n]
-            own = (c.site, c.settlement_id, c.settled_at_ms)
-            results.setdefault(n, []).append([record, idx, codes, bool(res[0]), _stored_results(res[1], *own), res[2]])
-        failpoint("after_prepare")
-        # Phase 2: record a decision for every settlement with prepared parts.
-        in_time = (time.monotonic() - started) * 1000 < self.limits.reservation_ms / 2
-        undecided = [n for n, parts in results.items()
-                     if out[n] is None and any(p[5] == "P" for p in parts)]
-        if undecided:
-            asks = []
-            for n in undecided:
-                ok = in_time and all(p[5] == "P" for p in results[n])
-                sk = calls[n].state or self.keys
-                asks.append((self._decide, [sk.settlement(calls[n].site, calls[n].settlement_id)],
-                             ["K" if ok else "X"]))
-            for n, res in zip(undecided, self._run(asks, durable=durable)):
-                if isinstance(res, Exception):
-                    raise res
-                decided[n] = res
-        failpoint("after_decide")
-        for n in decided:
-            if n not in results:  # decided by an earlier attempt: every part gets the decision
-                results[n] = [[record, idx, codes, True, None, "P"] for record, _, idx, codes in plans[n]]
-        # Phase 3: apply each recorded decision to every prepared part.
-        commits = []
-        for n, decision in decided.items():
-            if out[n] is not None:
-                continue
-            for p in results[n]:
-                if p[5] == "P":
-                    commits.append((n, p, decision))
-        if commits:
-            batch = []
-            for n, (record, _, codes, *_), decision in commits:
-                sk = calls[n].state or self.keys
-                keys = [record, sk.audit_for(record)]
-                for code in codes:  # the live issuance (its pack units), the namespace's state
-                    keys += self.keys.code_keys(code, calls[n].state)
-                batch.append((self._commit, keys, [decision, self.limits.history_max, self.limits.audit_max, *codes]))
-            for (n, p, _), res in zip(commits, self._run(batch, durable=durable)):
-                if isinstance(res, Exception):
-                    raise res
-                c = calls[n]
-                p[4], p[5] = _stored_results(res[0], c.site, c.settlement_id, c.settled_at_ms), res[1]
-                if int(res[2]):
-                    p[3] = False  # this call wrote it: not a replay
-                if res[1] == "E":
-                    log.warning("settlement %s of site %s: a part could not be committed after its "
-                                "reservation expired (packs taken meanwhile); reported as not recorded",
-                                calls[n].settlement_id, calls[n].site)
-        # Merge the parts back into request order.
-        for n, judged in results.items():
-            if out[n] is not None:
-                continue
-            merged: list = [None] * len(calls[n].lines)
-            for _, idx, _, _, (_, rows), _ in judged:
-                for i, row in zip(idx, rows):
-                    merged[i] = row
-            out[n] = SettlementResult(all(p[3] for p in judged), any(p[4][0] for p in judged), merged)
-        return out
+            return TwoPhase(self).run(prepared.calls)
+        replies = self.run_scripts(prepared.batch or [], wire=prepared.wire)
+        return [conflict_or(res, lambda r, c=c: _decode(r, c)) for res, c in zip(replies, prepared.calls)]
 
     @_wrap_errors
     def drop_namespace(self, keys: KeySpace) -> int:
@@ -622,17 +648,18 @@ class Store:
         d, parts = self.r.hmget(skey, "d", "parts")
         if d is None:
             return None, []
-        return d, json.loads(parts) if parts else [skey]
+        # A record's own digest is packed (rules/packing.py); a cluster's claim keeps it plain.
+        return hex128_of(d), json.loads(parts) if parts else [skey]
 
     @_wrap_errors
-    def stored_settlement(self, site: str, settlement_id: str) -> tuple[str, SettlementResult] | None:
+    def stored_settlement(self, site: str, settlement_id: str) -> StoredSettlement | None:
         """(digest, stored answer as a replay) of a recorded settlement, or None."""
         digest, records = self._part_records(site, settlement_id)
         if digest is None:
             return None
         if records == [self.keys.settlement(site, settlement_id)]:
             r, at = self.r.hmget(records[0], "r", "at")
-            return (digest, SettlementResult(True, *_stored_results(r, site, settlement_id, int(at or 0)))) if r else None
+            return StoredSettlement(digest, SettlementResult(True, *decode_stored(r, site, settlement_id, ms_of(at or "")))) if r else None
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
             pipe.hmget(rk, "r", "l", "ps", "at")
@@ -641,15 +668,15 @@ class Store:
         for r, ledger, ps, at in pipe.execute():
             if r is None or ps != "F":
                 return None  # an interrupted settlement: only a retry can finish it
-            recorded, part_rows = _stored_results(r, site, settlement_id, int(at or 0))
+            recorded, part_rows = decode_stored(r, site, settlement_id, ms_of(at or ""))
             rec |= recorded
-            for entry, row in zip(json.loads(ledger), part_rows):
+            for entry, row in zip(ledger_entries(ledger), part_rows):
                 rows[entry[3]] = row
-        return digest, SettlementResult(True, bool(rec), [rows[i] for i in sorted(rows)])
+        return StoredSettlement(digest, SettlementResult(True, bool(rec), [rows[i] for i in sorted(rows)]))
 
     @_wrap_errors
     def reverse(self, *, site: str, settlement_id: str, now_ms: int, window_ms: int,
-                line_indexes: Sequence[int], note: str) -> list[tuple[int, str, int, int, bool]]:
+                line_indexes: Sequence[int], note: str) -> list[Reversal]:
         """Return lines of a settlement. Two round trips: read the ledgers for the code keys, then
         one atomic script per part (one part on a single node) that re-checks everything against
         the ledger it reads itself."""
@@ -659,11 +686,21 @@ class Store:
         pipe = self.r.pipeline(transaction=False)
         for rk in records:
             pipe.hget(rk, "l")
-        ledgers = [json.loads(raw) if raw else [] for raw in pipe.execute()]
+        ledgers = [ledger_entries(raw) for raw in pipe.execute()]
         owner = {entry[3]: n for n, ledger in enumerate(ledgers) for entry in ledger}
         for i in line_indexes:
             if i not in owner:
                 raise BadLineIndex(i)
+        if len(records) > 1:
+            # A cluster settlement's parts are returned by one script each: a part whose pack was
+            # pruned refuses itself (reverse.lua), but the others would already have run. So the
+            # packs of every line to give back are looked at first, and a pruned one refuses the
+            # whole return before any part runs (prune only drops packs past expiry and window).
+            wanted_all = set(line_indexes) or {e[3] for ledger in ledgers for e in ledger}
+            for ledger in ledgers:
+                for code, accepted, returned, idx in ledger:
+                    if idx in wanted_all and accepted > 0 and returned == 0 and self.get_issuance(code) is None:
+                        raise PackPruned(idx, code)
         batch = []
         lim = self.limits
         for n, (rk, ledger) in enumerate(zip(records, ledgers)):
@@ -673,15 +710,15 @@ class Store:
             codes = sorted({e[0] for e in ledger if e[0]})
             keys = [rk, self.keys.audit_for(rk)]
             for code in codes:
-                keys += self.keys.code_keys(code)[-2:]  # its state and history (both layouts)
-            args = [site, now_ms, window_ms, lim.history_max, lim.audit_max, note, len(codes), *codes, *wanted]
+                keys += self.keys.code_keys(code)[-2:]  # its state and history
+            args = [site, now_ms, window_ms, lim.history_max, lim.audit_arg, note, len(codes), *codes, *wanted]
             batch.append((self._reverse, keys, args))
-        lines = []
-        for res in self._run(batch, durable=True):
+        lines: list[Reversal] = []
+        for res in self.run_scripts(batch, durable=True):
             if isinstance(res, Exception):
                 raise res
-            lines += [(i, code, returned, used, bool(already)) for i, code, returned, used, already in json.loads(res)]
-        return sorted(lines)
+            lines += [Reversal(i, code, returned, used, bool(already)) for i, code, returned, used, already in json.loads(res)]
+        return sorted(lines, key=lambda r: r.line_index)
 
     # ------------------------------------------------------------------ issuance
 
@@ -689,8 +726,7 @@ class Store:
     def upsert_issuance(self, records: Sequence[tuple], *, replace: bool) -> list[int]:
         """records: (code, product, gtin, batch, expiry YYYYMMDD|0, pack_units, manufacturer, status|'').
         Returns per record 0 unchanged, 1 created, 2 updated, 3 conflict, 4 fewer pack units than
-        already dispensed (lua/issue.lua). One script call per
-        chunk; the batch index (for recalls) is written in the same round trip."""
+        already dispensed (lua/issue.lua). One script call per chunk (per slot on a cluster)."""
         if not records:
             return []
         batch = []
@@ -700,24 +736,16 @@ class Store:
             args: list = ["1" if replace else "0"]
             for p in positions:
                 code, product, gtin, batch_id, expiry, units, mfr, status = records[p]
-                keys += self.keys.code_keys(code)[:2]  # layout 2: bucket, lots; layout 1: issuance, dispense
-                if self.layout == 2:
-                    keys.append(self.keys.batch_part(product, batch_id, code))
-                    args.append(code)
+                keys += self.keys.code_keys(code)[:2]  # bucket, lots
+                args.append(code)
                 args += [product, gtin, batch_id, expiry, units, mfr, status]
             batch.append((self._issue, keys, args))
         out = [0] * len(records)
-        for positions, res in zip(groups, self._run(batch)):
+        for positions, res in zip(groups, self.run_scripts(batch)):
             if isinstance(res, Exception):
                 raise res
             for p, outcome in zip(positions, res):
                 out[p] = int(outcome)
-        if self.layout == 1:  # layout 2 writes its batch index in the script, atomically
-            pipe = self.r.pipeline(transaction=False)
-            for code, product, _, batch_id, *_ in records:
-                if batch_id:
-                    pipe.sadd(self.keys.batch(product, batch_id), code)
-            pipe.execute()
         return out
 
     def _by_slot(self, codes: Sequence[str]) -> list[list[int]]:
@@ -731,18 +759,15 @@ class Store:
         return list(groups.values())
 
     def _read(self, code: str, history: bool) -> tuple[list[str], list[str], list[str]]:
-        """Layout 2: (entry fields, lot fields, raw kept events) of a code, one consistent read."""
+        """(entry fields, lot fields, raw kept events) of a code, one consistent read."""
         bkey, lkey, _, hkey = self.keys.code_keys(code)
-        entry, lot, events = self._call(self._scripts["read"], [bkey, lkey, hkey], [code, "1" if history else "0"])
-        return (entry.split(US) if entry else []), (lot.split(US) if lot else []), events
+        entry, lot, events = self.call_script(self.scripts["read"], [bkey, lkey, hkey], [code, "1" if history else "0"])
+        return entry_fields(entry), (lot.split(US) if lot else []), events
 
     @_wrap_errors
     def get_issuance(self, code: str) -> IssuanceRecord | None:
-        if self.layout == 2:
-            entry, lot, _ = self._read(code, False)
-            return _lot_record(entry, lot)
-        values = self.r.hmget(self.keys.issuance(code), *(f for f, _ in _ISSUANCE_FIELDS))
-        return _issuance(values)
+        entry, lot, _ = self._read(code, False)
+        return _lot_record(entry, lot)
 
     @_wrap_errors
     def set_status(self, codes: Sequence[str], status: str, *, now_ms: int, reason: str,
@@ -761,58 +786,39 @@ class Store:
             keys = [self.keys.audit_for(self.keys.issuance(group[0]))]
             for code in group:
                 k = self.keys.code_keys(code)
-                keys.extend(k if self.layout == 1 else (k[0], k[1], k[3]))  # layout 2: bucket, lots, history
-            calls.append((self._status, keys, [status, now_ms, reason, actor, lim.history_max, lim.audit_max,
+                keys.extend((k[0], k[1], k[3]))  # bucket, lots, history
+            calls.append((self._status, keys, [status, now_ms, reason, actor, lim.history_max, lim.audit_arg,
                                                product, batch, *group]))
         out = [""] * len(codes)
-        for positions, res in zip(groups, self._run(calls, durable=True)):
+        for positions, res in zip(groups, self.run_scripts(calls, durable=True)):
             if isinstance(res, Exception):
                 raise res
             for p, prev in zip(positions, res):
                 out[p] = prev
         return out
 
-    def batch_codes(self, product: str, batch: str, chunk: int = 500) -> Iterator[list[str]]:
-        """The codes of a batch in chunks: layout 2 reads the batch's index in every tag (pipelined,
-        64 tags a round trip); layout 1 scans its one set with SSCAN (the cursor is a page each)."""
-        if self.layout == 2:
-            yield from self._batch_parts(product, batch, chunk)
-            return
-        key = self.keys.batch(product, batch)
-        cursor = 0
+    def batch_codes(self, product: str, batch: str, chunk: int = 500,
+                    buckets_per_call: int = 32) -> Iterator[list[str]]:
+        """The codes of a batch in chunks (sorted within each), found by a scan of every tag's
+        bucket hashes for the batch's lot ids (lua/batch.lua: there is no per-code index). A
+        call reads at most `buckets_per_call` hashes (a few milliseconds of Redis time); the
+        calls of 64 tags go in one pipelined round trip."""
+        by_tag: dict[str, list[str]] = {}
+        for bucket, lots in self.keys.buckets():
+            by_tag.setdefault(lots, []).append(bucket)
+        calls = [(self.scripts["batch"], [lots, *buckets[i:i + buckets_per_call]], [product, batch])
+                 for lots, buckets in by_tag.items() for i in range(0, len(buckets), buckets_per_call)]
         buf: list[str] = []
-        while True:
-            cursor, codes = self._sscan(key, cursor, chunk)
-            buf.extend(codes)
-            if len(buf) >= chunk or (cursor == 0 and buf):
-                yield sorted(buf)
-                buf = []
-            if cursor == 0:
-                return
-
-    def _batch_parts(self, product: str, batch: str, chunk: int) -> Iterator[list[str]]:
-        parts = self.keys.batch_parts(product, batch)
-        buf: list[str] = []
-        for start in range(0, len(parts), 64):
-            for codes in self._hkeys(parts[start:start + 64]):
-                buf.extend(codes)
+        for start in range(0, len(calls), 64):
+            for res in self.run_scripts(calls[start:start + 64]):
+                if isinstance(res, Exception):
+                    raise res
+                buf.extend(code_of(f) for f in res)
             while len(buf) >= chunk:
                 yield sorted(buf[:chunk])
                 buf = buf[chunk:]
         if buf:
             yield sorted(buf)
-
-    @_wrap_errors
-    def _hkeys(self, keys: list[str]) -> list[list[str]]:
-        pipe = self.r.pipeline(transaction=False)
-        for key in keys:
-            pipe.hkeys(key)
-        return pipe.execute()
-
-    @_wrap_errors
-    def _sscan(self, key: str, cursor: int, count: int) -> tuple[int, list[str]]:
-        # One page per call, so a Redis failure mid-scan is translated like any other call's.
-        return self.r.sscan(key, cursor, count=count)
 
     def first_insured(self, codes: Sequence[str], state: KeySpace | None = None) -> dict[str, str]:
         """code -> the pseudonym of its first dispense's buyer (codes without one left out); with
@@ -821,14 +827,10 @@ class Store:
             return {}
         pipe = self.r.pipeline(transaction=False)
         for code in codes:
-            keys = self.keys.code_keys(code, state)
-            if self.layout == 1:
-                pipe.hget(keys[1], "fp")
-            else:
-                pipe.hget(keys[2], code)
+            pipe.hget(self.keys.code_keys(code, state)[2], code_field(code))
         out = {}
         for code, raw in zip(codes, pipe.execute()):
-            fp = raw if self.layout == 1 else (_field(raw.split(US), "fp") if raw else "")
+            fp = _field(entry_fields(raw), "fp")
             if fp:
                 out[code] = fp
         return out
@@ -836,27 +838,70 @@ class Store:
     @_wrap_errors
     def code_history(self, code: str) -> CodeHistory:
         """A code's issuance record, dispense state and kept events (oldest first), one round trip."""
-        if self.layout == 2:
-            return _history2(*self._read(code, True))
-        ikey, dkey, hkey = self.keys.code_keys(code)
-        pipe = self.r.pipeline(transaction=not self.cluster)
-        pipe.hmget(ikey, *(f for f, _ in _ISSUANCE_FIELDS))
-        pipe.hgetall(dkey)
-        pipe.lrange(hkey, 0, -1)
-        values, state, events = pipe.execute()
-        history = CodeHistory(_issuance(values), units_used=int(state.get("u", 0)),
-                              events_total=int(state.get("ev", 0)))
-        if state.get("fs"):
-            history.first_site_id, history.first_settlement_id = state["fs"], state.get("fi", "")
-            history.first_settled_at_ms, history.attempts = int(state.get("fa", 0)), int(state.get("at", 0))
-            history.first_insured_id = state.get("fp", "")
-        history.events = [_event(raw) for raw in events]
-        return history
+        return _history(*self._read(code, True))
+
+
+def _by_slot(lines, codes) -> list[tuple[str, list, list[int], list[str]]]:
+    """A cluster's parts of one call (a settlement's or a delivery's): per hash slot its first
+    code ('' for a call of malformed lines only), its lines with the code index renumbered
+    within the part (a line's first field; 0, malformed, touches no key and rides with the first
+    part), their indexes in the call, and its codes."""
+    by_slot: dict[int, list[int]] = {}
+    for u, code in enumerate(codes, 1):
+        by_slot.setdefault(slot_of(code), []).append(u)
+    groups = list(by_slot.values()) or [[]]
+    local = {u: (g, j) for g in groups for j, u in enumerate(g, 1)}
+    parts = []
+    for g in groups:
+        part_lines, idx = [], []
+        for i, line in enumerate(lines):
+            u = line[0]
+            if (u and local[u][0] is g) or (not u and g is groups[0]):
+                part_lines.append((local[u][1] if u else 0, *line[1:]))
+                idx.append(i)
+        parts.append((codes[g[0] - 1] if g else "", part_lines, idx, [codes[u - 1] for u in g]))
+    return parts
+
+
+def _receive_rows(text: str) -> list[ReceiveRow]:
+    """receive.lua's answer (RS before each line, US between its fields)."""
+    rows = []
+    for part in text.split(RS)[1:]:
+        v, st, p, ex, fs, fa, before, reason = part.split(US)
+        rows.append(ReceiveRow(v, st, p, int(ex or 0), fs, int(fa or 0), before, reason))
+    return rows
 
 
 def _event(raw: str) -> CodeEvent:
     e = json.loads(raw)
     return CodeEvent(e["t"], int(e["a"]), e["s"], e["i"], int(e["l"]), int(e["u"]), str(e["x"]), e.get("p", ""))
+
+
+def ledger_entries(text: str | None) -> list[list]:
+    """A stored ledger's lines [code, units taken, units returned, line index], its codes unpacked
+    (the Lua twin: _state.lua's ledger_read)."""
+    lines = json.loads(text) if text else []
+    for line in lines:
+        if line[0]:
+            line[0] = code_of(line[0])
+    return lines
+
+
+def entry_fields(text: str | None) -> list[str]:
+    """A stored entry's fields (ENTRY_FIELDS order, trailing empty ones left off), its packed time
+    and pseudonym unpacked (rules/packing.py; the Lua twin is _state.lua's entry_read)."""
+    if not text:
+        return []
+    entry = text.split(US)
+    fa, fp = _E["fa"], _E["fp"]
+    if fa < len(entry) and entry[fa]:
+        entry[fa] = str(ms_of(entry[fa]))
+    if fp < len(entry) and entry[fp]:
+        entry[fp] = hex128_of(entry[fp])
+    for i in _ID_FIELDS:
+        if i < len(entry) and entry[i]:
+            entry[i] = id_of(entry[i])
+    return entry
 
 
 def _field(entry: list[str], name: str) -> str:
@@ -865,15 +910,15 @@ def _field(entry: list[str], name: str) -> str:
 
 
 def _lot_record(entry: list[str], lot: list[str]) -> IssuanceRecord | None:
-    """Layout 2: a code's entry and its lot's fields -> the issuance record, None if not issued."""
+    """A code's entry and its lot's fields -> the issuance record, None if not issued."""
     if not lot:
         return None
     return IssuanceRecord(lot[_LOT["product_id"]], lot[_LOT["gtin"]], lot[_LOT["batch"]], int(lot[_LOT["expiry"]] or 0),
                           int(lot[_LOT["pack_units"]] or 1), lot[_LOT["manufacturer"]], _field(entry, "status") or "ACTIVE")
 
 
-def _history2(entry: list[str], lot: list[str], events: list[str]) -> CodeHistory:
-    """Layout 2: the history of a code from its entry, lot and list. The first-ever DISPENSED
+def _history(entry: list[str], lot: list[str], events: list[str]) -> CodeHistory:
+    """The history of a code from its entry, lot and list. The first-ever DISPENSED
     event, while implicit (lua/_state.lua), is rebuilt from the entry at its place."""
     f = lambda name: _field(entry, name)
     history = CodeHistory(_lot_record(entry, lot), units_used=int(f("u") or 0), events_total=int(f("ev") or 0))
@@ -886,28 +931,6 @@ def _history2(entry: list[str], lot: list[str], events: list[str]) -> CodeHistor
         history.events.insert(int(f("fd")), CodeEvent("DISPENSED", int(f("fa") or 0), f("fs"), f("fi"), int(f("fl") or 0),
                                                       int(f("fu") or 0), "", f("fp")))
     return history
-
-
-def _issuance(values: list) -> IssuanceRecord | None:
-    """An issuance hash's fields (HMGET in _ISSUANCE_FIELDS order) -> the record, None if absent."""
-    if values[0] is None:
-        return None
-    product, gtin, batch, expiry, units, mfr, status = values
-    return IssuanceRecord(product, gtin or "", batch or "", int(expiry or 0), int(units or 1), mfr or "",
-                          status or "ACTIVE")
-
-
-def _conflict_or(res, convert):
-    """A script's answer in a pipeline: its SettlementConflict as a value (one settlement of a
-    batch failing alone), other errors raised."""
-    if isinstance(res, redis.ResponseError):
-        domain = from_script_error(str(res))
-        if isinstance(domain, SettlementConflict):
-            return domain
-        raise domain if domain is not None else res
-    if isinstance(res, Exception):
-        raise res
-    return convert(res) if convert else res
 
 
 def now_ms() -> int:

@@ -1,16 +1,23 @@
 """The typed seam between the store and the code above it: what a settlement call carries in, and
 what the store decodes a script's reply and a code's keys into. Plain data, no Redis.
 
-The field order of `ScriptRow` is the order of a row in verify.lua's results JSON (the stored
-answer of a settlement, replayed byte for byte); `ROW_FIELDS` is spliced into the script, so
-the layout is written once, here.
+`ScriptRow`, a row of verify.lua's results (the stored answer of a settlement, replayed byte for
+byte), is the rules core's (tracecode.rules.schema): written once there, rendered into the
+scripts by layout.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence, get_type_hints
+from typing import NamedTuple, Sequence
+
+from tracecode.codec import wire
+from tracecode.rules.schema import ROW_FIELDS, ROW_INT_POSITIONS, ScriptRow
 
 from .keys import KeySpace
+
+__all__ = ["PlanLine", "SettlementCall", "ScriptRow", "ROW_FIELDS", "ROW_INT_POSITIONS", "SettlementResult",
+           "StoredSettlement", "Reversal", "IssuanceRecord", "CodeEvent", "CodeHistory", "decode_stored",
+           "ReceiveLine", "ReceiveCall", "ReceiveRow", "ReceiveResult"]
 
 
 class PlanLine(NamedTuple):
@@ -40,28 +47,48 @@ class SettlementCall:
     state_ttl_s: int = 0
     insured: str = ""  # the insured pseudonym ('' when none): kept with the first dispense
     gate: str = ""  # lua/gate.lua's mode: 'E' enforce sanctions, 'N' report them, '' neither
+    # The live rules' configuration argument (rules.live.LiveRules.lua_arg; '' off): judged in
+    # the call on one node, the first buyers of its DUPLICATEs collected on a cluster.
+    live: str = ""
 
 
-class ScriptRow(NamedTuple):
-    """One line's result as verify.lua reports it (a row of its results JSON, in this order).
-    `used`, the first_* fields and `attempts` describe the pack after the whole settlement."""
+class ReceiveLine(NamedTuple):
+    """One delivery line as receive.lua takes it: the code's index among the call's distinct codes
+    (1-based; 0 for a malformed scan), the product the delivery names ('' none), why malformed."""
+    code_index: int
+    product_id: str
+    malformed_reason: str
+
+
+@dataclass(slots=True)
+class ReceiveCall:
+    """One delivery for Store.receive: the receiving check (入库核验) of its packs."""
+    site: str
+    delivery_id: str
+    supplier: str
+    received_at_ms: int
+    receive_day: int  # YYYYMMDD in the issuer's calendar, for the expiry check
+    digest: str  # idempotency digest of the delivery's lines
+    lines: Sequence[ReceiveLine]
+    codes: Sequence[str]  # the distinct canonical codes, in code_index order
+
+
+class ReceiveRow(NamedTuple):
+    """One line's answer (receive.lua's fields, in its order)."""
     verdict: str
-    accepted: int
-    used: int
-    pack_units: int
     status: str
     issued_product_id: str
-    expiry: int  # YYYYMMDD, 0 when none
-    first_site_id: str
-    first_settlement_id: str
+    expiry: int
+    first_site_id: str  # DUPLICATE: the pack's first dispense
     first_settled_at_ms: int
-    attempts: int
-    reason: str  # set by the script only for MALFORMED
+    received_before: str  # the site that had received the pack before ('' none; may be this one)
+    reason: str  # MALFORMED: why
 
 
-ROW_FIELDS = ScriptRow._fields
-# The positions of the int fields of a row (the packed results hold text: layout.py).
-ROW_INT_POSITIONS = tuple(i for i, t in enumerate(get_type_hints(ScriptRow).values()) if t is int)
+@dataclass(slots=True)
+class ReceiveResult:
+    replayed: bool
+    rows: list[ReceiveRow]
 
 
 @dataclass(slots=True)
@@ -71,6 +98,26 @@ class SettlementResult:
     recorded: bool  # at least one line was recorded
     rows: list[ScriptRow]
     sanctions: list[str] = field(default_factory=list)  # gate 'N': binding entries (json), gate.lua
+    # The live rules' answer (gate.lua): {"n": notices} judged in the call (one node), or
+    # {"c": [[first buyer, code], ...]} to judge in a second call (a cluster); None: not judged.
+    live: dict | None = None
+
+
+class StoredSettlement(NamedTuple):
+    """A recorded settlement as Store.stored_settlement reads it: the digest of its body and its
+    stored answer, as a replay would give it."""
+    digest: str
+    result: SettlementResult
+
+
+@dataclass(slots=True)
+class Reversal:
+    """One line of a return as Store.reverse answers it."""
+    line_index: int
+    canonical_code: str
+    units_returned: int  # units this line gave back (now or by an earlier call)
+    units_used: int  # the pack's units used after the call
+    already_reversed: bool  # the line had been returned before this call
 
 
 @dataclass(slots=True)
@@ -108,3 +155,11 @@ class CodeHistory:
     events_total: int = 0
     events: list[CodeEvent] = field(default_factory=list)
     first_insured_id: str = ""  # the first buyer's insured pseudonym
+
+
+def decode_stored(text: str, site: str, settlement_id: str, at_ms: int) -> tuple[bool, list[ScriptRow]]:
+    """A settlement's results as verify.lua and commit.lua answer and store them (packed,
+    rules/schema.py): (recorded, rows). A first dispense that is the settlement's own is written
+    '=', '', '', and the settlement's site, id and time complete it. Decoded by the compiled
+    wire module (tests/test_wire.py holds it to this)."""
+    return wire.decode_results(text, ScriptRow, (site, settlement_id, at_ms))

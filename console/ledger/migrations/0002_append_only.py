@@ -1,6 +1,6 @@
 """History and submitted reports are append-only in the database too (PostgreSQL): an UPDATE or
 DELETE of a ledger_entry or ledger_reportsnapshot row is refused by a trigger, whoever sends it.
-On SQLite (the embedded default) the model's save/delete guard is the only one."""
+On SQLite (the embedded default) the same rule is 0003."""
 from django.db import migrations
 
 TABLES = ("ledger_entry", "ledger_reportsnapshot")

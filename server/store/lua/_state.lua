@@ -1,4 +1,4 @@
--- _state.lua: layout 2's code entries, lots, history and results, spliced into every script that
+-- _state.lua: the code entries, lots, history and results, spliced into every script that
 -- touches them (store.script_text), so they are packed and unpacked by one set of functions.
 -- E, LT, R, NENTRY and NROW come from tracecode.server.store.layout (its Lua is spliced first).
 --
@@ -27,6 +27,152 @@ local function inum(text)
   return n
 end
 
+-- The packed forms of rules/packing.py (its docstring says why each is what it is), the same
+-- arithmetic: tests/test_packing.py holds this Lua and that Python to each other. Numbers stay
+-- below 2^53, so Lua's doubles are exact throughout.
+local byte, char, sub = string.byte, string.char, string.sub
+-- x (< 2^36) in six characters, most significant first: each six bits plus 63, '?' to '~'.
+local function c6(x)
+  local f = x % 64; x = (x - f) / 64
+  local e = x % 64; x = (x - e) / 64
+  local d = x % 64; x = (x - d) / 64
+  local c = x % 64; x = (x - c) / 64
+  local b = x % 64; x = (x - b) / 64
+  return char(x + 63, b + 63, c + 63, d + 63, e + 63, f + 63)
+end
+-- The value of characters i..j of s.
+local function v64(s, i, j)
+  local x = 0
+  for k = i, j do x = x * 64 + byte(s, k) - 63 end
+  return x
+end
+-- A canonical code's field name in its bucket hash and its batch index (packing.code_field).
+-- Remembered for the call (CF): a settlement's code is packed to read its entry, to write it and
+-- for the ledger.
+local CF = {}
+local function pack_code(code)
+  local n = #code
+  if n == 20 and not string.find(code, '%D') then
+    return c6(tonumber(sub(code, 1, 10))) .. c6(tonumber(sub(code, 11, 20)))
+  end
+  if n > 18 and sub(code, 1, 2) == '01' and sub(code, 17, 18) == '21' and not string.find(sub(code, 3, 16), '%D') then
+    local g = tonumber(sub(code, 3, 16))
+    local lo = g % 68719476736  -- 2^36
+    local hi = (g - lo) / 68719476736
+    return '~' .. sub(c6(hi), 5, 6) .. c6(lo) .. sub(code, 19)
+  end
+  return '!' .. code
+end
+local function cfield(code)
+  local f = CF[code]
+  if not f then
+    f = pack_code(code)
+    CF[code] = f
+  end
+  return f
+end
+-- The canonical code of a field name (packing.code_of).
+local function code_of(f)
+  local k = sub(f, 1, 1)
+  if k == '~' then return '01' .. string.format('%014d', v64(f, 2, 9)) .. '21' .. sub(f, 10) end
+  if k == '!' then return sub(f, 2) end
+  return string.format('%010d%010d', v64(f, 1, 6), v64(f, 7, 12))
+end
+-- A time in ms (packing.ms_field: seven characters) and back ('' is 0).
+local MSF = {}  -- remembered for the call: most times written are the settlement's own
+local function msf(ms)
+  ms = tonumber(ms)
+  local f = MSF[ms]
+  if f then return f end
+  local lo = ms % 68719476736
+  f = char((ms - lo) / 68719476736 + 63) .. c6(lo)
+  MSF[ms] = f
+  return f
+end
+local function ms_of(text)
+  if not text or text == '' then return 0 end
+  return v64(text, 1, #text)
+end
+-- A site or settlement id whose tail is a run of 10-19 digits (its first not 0): the rest, a
+-- marker ('!' + the run's length - 10) and the run as two numbers (packing.id_field). IDF
+-- remembers them for the call (a settlement writes its site and id into each code it opens).
+local HC = {1, 2, 2, 3, 3, 4, 4, 5, 5, 6}
+local function cn(x, n)
+  local t = {}
+  for i = n, 1, -1 do
+    local r = x % 64
+    t[i] = r + 63
+    x = (x - r) / 64
+  end
+  return char(unpack(t, 1, n))
+end
+local IDF = {}
+local function idf(s)
+  if not s or s == '' then return s end
+  local f = IDF[s]
+  if f then return f end
+  local n, d = #s, 0
+  while d < n and d < 19 do
+    local b = byte(s, n - d)
+    if b < 48 or b > 57 then break end
+    d = d + 1
+  end
+  f = s
+  for run = d, 10, -1 do
+    if byte(s, n - run + 1) ~= 48 then
+      f = sub(s, 1, n - run) .. char(33 + run - 10) .. cn(tonumber(sub(s, n - run + 1, n - 9)), HC[run - 9])
+          .. cn(tonumber(sub(s, n - 8, n)), 5)
+      break
+    end
+  end
+  IDF[s] = f
+  return f
+end
+local function id_of(f)
+  if not f or f == '' then return f end
+  local p = string.find(f, '[!-*]')
+  if not p then return f end
+  local h = HC[byte(f, p) - 32]
+  if #f - p ~= h + 5 or string.find(f, '[^?-~]', p + 1) then return f end
+  return sub(f, 1, p - 1) .. string.format('%d%09d', v64(f, p + 1, p + h), v64(f, p + h + 1, p + h + 5))
+end
+-- An id, a dot and 32 hex digits (a pseudonym, a body digest) as the id, the dot and 22
+-- characters (packing.hex128_field): the 32 hex digits and a trailing zero are 11 groups of three,
+-- each two characters. The server packs a settlement's buyer and digest; this Lua packs only on
+-- a cluster's commit (commit.lua) and unpacks a buyer where it needs the pseudonym.
+local function h128f(p)
+  if not p or p == '' then return p end
+  local dot = string.find(p, '.', 1, true)
+  if not dot or #p - dot ~= 32 or string.find(p, '[^0-9a-f]', dot + 1) then return p end
+  local hex = sub(p, dot + 1) .. '0'
+  local out = {sub(p, 1, dot)}
+  for k = 1, 31, 3 do
+    local v = tonumber(sub(hex, k, k + 2), 16)
+    out[#out + 1] = char((v - v % 64) / 64 + 63, v % 64 + 63)
+  end
+  return table.concat(out)
+end
+local function h128_of(text)
+  if not text or text == '' then return text end
+  local dot = string.find(text, '.', 1, true)
+  if not dot or #text - dot ~= 22 or string.find(text, '[^?-~]', dot + 1) then return text end
+  local out = {sub(text, 1, dot)}
+  for k = dot + 1, #text, 2 do out[#out + 1] = string.format('%03x', v64(text, k, k + 1)) end
+  local s = table.concat(out)
+  return sub(s, 1, #s - 1)  -- the trailing zero of 33 hex digits
+end
+
+-- The site and settlement id of a settlement record (or a cluster part's) from its key, spelled
+-- by keys.py as '<prefix>:{tag}:s:<len(site)>:<site>:<id>' (a part: ':sp:'): the record does not
+-- repeat them.
+local function record_owner(key)
+  local at = string.find(key, '}:', 1, true)
+  local colon = string.find(key, ':', at + 2, true)
+  local len_end = string.find(key, ':', colon + 1, true)
+  local n = tonumber(sub(key, colon + 1, len_end - 1))
+  return sub(key, len_end + 1, len_end + n), sub(key, len_end + n + 2)
+end
+
 -- A table whose array part already holds n slots (all nil): Lua 5.1 sizes a table built by a
 -- constructor from a call's results once, where filling an empty one grows it step by step.
 local NONE = {}
@@ -46,19 +192,33 @@ local function split(v, sep, out)
 end
 
 -- The entry of `code` in bucket `bkey` as a table (E positions), or nil when there is none.
+-- Its field name is the code packed (cfield); its first dispense's time (msf), site and
+-- settlement id and its receiving site (idf) are packed in the value and come back here as they
+-- were. The first buyer's pseudonym (fp) stays packed
+-- (h128f) in the table too: it is written far more often than read (the settlement packs its
+-- buyer once for all its codes), and the few readers unpack it (h128_of).
 local function entry_read(bkey, code)
-  local v = redis.call('HGET', bkey, code)
+  local v = redis.call('HGET', bkey, cfield(code))
   if not v then return nil end
-  return split(v, US, new_entry())
+  local e = split(v, US, new_entry())
+  local fa = e[E.fa]
+  if fa and fa ~= '' then e[E.fa] = istr(ms_of(fa)) end
+  e[E.fs], e[E.fi], e[E.rs] = id_of(e[E.fs]), id_of(e[E.fi]), id_of(e[E.rs])
+  return e
 end
 
 -- Write an entry back (its table is packed in place and not used after); trailing empty fields
 -- are left off (a code never dispensed: its lot id). Fields not set are false or nil.
+-- No time and no attempts are written as nothing rather than '0'.
 local function entry_write(bkey, code, e)
+  local fa, at = tonumber(e[E.fa]), e[E.at]
+  e[E.fa] = (fa and fa ~= 0) and msf(fa) or ''
+  e[E.fs], e[E.fi], e[E.rs] = idf(e[E.fs]), idf(e[E.fi]), idf(e[E.rs])
+  if at == 0 or at == '0' then e[E.at] = '' end
   local n = NENTRY
   while n > 1 and (not e[n] or e[n] == '') do n = n - 1 end
   for i = 1, n do e[i] = istr(e[i] or '') end
-  redis.call('HSET', bkey, code, table.concat(e, US, 1, n))
+  redis.call('HSET', bkey, cfield(code), table.concat(e, US, 1, n))
 end
 
 -- The lot text of an issuance record (LOT_FIELDS order).
@@ -66,18 +226,23 @@ local function lot_text(product, gtin, batch, expiry, units, mfr)
   return table.concat({product, gtin, batch, expiry, units, mfr}, US)
 end
 
--- The id of a lot in the tag's lot dictionary `lkey`, adding it when absent. Content-addressed
--- (the first 12 hex digits of its SHA-1), so codes of one lot share one entry; on the rare
--- collision with another lot the id gets a suffix, probed the same way on every lookup.
+-- The id of a lot in the tag's lot dictionary `lkey`, adding it when absent: a small number in
+-- the order the tag met its lots (field '#' counts them), since every code of the tag carries it.
+-- The lot is found by its content through '=' and the first 16 hex digits of its SHA-1; on the
+-- rare collision with another lot the next probe is '=<digits>.<k>', the same on every lookup.
 local function lot_id(lkey, text)
-  local base = string.sub(redis.sha1hex(text), 1, 12)
-  local id, k = base, 0
+  local base = '=' .. string.sub(redis.sha1hex(text), 1, 16)
+  local probe, k = base, 0
   while true do
-    local have = redis.call('HGET', lkey, id)
-    if not have then redis.call('HSET', lkey, id, text); return id end
-    if have == text then return id end
+    local id = redis.call('HGET', lkey, probe)
+    if not id then
+      id = tostring(redis.call('HINCRBY', lkey, '#', 1))
+      redis.call('HSET', lkey, id, text, probe, id)
+      return id
+    end
+    if redis.call('HGET', lkey, id) == text then return id end
     k = k + 1
-    id = base .. '.' .. k
+    probe = base .. '.' .. k
   end
 end
 
@@ -143,7 +308,7 @@ local function history_explicit(hkey, e)
   local fd = tonumber(e[E.fd])
   if not fd or e[E.fx] == '1' then return end
   local event = cjson.encode({t = 'DISPENSED', a = tonumber(e[E.fa]) or 0, s = e[E.fs] or '', i = e[E.fi] or '',
-                              l = tonumber(e[E.fl]) or 0, u = tonumber(e[E.fu]) or 0, x = '', p = e[E.fp] or ''})
+                              l = tonumber(e[E.fl]) or 0, u = tonumber(e[E.fu]) or 0, x = '', p = h128_of(e[E.fp] or '')})
   if fd == 0 then
     redis.call('LPUSH', hkey, event)
   else
@@ -173,14 +338,9 @@ local function results_encode(recorded, rows, own)
   return text
 end
 
--- The inverse, of either form (`own` as above), and of layout 1's JSON too (a record stored before
--- the migration). The numbers come back as numbers, in ROW_FIELDS' int positions.
+-- The inverse (`own` as above). The numbers come back as numbers, in ROW_FIELDS' int positions.
 local ROW_INTS = {R.accepted, R.used, R.pack_units, R.expiry, R.first_settled_at_ms, R.attempts}
 local function results_decode(text, own)
-  if string.sub(text, 1, 1) == '{' then
-    local doc = cjson.decode(text)
-    return doc.rec == 1, doc.l
-  end
   local parts = split(text, RS)
   local rows = {}
   for i = 2, #parts do
@@ -194,9 +354,24 @@ local function results_decode(text, own)
   return parts[1] == '1', rows
 end
 
--- A settlement's ledger (per line: code, units taken, units returned, line index) as json; built
--- here rather than by cjson, whose numbers go through the same slow printf.
+-- A settlement's ledger (per line: code, units taken, units returned, line index) as json, the
+-- code packed (cfield; '' for a malformed line); built here rather than by cjson, whose numbers
+-- go through the same slow printf.
 local function ledger_line(code, taken, returned, line)
+  if code ~= '' then code = cfield(code) end
   if string.find(code, '["\\]') then code = string.gsub(code, '(["\\])', '\\%1') end
   return '["' .. code .. '",' .. istr(taken) .. ',' .. istr(returned) .. ',' .. istr(line) .. ']'
+end
+local function ledger_text(ledger)
+  local out = presized(#ledger)
+  for i, e in ipairs(ledger) do out[i] = ledger_line(e[1], e[2], e[3], e[4]) end
+  return '[' .. table.concat(out, ',') .. ']'
+end
+-- A stored ledger, its codes unpacked (code_of).
+local function ledger_read(text)
+  local ledger = cjson.decode(text)
+  for _, e in ipairs(ledger) do
+    if e[1] ~= '' then e[1] = code_of(e[1]) end
+  end
+  return ledger
 end

@@ -15,7 +15,7 @@
 -- crash or a stall of many seconds between the decision and this call.
 --
 -- KEYS[1] part record   KEYS[2] audit stream of its slot
--- then four keys per distinct code of the part, in ARGV code order (layout 2, as verify.lua):
+-- then four keys per distinct code of the part, in ARGV code order (as verify.lua):
 --   issuance bucket, lot dictionary, state bucket, history
 -- ARGV[1] 'K' commit or 'X' abort   ARGV[2] history max   ARGV[3] audit max
 -- then the part's distinct codes in key order.
@@ -24,16 +24,18 @@
 
 --@LAYOUT@--
 --@STATE@--
+--@AUDIT@--
 
 local decision, hist_max, audit_max = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'site', 'i', 'at', 'pu', 'ip')
+local p = redis.call('HMGET', KEYS[1], 'r', 'l', 'ps', 'pu', 'ip', 'at')
 if not p[1] then return redis.error_reply('TCNOTFOUND part not found') end
-local site, sid, at = p[4], p[5], tonumber(p[6])
+local site, sid = record_owner(KEYS[1])
+local at = ms_of(p[6])
 local own = {site, sid, at}
 if p[3] ~= 'P' then return {p[1], p[3] or 'F', 0} end
-local insured = p[8] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
+local insured = p[5] or ''  -- the settlement's insured pseudonym (gate.lua keeps it on the part)
 local me = site .. '\31' .. sid
-local ledger = cjson.decode(p[2])
+local ledger = ledger_read(p[2])
 local recorded, rows = results_decode(p[1], own)
 local KPC = 4
 
@@ -65,7 +67,7 @@ end
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local prepared_used = p[7] and cjson.decode(p[7]) or {}
+local prepared_used = p[4] and cjson.decode(p[4]) or {}
 local refused = {}  -- code -> 'DUPLICATE' | 'QUANTITY_EXCEEDED': its units are no longer ours
 if decision == 'K' then
   for code, units in pairs(take) do
@@ -99,7 +101,7 @@ for code, units in pairs(take) do
   if decision == 'K' then
     local used = tonumber(e[E.u]) or 0
     if used == 0 then
-      e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at], e[E.fp] = units, site, sid, at, 0, insured
+      e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at], e[E.fp] = units, site, sid, at, 0, h128f(insured)
     else
       e[E.u] = used + units
     end
@@ -113,7 +115,7 @@ if decision == 'K' then
       history_push(KEYS[2 + KPC * (c - 1) + 4], entry(c), {t = 'DISPENSED', a = at, s = site, i = sid, l = e[4],
                                                            u = e[2], x = '', p = insured}, hist_max)
       dirty[c] = true
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', audit_max, '*', 't', 'DISPENSED', 'c', e[1], 's', site,
+      audit_add(KEYS[2], audit_max, 't', 'DISPENSED', 'c', e[1], 's', site,
                  'i', sid, 'l', e[4], 'u', e[2], 'x', '', 'a', at, 'p', insured)
     end
   end
@@ -141,5 +143,5 @@ else
 end
 for c in pairs(dirty) do entry_write(KEYS[2 + KPC * (c - 1) + 3], ARGV[c + 3], ent[c]) end
 local out = results_encode(recorded, rows, own)
-redis.call('HSET', KEYS[1], 'r', out, 'l', cjson.encode(ledger), 'ps', 'F')
+redis.call('HSET', KEYS[1], 'r', out, 'l', ledger_text(ledger), 'ps', 'F')
 return {out, decision == 'E' and 'E' or 'F', 1}

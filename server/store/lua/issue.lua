@@ -1,7 +1,7 @@
 -- issue.lua: upsert issuance records, atomically per call (one call carries many records).
 --
--- KEYS: three per record (layout 2, keys.py): the code's bucket, its tag's lot dictionary and the
---   index of its batch in its tag (written when the record has a batch, so a recall finds it).
+-- KEYS: two per record (keys.py): the code's bucket and its tag's lot dictionary (a recall finds
+--   a batch's codes by their lot id: batch.lua).
 -- ARGV[1] replace ('1' overwrites a record issued for another product), then 8 per record:
 --   code, product, gtin, batch, expiry (YYYYMMDD or 0), pack units, manufacturer, status ('' =
 --   keep the stored status, ACTIVE for a new record; a reload must not undo a recall).
@@ -16,9 +16,9 @@
 
 local replace = ARGV[1] == '1'
 local out = {}
-for j = 1, #KEYS / 3 do
+for j = 1, #KEYS / 2 do
   local a = 2 + 8 * (j - 1)
-  local bkey, lkey, code = KEYS[3 * j - 2], KEYS[3 * j - 1], ARGV[a]
+  local bkey, lkey, code = KEYS[2 * j - 1], KEYS[2 * j], ARGV[a]
   local e = entry_read(bkey, code) or {}
   local cur = issuance_of(lkey, e)
   local status = ARGV[a + 7]
@@ -38,9 +38,6 @@ for j = 1, #KEYS / 3 do
       e[E.lot] = lot_id(lkey, text)
       e[E.status] = status == 'ACTIVE' and '' or status
       entry_write(bkey, code, e)
-      -- A code that moved to another batch stays listed under its old one too; a batch recall
-      -- passes the batch and skips it (status.lua), as layout 1 did.
-      if ARGV[a + 3] ~= '' then redis.call('HSET', KEYS[3 * j], code, '') end
       out[j] = cur and 2 or 1
     end
   end

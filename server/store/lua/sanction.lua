@@ -13,12 +13,14 @@
 -- TCNOTFOUND (no such sanction), TCRETRY (the entry changed since the caller read it).
 -- Entries are written as given (json made by sanctions.Sanction.to_json): Lua's cjson would
 -- print large millisecond times with limited precision, so this script never encodes one.
+--@AUDIT@--
+
 local op = ARGV[1]
 local now, audit_max, log_max = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local function changed(entry, etype)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', log_max, '*', 'e', entry)
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', audit_max, '*', 't', etype, 'n', cjson.decode(entry).id,
+  audit_add(KEYS[5], audit_max, 't', etype, 'n', cjson.decode(entry).id,
              'k', ARGV[9], 's', ARGV[10], 'p', ARGV[11], 'x', ARGV[12], 'r', ARGV[13], 'b', ARGV[14], 'a', now)
 end
 

@@ -1,7 +1,7 @@
 -- status.lua: change the status of issued codes (lock, recall, ...) with an audit event each,
 -- atomically per call.
 --
--- KEYS[1] audit stream of the slot, then three per code (layout 2, keys.py): its bucket, the lot
+-- KEYS[1] audit stream of the slot, then three per code (keys.py): its bucket, the lot
 --   dictionary, its history.
 -- ARGV[1] new status   ARGV[2] now, ms   ARGV[3] reason   ARGV[4] actor   ARGV[5] history max
 -- ARGV[6] audit max   ARGV[7] only product   ARGV[8] only batch ('' '': any record; a batch
@@ -11,6 +11,7 @@
 -- written).
 --@LAYOUT@--
 --@STATE@--
+--@AUDIT@--
 
 local status, now, reason, actor = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local hist_max, audit_max = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -37,7 +38,7 @@ for j = 1, (#KEYS - 1) / 3 do
       history_push(KEYS[k + 3], e, {t = 'STATUS_CHANGED', a = now, s = actor, i = '', l = 0, u = 0,
                                     x = detail}, hist_max)
       entry_write(KEYS[k + 1], code, e)
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', audit_max, '*', 't', 'STATUS_CHANGED', 'c', code,
+      audit_add(KEYS[1], audit_max, 't', 'STATUS_CHANGED', 'c', code,
                  's', actor, 'i', '', 'l', 0, 'u', 0, 'x', detail, 'a', now)
     end
   end

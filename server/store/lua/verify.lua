@@ -4,7 +4,7 @@
 -- cluster the lines whose codes share one hash slot (store.py splits and merges).
 --
 -- KEYS[1]  part record (hash)               KEYS[2]  audit stream of the part's slot
--- then four keys per distinct code u = 1..U (layout 2, keys.py): its issuance bucket (hash), the
+-- then four keys per distinct code u = 1..U (keys.py): its issuance bucket (hash), the
 --   tag's lot dictionary (hash), its state bucket (hash; the same key as the issuance bucket in
 --   the live namespace, where one entry holds both), its history (list)
 -- then, in a bulk job's namespace only, its registry (set) in the part's slot: every key this
@@ -18,17 +18,18 @@
 --          commit.lua then confirms or releases the reservation)
 -- ARGV[2]  site id               ARGV[3]  settlement id
 -- ARGV[4]  settled_at, ms since the epoch        ARGV[5]  settlement date as YYYYMMDD (issuer's zone)
--- ARGV[6]  body digest (idempotency)             ARGV[7]  policy: 'R' record accepted, 'A' all or nothing
+-- ARGV[6]  body digest (idempotency), packed (rules/packing.py)             ARGV[7]  policy: 'R' record accepted, 'A' all or nothing
 -- ARGV[8]  audit stream max length (approximate trim)   ARGV[9] history max events per code
 -- ARGV[10] settlement record ttl, seconds        ARGV[11] number of lines n
 -- ARGV[12] dispense state ttl, seconds (0: none; a bulk REPLAY namespace expires, live state never);
 --          in mode 'P' the reservation's lifetime, ms
 --   An audit max of 0 writes no events (bulk REPLAY namespaces keep state, not history).
--- ARGV[13] unused (was the caller's clock; reservations are timed by this node's own TIME, so
---          servers with skewed clocks agree on when a reservation expires)
+-- ARGV[13] the settlement's insured pseudonym packed (rules/packing.py), '' when none: what the
+--          entries of the packs it dispenses first keep as their first buyer
+-- ARGV[14] the site packed   ARGV[15] the settlement id packed (rules/packing.py id_field)
 -- then five per line: code index u (0 = malformed), billed product id, units (0 = whole pack),
 --   malformed reason, the line's 0-based index in the whole settlement
--- then the U canonical codes, in key order.
+-- then the U canonical codes, in key order, then their U field names (rules/packing.py code_field).
 --
 -- Reservations live in the code's entry, field rv: json {"<site>\31<settlement>": [units, expires_ms,
 -- settled_at_ms]}. Unexpired reservations of other settlements count as used units (and as the
@@ -40,8 +41,9 @@
 -- Returns {replayed 0|1, results, part state}. results is what is stored for replays, packed in
 --   the stored form (layout.py; results_encode): the recorded flag, then per line verdict, accepted, used_after,
 --   pack_units, status, issued_product, expiry, first_site, first_settlement, first_at_ms,
---   attempts, reason. used_after, first_* and attempts describe the pack after the whole
---   settlement, on every line. A record stored in layout 1's JSON form replays as it is.
+--   attempts, reason, received_by (the site whose receiving check took the pack as stock: the
+--   entry's rs, receive.lua). used_after, first_* and attempts describe the pack after the whole
+--   settlement, on every line.
 -- The part state is 'F' (final) or 'P' (prepared, awaiting commit.lua). A prepared part met again
 -- in mode 'P' (a retry after its coordinator died before any decision was recorded) is judged
 -- afresh against the state as it is now, its old reservation dropped: the state may have moved
@@ -54,7 +56,7 @@
 
 --@STATE@--
 
--- Verdict precedence, first wins: generated from tracecode.server.verdicts.PRECEDENCE.
+-- Verdict precedence, first wins: generated from tracecode.rules.verdicts.PRECEDENCE.
 local PRECEDENCE = {--@PRECEDENCE@--}
 
 local mode, site, sid = ARGV[A.mode], ARGV[A.site], ARGV[A.settlement_id]
@@ -64,13 +66,18 @@ local audit_max, hist_max = tonumber(ARGV[A.audit_max]), tonumber(ARGV[A.history
 local ttl, n, state_ttl = tonumber(ARGV[A.settlement_ttl_s]), tonumber(ARGV[A.n_lines]), tonumber(ARGV[A.state_ttl])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local log_events = audit_max > 0
+local log_events = audit_max ~= 0  -- 0: a job's namespace (no events); < 0: archived (_audit.lua)
 local writes = mode ~= 'C'
 local CODE0 = LINE0 + STRIDE * n
 local me = site .. '\31' .. sid
 if mode == 'P' then policy = 'A' end
 local KPC = 4
-local registry = KEYS[2 + KPC * (#ARGV - CODE0 + 1) + 1]
+-- The codes, then their field names packed by the server (rules/packing.py: Redis is the shared
+-- resource, the servers scale out): cfield finds each already made.
+local U = (#ARGV - CODE0 + 1) / 2
+for u = 1, U do CF[ARGV[CODE0 + u - 1]] = ARGV[CODE0 + U + u - 1] end
+IDF[site], IDF[sid] = ARGV[A.site_packed], ARGV[A.settlement_packed]  -- packed by the server too
+local registry = KEYS[2 + KPC * U + 1]
 local written = {}  -- keys to register, when there is a registry
 
 if writes then
@@ -89,7 +96,7 @@ local own = {}
 if mode == 'C' then
   local ledger = redis.call('HGET', KEYS[1], 'l')
   if ledger then
-    for _, e in ipairs(cjson.decode(ledger)) do
+    for _, e in ipairs(ledger_read(ledger)) do
       if e[2] > 0 then own[e[1]] = true end
     end
   end
@@ -97,7 +104,6 @@ end
 
 -- Per distinct code: issuance record (false when never issued), entry and dispense state, read once.
 -- Tables indexed by code (1..U) or line (1..n) are made at their size at once (presized).
-local U = #ARGV - CODE0 + 1
 local rec, st, ent, orig_used = presized(U), presized(U), presized(U), presized(U)
 local function load(u)
   if rec[u] ~= nil then return end
@@ -148,7 +154,8 @@ for i = 1, n do
   if u == 0 then
     results[i] = make_row{verdict = 'MALFORMED', accepted = 0, used = 0, pack_units = 0, status = '',
                           issued_product_id = '', expiry = 0, first_site_id = '', first_settlement_id = '',
-                          first_settled_at_ms = 0, attempts = 0, reason = ARGV[a + L.malformed_reason]}
+                          first_settled_at_ms = 0, attempts = 0, reason = ARGV[a + L.malformed_reason],
+                          received_by = ''}
     any_flagged = true
   else
     load(u)
@@ -202,7 +209,7 @@ for i = 1, n do
     results[i] = make_row{verdict = verdict, accepted = accepted, used = 0, pack_units = r and r.n or 0,
                           status = r and r.s or '', issued_product_id = r and r.p or '', expiry = r and r.e or 0,
                           first_site_id = '', first_settlement_id = '', first_settled_at_ms = 0, attempts = 0,
-                          reason = '', code_index = u, want = want}
+                          reason = '', received_by = ent[u][E.rs] or '', code_index = u, want = want}
   end
 end
 
@@ -231,9 +238,34 @@ end
 local prepared = mode == 'P' and recorded
 local part_state = prepared and 'P' or 'F'
 
+-- The live rules (gate.lua live_hook), judged on what this dispense records, before any write:
+-- a refusal leaves everything as it was. A person's state keeps the packs' codes packed (their
+-- field names, rules/packing.py); a credit carries the canonical code too, for a cluster's
+-- second call (gate.lua).
+if live_hook and writes then
+  local packs, credits = {}, {}
+  for i = 1, n do
+    local res = results[i]
+    local u = res[R.code_index]
+    if u then
+      if res[R.verdict] == 'OK' then
+        if recorded and not prepared then packs[#packs + 1] = {rec[u].p, ARGV[CODE0 + U + u - 1]} end
+      elseif res[R.verdict] == 'DUPLICATE' and st[u].fs ~= site then
+        local fp = ent[u][E.fp]
+        if fp and fp ~= '' then
+          credits[#credits + 1] = {h128_of(fp), ARGV[CODE0 + U + u - 1], ARGV[CODE0 + u - 1]}
+        end
+      end
+    end
+  end
+  local refusal = live_hook(packs, credits)
+  if refusal then return refusal end
+end
+
 if writes then
+  local insured_packed = ARGV[A.buyer]  -- the first buyer as an entry keeps it (packed by the server)
   local dirty = presized(U)
-  for u = 1, #ARGV - CODE0 + 1 do
+  for u = 1, U do
     local e, s = ent[u], st[u]
     if mode == 'P' and ((prepared and opened[u]) or (s.rv and s.rv[me])) then
       -- Rebuilt: expired entries and this settlement's own earlier reservation dropped, its new
@@ -254,7 +286,7 @@ if writes then
       if orig_used[u] - held == 0 then fs, fi, fa = site, sid, at end
       e[E.u], e[E.fs], e[E.fi], e[E.fa], e[E.at] = s.u - held, fs, fi, fa, s.at
       -- The first buyer's pseudonym belongs to the first dispense (`insured`: see gate.lua).
-      if fs == site and fi == sid then e[E.fp] = insured end
+      if fs == site and fi == sid then e[E.fp] = insured_packed end
       dirty[u] = true
     elseif duplicated[u] then
       e[E.at] = s.at
@@ -276,8 +308,8 @@ if writes then
       end
       dirty[u] = true
     end
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[A.audit_max], '*', 't', etype, 'c', code, 's', site,
-               'i', sid, 'l', istr(li), 'u', istr(units), 'x', detail, 'a', ARGV[A.settled_at_ms], 'p', insured)
+    audit_add(KEYS[2], ARGV[A.audit_max], 't', etype, 'c', code, 's', site, 'i', sid, 'l', istr(li), 'u', istr(units),
+              'x', detail, 'a', ARGV[A.settled_at_ms], 'p', insured, 'g', ARGV[LINE0 + STRIDE * (i - 1) + L.product_id])
   end
 
   -- Events in line order: dispenses when recorded, flagged attempts always (they are evidence).
@@ -294,7 +326,7 @@ if writes then
   end
 
   -- Each touched entry written once, after its events (which count themselves in it).
-  for u = 1, #ARGV - CODE0 + 1 do
+  for u = 1, U do
     if dirty[u] then
       local skey = KEYS[2 + KPC * (u - 1) + 3]
       entry_write(skey, ARGV[CODE0 + u - 1], ent[u])
@@ -317,11 +349,13 @@ end
 -- answer and the record are the same text, decoded with the settlement's site, id and time.
 local out = results_encode(recorded, results, {site, sid, at})
 if writes then
+  -- Packed (rules/packing.py): the digest in 22 characters (by the server), the time in 7; the
+  -- site and the settlement id are the key's own (record_owner).
   redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', '[' .. table.concat(ledger, ',') .. ']',
-             'site', site, 'i', sid, 'at', ARGV[A.settled_at_ms], 'ps', part_state)
+             'at', msf(at), 'ps', part_state)
   if prepared then
     local pu = {}
-    for u = 1, #ARGV - CODE0 + 1 do
+    for u = 1, U do
       if opened[u] then pu[ARGV[CODE0 + u - 1]] = st[u].stored end
     end
     redis.call('HSET', KEYS[1], 'pu', cjson.encode(pu))
