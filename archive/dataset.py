@@ -67,6 +67,10 @@ COMPRESSION = "zstd"
 FILE = re.compile(r"s(\d{4})_(\d+-\d+)_(\d+-\d+)\.parquet\Z")
 MANIFEST = "_compacted.json"
 COMPACT_ATTEMPTS = 4
+# One upload to object storage, tried afresh (a new upload each time) this many times: endpoints
+# answer a CompleteMultipartUpload with an error now and then (S3's documented 200-with-error), and
+# an upload under a name is atomic, so a repeat is safe.
+UPLOAD_ATTEMPTS = 4
 
 log = logging.getLogger("tracecode.archive")
 
@@ -208,7 +212,8 @@ class Archive:
         folder, name = path.rsplit("/", 1)
         if not self.local:
             self.fs.create_dir(folder, recursive=True)
-            pq.write_table(table, path, filesystem=self.fs, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+            self._upload(path, lambda: pq.write_table(table, path, filesystem=self.fs, compression=COMPRESSION,
+                                                      row_group_size=ROW_GROUP_ROWS))
             before_rename()
             return self.fs.get_file_info(path).size
         os.makedirs(folder, exist_ok=True)
@@ -350,8 +355,23 @@ class Archive:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
             return
-        with self.fs.open_output_stream(path) as out:
-            out.write(text.encode())
+        def put() -> None:
+            with self.fs.open_output_stream(path) as out:
+                out.write(text.encode())
+        self._upload(path, put)
+
+    def _upload(self, path: str, put) -> None:
+        """Run put (one whole upload to path) until it succeeds, UPLOAD_ATTEMPTS at most."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                put()
+                return
+            except OSError as exc:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise
+                log.warning("archive: upload of %s failed (attempt %d of %d), retrying: %s",
+                            path, attempt, UPLOAD_ATTEMPTS, exc)
+                time.sleep(0.5 * 2 ** (attempt - 1))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -357,13 +358,22 @@ def test_the_archive_on_s3_compatible_storage(redis_server, config, tmp_path, mo
     S3FileSystem from the URI): files uploaded under their names, read back, compacted, and read
     by the leads engine's archive reader."""
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
     from tracecode.leads.archive import export_from_archive
 
+    # The endpoint in its own process, as a real one is: not sharing this process's interpreter
+    # lock with the gRPC server, the archiver and the load.
     port = free_port()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    s3.start()
+    s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert s3.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+            time.sleep(0.1)
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
@@ -385,9 +395,9 @@ def test_the_archive_on_s3_compatible_storage(redis_server, config, tmp_path, mo
         archiver.start()
         deadline = time.monotonic() + 120
         while sum(s.unarchived for s in streams.state()) and time.monotonic() < deadline:
-            # The production round: moto's threaded server sometimes answers a multipart upload
-            # with INTERNAL_FAILURE under eight concurrent writers (as a real endpoint may); the
-            # round restarts from the intents and the same files are written again.
+            # The production round: an endpoint may answer an upload with an error (S3 documents
+            # a CompleteMultipartUpload's 200 with an error inside); the round restarts from the
+            # intents and the same files are written again.
             archiver.round(pause_s=0.1)
         table = archive.read()
         keys = list(zip(table.column("stream").to_pylist(), table.column("entry_id").to_pylist()))
@@ -404,7 +414,8 @@ def test_the_archive_on_s3_compatible_storage(redis_server, config, tmp_path, mo
     finally:
         srv.stop(0)
         store.close()
-        s3.stop()
+        s3.terminate()
+        s3.wait(30)
 
 
 @pytest.mark.parametrize("bound,says", [(0, "no archive configured"), (5000, "archived (tracecode archive)")])
@@ -426,3 +437,87 @@ def test_serve_says_at_start_how_the_audit_streams_are_trimmed(redis_server, con
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+class _FlakyStore(__import__("pyarrow.fs", fromlist=["FileSystemHandler"]).FileSystemHandler):
+    """The local filesystem behind pyarrow's Python filesystem, reporting itself as object
+    storage, whose first `fail` uploads of each name end in an error: what an endpoint's failed
+    CompleteMultipartUpload does."""
+
+    def __init__(self, fail: int):
+        import pyarrow.fs as pafs
+        self.fs, self.fail, self.tries = pafs.LocalFileSystem(), fail, {}
+
+    def open_output_stream(self, path, metadata):
+        n = self.tries[path] = self.tries.get(path, 0) + 1
+        if n <= self.fail:
+            raise OSError(f"When completing multiple part upload for key '{path}': AWS Error INTERNAL_FAILURE")
+        return self.fs.open_output_stream(path)
+
+    def get_type_name(self):
+        return "flaky-s3"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("not here")
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_append_stream(self, path, metadata):
+        raise OSError("object storage has no append")
+
+
+@pytest.mark.parametrize("fail,ok", [(3, True), (4, False)])
+def test_an_upload_that_fails_is_made_again_whole_and_then_gives_up_naming_it(tmp_path, monkeypatch, fail, ok):
+    """Every upload to object storage (a data file, the compaction's manifest) is tried afresh
+    up to UPLOAD_ATTEMPTS times; after that the error reaches the caller (the archiver's round or
+    the compaction), which restarts from what is committed."""
+    import pyarrow.fs as pafs
+
+    from tracecode.archive import dataset
+
+    monkeypatch.setattr(dataset.time, "sleep", lambda s: None)
+    archive = Archive(str(tmp_path))
+    handler = _FlakyStore(fail)
+    archive.fs, archive.local = pafs.PyFileSystem(handler), False
+    table = SCHEMA.empty_table()
+    path = f"{archive.partition('2026-12-07')}/s0001_1-0_2-0.parquet"
+    if ok:
+        archive.write(path, table)
+        archive._write_text(f"{archive.partition('2026-12-07')}/_x.json", "{}")
+        assert handler.tries[path] == 4 and archive.exists(path)
+        assert archive.read("2026-12-07").num_rows == 0
+    else:
+        with pytest.raises(OSError, match="INTERNAL_FAILURE"):
+            archive.write(path, table)
+        assert handler.tries[path] == dataset.UPLOAD_ATTEMPTS and not archive.exists(path)
