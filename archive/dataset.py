@@ -41,7 +41,7 @@ COLUMNS = (
     ("stream", pa.int16(), "", "the audit stream (bucket 0-1023) the entry was written to"),
     ("entry_id", pa.string(), "", "its stream entry ID: with `stream`, the entry's identity"),
     ("server_at", pa.timestamp("ms", tz="UTC"), "", "the server's time of the entry (from its ID)"),
-    ("event", pa.string(), "t", "DISPENSED, ATTEMPT, REVERSED, STATUS_CHANGED, REFUSED, SANCTION_SET, SANCTION_LIFTED"),
+    ("event", pa.string(), "t", "one of rules.schema.AUDIT_TYPES (DISPENSED, ATTEMPT, NOTICE, RECEIVED, ...)"),
     ("code", pa.string(), "c", "canonical code (null: a refusal or a sanction change)"),
     ("product_id", pa.string(), "g", "the billed product of the line (DISPENSED, ATTEMPT)"),
     ("units", pa.int32(), "u", "units"),
@@ -57,6 +57,8 @@ COLUMNS = (
     ("sanction_kind", pa.string(), "k", "its kind"),
     ("sanction_reference", pa.string(), "r", "its reference (sanction changes)"),
     ("sanction_actor", pa.string(), "b", "who imposed or lifted it (sanction changes)"),
+    ("supplier", pa.string(), "d", "RECEIVED, RECEIVE_FLAGGED: the supplier (settlement_id: the delivery id)"),
+    ("figures", pa.string(), "f", "NOTICE and a live rule's REFUSED: the rule's figures (JSON, rules/live.py)"),
 )
 SCHEMA = pa.schema([pa.field(name, typ, metadata={"doc": doc}) for name, typ, _, doc in COLUMNS])
 # Events that are a settlement's: their 'a' is the settlement's settled_at (NOTICE: a live rule's
@@ -74,7 +76,9 @@ UPLOAD_ATTEMPTS = 4
 
 log = logging.getLogger("tracecode.archive")
 
-assert {letter for _, _, letter, _ in COLUMNS if letter} <= set(AUDIT_FIELDS)
+# Every field an audit entry can carry has its column (x, the verdict or reason, is split in
+# two by event): nothing the scripts write is left behind in Redis.
+assert {letter for _, _, letter, _ in COLUMNS if letter} | {"x"} == set(AUDIT_FIELDS)
 
 
 class ArchiveError(ValueError):
@@ -186,6 +190,8 @@ def split_by_date(bucket: int, entries: Iterable[tuple[str, dict[str, str]]], da
         c["sanction_kind"].append(f.get("k") or None)
         c["sanction_reference"].append(f.get("r") or None)
         c["sanction_actor"].append(f.get("b") or None)
+        c["supplier"].append(f.get("d") or None)
+        c["figures"].append(f.get("f") or None)
     return out
 
 
@@ -313,7 +319,7 @@ class Archive:
         # The manifest first (what is about to be replaced), then the merged file, then the deletes:
         # a crash before the rename leaves the small files (and a stale manifest naming a merged file
         # that does not exist: ignored); after it, `recover()` finishes the deletes.
-        self._write_text(f"{self.partition(day)}/{MANIFEST}",
+        self.write_text(f"{self.partition(day)}/{MANIFEST}",
                          json.dumps({"merged": merged.rsplit("/", 1)[1], "replaced": replaced}))
         self.write(merged, table)
         self._delete(day, replaced)
@@ -346,7 +352,8 @@ class Archive:
             _fsync_dir(self.partition(day))
         return n
 
-    def _write_text(self, path: str, text: str) -> None:
+    def write_text(self, path: str, text: str) -> None:
+        """A small text file at path, whole or not at all (the compaction's manifest)."""
         if self.local:
             tmp = path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as fh:

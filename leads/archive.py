@@ -16,6 +16,11 @@ index + 1), `code` (the canonical code), `product_id` (the billed product), `uni
 `insured_id` (the pseudonym: the run treats the input as pseudonymised). The run then goes as
 for any export, on DuckDB or Spark. The archive holds no amounts: `amount` is empty.
 
+The archive's RECEIVED entries (the receiving check, 入库核验) are the UNRECEIVED model's receipts:
+`receipts_from_archive` writes them as a receipts file (`site_id, code, received_at,
+delivery_id, product_id, supplier`) from every partition up to `--until`, not only from
+`--from`: a pack is received before it is sold, often in an earlier month.
+
 May import: the standard library, duckdb, pyarrow, pyspark (through engines.SparkEngine), the
 archive room's dataset (never its archiver: no Redis here) and this room's modules.
 """
@@ -70,6 +75,40 @@ def export_from_archive(uri: str, out_path: str, day_from: str | None = None, da
               ORDER BY settled_at, site, settlement_id, line
             ) TO {_literal(out_path)} (FORMAT PARQUET)"""
         con.execute(sql)
+        row = con.execute(f"SELECT count(*) FROM read_parquet({_literal(out_path)})").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        con.close()
+
+
+def receipts_from_archive(uri: str, out_path: str, day_until: str | None = None) -> int:
+    """Write the archive's RECEIVED entries up to day_until (inclusive; every earlier date) as a
+    receipts Parquet file at out_path; the number of receipts (0: the file has no rows)."""
+    import duckdb
+
+    check_date("--until", day_until)
+    archive = Archive(uri)
+    files = [p for d in archive.dates() if day_until is None or d <= day_until for p in archive.live_files(d)]
+    con = duckdb.connect()
+    try:
+        if not files:
+            source = "(SELECT NULL::VARCHAR AS site, NULL::VARCHAR AS code, NULL::TIMESTAMPTZ AS event_at, " \
+                     "NULL::VARCHAR AS settlement_id, NULL::VARCHAR AS product_id, NULL::VARCHAR AS supplier, " \
+                     "NULL::VARCHAR AS event, NULL::VARCHAR AS entry_id, NULL::SMALLINT AS stream WHERE false)"
+        elif archive.local:
+            source = "read_parquet([" + ", ".join(_literal(p) for p in files) + "])"
+        else:
+            con.register("arch", archive.read_paths(files))
+            source = "arch"
+        con.execute(f"""
+            COPY (
+              SELECT site AS site_id, code,
+                     strftime(event_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g') || '+00:00' AS received_at,
+                     settlement_id AS delivery_id, product_id, supplier
+              FROM {source}
+              WHERE event = 'RECEIVED' AND code IS NOT NULL AND site IS NOT NULL
+              ORDER BY event_at, stream, entry_id
+            ) TO {_literal(out_path)} (FORMAT PARQUET)""")
         row = con.execute(f"SELECT count(*) FROM read_parquet({_literal(out_path)})").fetchone()
         return int(row[0]) if row else 0
     finally:

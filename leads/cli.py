@@ -93,24 +93,34 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = list(args.files)
+    receipts = list(args.receipts or [])
     if args.archive:
         import os
         import tempfile
 
-        from .archive import export_from_archive
+        from .archive import export_from_archive, receipts_from_archive
         scratch = args.workdir or tempfile.mkdtemp(prefix="tracecode-leads-archive-")
         os.makedirs(scratch, exist_ok=True)
         path = os.path.join(scratch, "archive-export.parquet")
+        received = os.path.join(scratch, "archive-receipts.parquet")
         try:
             n = export_from_archive(args.archive, path, args.day_from, args.day_until, args.engine, args.spark_master)
+            n_received = receipts_from_archive(args.archive, received, args.day_until)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if not args.quiet:
-            print(f"archive {args.archive}: {n} settlement lines", file=sys.stderr)
+            print(f"archive {args.archive}: {n} settlement lines, {n_received} receipts", file=sys.stderr)
         files = [path]
+        # The receiving check's records are the UNRECEIVED model's receipts (full runs only: an
+        # incremental state does not carry receipts, run.py).
+        if n_received and not args.state:
+            receipts = [*receipts, received]
+        elif n_received and not args.quiet:
+            print("note: --state: the archive's receipts are left out (UNRECEIVED runs in full runs only)",
+                  file=sys.stderr)
         pseudo = Pseudonyms(None, True)  # the archive holds pseudonyms only
-    opts = Options(files=files, issuance=args.issuance, out=args.out, sites=args.sites, receipts=args.receipts,
+    opts = Options(files=files, issuance=args.issuance, out=args.out, sites=args.sites, receipts=receipts,
                    engine=args.engine, spark_master=args.spark_master, pseudonyms=pseudo, config=cfg,
                    server_config=scfg, lines_out=args.lines, progress=not args.quiet, workdir=args.workdir,
                    state=args.state)

@@ -1,18 +1,49 @@
 """network.png: the resale network of the top leads (sites as nodes, resold packs as weighted
-edges, ring members highlighted), written beside the leads."""
+edges, ring members highlighted), written beside the leads.
+
+Drawn in a process of its own (`start`, then `Drawing.wait`), while the run writes its other
+outputs: matplotlib's import and the rendering are about a second of one core that the run no
+longer waits for, and the run's own process never imports matplotlib."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 
 MAX_EDGES = 120  # a picture an inspector can read; the full network is in the evidence
 
 
+@dataclass
+class Drawing:
+    """A network.png being drawn by its own process."""
+    proc: subprocess.Popen
+    spec: str
+
+    def wait(self) -> None:
+        """Wait for the picture; a failure is the run's failure, with the drawing's own message."""
+        _, err = self.proc.communicate()
+        os.unlink(self.spec)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"drawing network.png failed: {err.decode(errors='replace').strip()[-2000:]}")
+
+
+def start(path: str, edges: list[tuple[str, str, int]], top_sites: list[str], rings: list[list[str]]) -> Drawing:
+    """Begin drawing path from the run's resale edges, its top buyer sites and its rings."""
+    spec = path + ".json.tmp"
+    with open(spec, "w", encoding="utf-8") as fh:
+        json.dump({"edges": edges, "top": top_sites, "rings": rings}, fh)
+    proc = subprocess.Popen([sys.executable, "-m", "tracecode.leads.network", spec, path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return Drawing(proc, spec)
+
+
 def draw(path: str, edges: list[tuple[str, str, int]], top_sites: list[str], rings: list[list[str]]) -> None:
+    import networkx as nx
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     ring_of = {s: n for n, r in enumerate(rings) for s in r}
     top = set(top_sites)
     # Edges into the top buyer sites first, then ring edges, heaviest first.
@@ -21,7 +52,9 @@ def draw(path: str, edges: list[tuple[str, str, int]], top_sites: list[str], rin
     g = nx.DiGraph()
     for *_, a, b, packs in ranked[:MAX_EDGES]:
         g.add_edge(a, b, weight=packs)
-    fig, ax = plt.subplots(figsize=(11, 8), dpi=110)
+    fig = Figure(figsize=(11, 8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.set_title(f"Resale network: top {len(top_sites)} buyer sites, {len(rings)} ring(s) "
                  "(edge: first dispense -> resale, width: packs)")
     ax.axis("off")
@@ -38,5 +71,13 @@ def draw(path: str, edges: list[tuple[str, str, int]], top_sites: list[str], rin
                                      font_size=6, ax=ax)
     else:
         ax.text(0.5, 0.5, "no resold packs", ha="center", va="center")
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    spec_path, png_path = sys.argv[1:3]
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    draw(png_path, [tuple(e) for e in spec["edges"]], spec["top"], spec["rings"])

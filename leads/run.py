@@ -211,9 +211,12 @@ def run(opts: Options) -> Result:
 
         ring_ids = {f"#{n}": "+".join(r) for n, r in enumerate(rings)}
         leads, evidence = assemble.assemble(ev, figures, registry, opts.config, tz, ring_ids)
-        _write_outputs(opts.out, leads, evidence, errors)
         top = [ld.subject_id for ld in leads if ld.model == "RESALE_BUYER"][: opts.config.top_network_leads]
-        network.draw(os.path.join(opts.out, "network.png"), edges, top, rings)
+        drawing = network.start(os.path.join(opts.out, "network.png"), edges, top, rings)
+        try:
+            _write_outputs(opts.out, leads, evidence, errors)
+        finally:
+            drawing.wait()
         stages.done("write", f"{len(leads)} leads")
         result = Result(len(leads), len(evidence), n_lines, len(errors), verdict_counts, stages.seconds,
                         judged_per_file)

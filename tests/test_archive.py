@@ -514,10 +514,27 @@ def test_an_upload_that_fails_is_made_again_whole_and_then_gives_up_naming_it(tm
     path = f"{archive.partition('2026-12-07')}/s0001_1-0_2-0.parquet"
     if ok:
         archive.write(path, table)
-        archive._write_text(f"{archive.partition('2026-12-07')}/_x.json", "{}")
+        archive.write_text(f"{archive.partition('2026-12-07')}/_x.json", "{}")
         assert handler.tries[path] == 4 and archive.exists(path)
         assert archive.read("2026-12-07").num_rows == 0
     else:
         with pytest.raises(OSError, match="INTERNAL_FAILURE"):
             archive.write(path, table)
         assert handler.tries[path] == dataset.UPLOAD_ATTEMPTS and not archive.exists(path)
+
+
+def test_every_field_an_entry_carries_has_its_column():
+    """A NOTICE's figures and a receipt's supplier and delivery id are archived with the rest
+    (the dataset module refuses to load if an audit field has no column)."""
+    from tracecode.archive.dataset import split_by_date
+
+    figures = '{"m":"STOCKPILING","v":1,"k":9}'
+    entries = [("1765000000000-0", {"t": "NOTICE", "c": "81234560000000000001", "s": "PH-A", "i": "S1", "l": "0",
+                                     "a": "1765000000000", "x": "STOCKPILING", "f": figures, "p": "k1." + "0" * 32}),
+               ("1765000000001-0", {"t": "RECEIVED", "c": "81234560000000000002", "s": "PH-A", "i": "DN-1", "l": "0",
+                                     "u": "1", "a": "1765000000001", "g": "8123456", "d": "国药控股"})]
+    (rows,) = split_by_date(7, entries, lambda ms: "2025-12-06").values()
+    got = rows.table().to_pylist()
+    assert (got[0]["event"], got[0]["figures"], got[0]["supplier"]) == ("NOTICE", figures, None)
+    assert (got[1]["event"], got[1]["supplier"], got[1]["settlement_id"], got[1]["figures"]) == \
+        ("RECEIVED", "国药控股", "DN-1", None)

@@ -125,3 +125,63 @@ def test_leads_archive_options_are_checked(tmp_path):
     assert out.returncode == 2 and "--from '1.1.2024': expected YYYY-MM-DD" in out.stderr
     out = leads("export.csv", "--from", "2024-01-01", "--issuance", "x.csv", "--out", str(tmp_path / "o"))
     assert out.returncode == 2 and "need --archive" in out.stderr
+
+
+def test_the_archives_receipts_feed_unreceived_and_keep_the_supplier(redis_server, config, tmp_path):
+    """The receiving check's RECEIVED entries reach the archive whole (the supplier and the
+    delivery id kept), and `leads --archive` reads them as the UNRECEIVED model's receipts: a
+    site that uses the check and sells packs it never received is a lead, the packs it did
+    receive are not counted, and a site that never uses the check is not judged."""
+    import csv
+
+    from tracecode.archive.archiver import Archiver, Settings
+    from tracecode.clients.receiving import ReceivingClient
+    from tracecode.server.store.archive import ArchiveStreams, share
+
+    from factories import cn20, issuance, load
+
+    P = "8123456"
+    config = config.replace(audit_archive_bound=1_000_000)
+    store = make_store(config, redis_server.url)
+    srv = Server(config, store).start()
+    target = f"127.0.0.1:{srv.port}"
+    received, unreceived, elsewhere = [cn20(P) for _ in range(3)], [cn20(P) for _ in range(4)], [cn20(P) for _ in range(4)]
+    root = str(tmp_path / "archive")
+    try:
+        admin = AdminClient(target)
+        try:
+            load(admin, *(issuance(c, P) for c in received + unreceived + elsewhere))
+        finally:
+            admin.close()
+        with ReceivingClient(target, timeout_s=10) as rc:
+            resp = rc.receive("PH-A", "DN-7", [(c, P) for c in received], supplier="国药控股")
+            assert len(resp.results) == 3
+        with PosClient(target, deadline_s=10) as pos:
+            for n, c in enumerate(received + unreceived):
+                pos.verify("PH-A", [line(c, P)], settlement_id=f"A{n}")
+            for n, c in enumerate(elsewhere):  # PH-B never uses the receiving check
+                pos.verify("PH-B", [line(c, P)], settlement_id=f"B{n}")
+        streams = ArchiveStreams(store, "archive", share(0, 1), "archiver-0-of-1")
+        streams.start()
+        archive = Archive(root)
+        archiver = Archiver(streams, archive, config.timezone, Settings(max_delay_s=0, status_every_s=0))
+        deadline = time.monotonic() + 60
+        while True:
+            archiver.round(pause_s=0.05)
+            if not sum(s.unarchived for s in streams.state()) or time.monotonic() > deadline:
+                break
+    finally:
+        srv.stop(0)
+        store.close()
+    table = Archive(root).read()
+    got = [r for r in table.to_pylist() if r["event"] == "RECEIVED"]
+    assert sorted(r["code"] for r in got) == sorted(received)
+    assert {(r["site"], r["settlement_id"], r["supplier"]) for r in got} == {("PH-A", "DN-7", "国药控股")}
+    iss = tmp_path / "issuance.csv"
+    iss.write_text("code,product_id\n" + "".join(f"{c},{P}\n" for c in received + unreceived + elsewhere))
+    out = str(tmp_path / "leads")
+    res = leads("--archive", root, "--issuance", str(iss), "--out", out)
+    assert res.returncode == 0, res.stderr
+    with open(os.path.join(out, "leads.csv"), encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["model"] == "UNRECEIVED"]
+    assert [(r["subject_id"], r["packs"]) for r in rows] == [("PH-A", "4")]

@@ -116,6 +116,32 @@ def test_whoami_is_the_servers_verdict_on_a_token(token_service):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_pack_refused_at_the_receiving_check_is_the_receiving_pharmacys_alert(console_env, token_service):
+    """A resold pack offered as stock (入库核验: DUPLICATE) is an alert of the pharmacy that checked
+    it, kept once, named by the delivery, and shown in Chinese; a pack accepted as stock is none."""
+    from tracecode.clients.receiving import ReceivingClient
+    from tracecode.console.ledger import alerts
+    from tracecode.console.ledger.models import Alert
+
+    target, token_file = token_service
+    seller, receiver = unique("PHS"), unique("PHR")
+    sold, fresh = cn20(), cn20()
+    with AdminClient(target, metadata=bearer("admin", "ops"), timeout_s=5) as admin:
+        load(admin, issuance(sold, "P1"), issuance(fresh, "P1"))
+    with PosClient(target, deadline_s=5, retries=0, metadata=bearer("site", seller)) as pos:
+        assert pos.verify(seller, [line(sold, "P1")]).results[0].verdict == pb.OK
+    with ReceivingClient(target, timeout_s=5, metadata=bearer("site", receiver)) as rc:
+        resp = rc.receive(receiver, "DN-9", [(fresh, "P1"), (sold, "P1")], supplier="某医药公司")
+    assert [r.verdict for r in resp.results] == [pb.OK, pb.DUPLICATE]
+    consume_until(target, token_file, lambda: Alert.objects.filter(site_id=receiver).exists())
+    time.sleep(0.5)
+    consume_until(target, token_file, lambda: True)  # one more round: nothing else arrives
+    (a,) = Alert.objects.filter(site_id=receiver)
+    assert (a.kind, a.verdict, a.canonical_code, a.settlement_id, a.lead) == ("RECEIVE", "DUPLICATE", sold, "DN-9", None)
+    assert alerts.message(a).startswith("入库核验未通过") and a.kind_label == "入库预警"
+    assert not Alert.objects.filter(site_id=seller).exists()
+
+
 def test_pharmacy_sees_and_answers_only_its_own_alerts_and_the_inspector_accepts(console_env, token_service, tmp_path):
     from django.utils import timezone
 

@@ -2,8 +2,10 @@
 acceptance, and the counts of unanswered alerts by age.
 
 - Kept from the audit feed (stream.py calls `record`): flagged attempts (AUDIT_ATTEMPT with a
-  verdict other than OK), refusals (AUDIT_REFUSED, a sanction in force) and notices (when the
-  feed carries them: AUDIT_NOTICE). One `Alert` per event identity, so a redelivery or a replay
+  verdict other than OK), refusals (AUDIT_REFUSED, a sanction in force), notices (AUDIT_NOTICE)
+  and packs refused as stock at the receiving check (AUDIT_RECEIVE_FLAGGED: a resold pack offered
+  by a supplier, 回流药 entering the chain; the pharmacy answers what it did with the delivery).
+  One `Alert` per event identity, so a redelivery or a replay
   adds nothing. A DUPLICATE attempt is also evidence of the buying site's LIVE lead (intake.add_live);
   its alert points at that lead.
 - Answered by the site that raised it, never another (`for_site` filters every read and write by
@@ -36,9 +38,10 @@ from .rules import ALERT_AGES_H, ANSWER_CAUSES, Status
 
 # The feed's event types a pharmacy answers, by the ledger's kind. A notice type joins by name
 # when the feed has one (the notices at settlement of the models issue).
-KIND_OF = {apb.AUDIT_ATTEMPT: "ATTEMPT", apb.AUDIT_REFUSED: "REFUSED"}
-if hasattr(apb, "AUDIT_NOTICE"):
-    KIND_OF[apb.AUDIT_NOTICE] = "NOTICE"
+KIND_OF = {apb.AUDIT_ATTEMPT: "ATTEMPT", apb.AUDIT_REFUSED: "REFUSED", apb.AUDIT_NOTICE: "NOTICE",
+           apb.AUDIT_RECEIVE_FLAGGED: "RECEIVE"}
+# Kinds whose event carries a verdict (the counter's, or the receiving check's).
+WITH_VERDICT = ("ATTEMPT", "RECEIVE")
 
 # What each flagged verdict means to the pharmacist.
 VERDICT_TEXT = {
@@ -79,9 +82,9 @@ def record(e: apb.AuditEvent) -> Alert | None:
     kind = KIND_OF.get(e.type)
     if kind is None or not e.site_id or (kind == "ATTEMPT" and e.verdict == pb.OK):
         return None
-    verdict = pb.Verdict.Name(e.verdict) if kind == "ATTEMPT" and e.verdict in pb.Verdict.values() else ""
+    verdict = pb.Verdict.Name(e.verdict) if kind in WITH_VERDICT and e.verdict in pb.Verdict.values() else ""
     lead = None
-    if verdict == "DUPLICATE":
+    if kind == "ATTEMPT" and verdict == "DUPLICATE":
         from .intake import LiveDuplicate
         ev_key = LiveDuplicate(e.site_id, e.settlement_id, e.line_index, e.canonical_code,
                                timezone.now()).key
@@ -106,6 +109,8 @@ def message(a: Alert) -> str:
         return VERDICT_TEXT.get(a.verdict, a.verdict or a.detail)
     if a.kind == "REFUSED":
         return f"结算被拒绝：{a.detail}"
+    if a.kind == "RECEIVE":
+        return f"入库核验未通过：{VERDICT_TEXT.get(a.verdict, a.verdict or a.detail)}"
     return a.detail
 
 

@@ -220,7 +220,7 @@ ANSWER_CAUSES = {
 assert all(a.lead_cause is None or CAUSES[a.lead_cause].technical for a in ANSWER_CAUSES.values())
 
 # Kinds of alert a counter raises (the audit feed's events the ledger keeps for the pharmacy).
-ALERT_KINDS = {"ATTEMPT": "结算预警", "REFUSED": "结算拒绝", "NOTICE": "事前提醒"}
+ALERT_KINDS = {"ATTEMPT": "结算预警", "REFUSED": "结算拒绝", "NOTICE": "事前提醒", "RECEIVE": "入库预警"}
 # Unanswered alerts are counted past these ages (metrics, alert rule): reminders as in Europe's
 # verification systems, after 48 hours and after 5 days.
 ALERT_AGES_H = {"48h": 48, "5d": 120}
