@@ -15,6 +15,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import AMOUNT_TEXT, LeadsConfig
 
@@ -65,6 +66,55 @@ def fmt_amount(fen: int | None) -> str:
     return "" if fen is None else str(Decimal(fen).scaleb(-2))
 
 
+# fmt_times' buckets: every offset change of a time zone since 1972 falls on a quarter hour of
+# UTC; a bucket whose two ends disagree (an older, odder change) is formatted row by row.
+_BUCKET_MS = 15 * 60 * 1000
+
+
+def fmt_times(at_ms: pa.Array, tz: ZoneInfo) -> pa.Array:
+    """fmt_time over a column (the evidence's times): the same strings, by Arrow, the offset of
+    each quarter hour looked up once."""
+    at_ms = at_ms.combine_chunks() if isinstance(at_ms, pa.ChunkedArray) else at_ms
+    if len(at_ms) == 0:
+        return pa.array([], pa.string())
+    buckets = pc.divide(at_ms, _BUCKET_MS)  # truncates: the floor below for times before 1970
+    buckets = pc.if_else(pc.greater(pc.multiply(buckets, _BUCKET_MS), at_ms), pc.subtract(buckets, 1), buckets)
+    distinct = pc.unique(buckets).to_pylist()
+    offset_ms, offset_text, odd = [], [], []
+    for b in distinct:
+        start, end = (datetime.fromtimestamp(b * _BUCKET_MS / 1000, tz),
+                      datetime.fromtimestamp(((b + 1) * _BUCKET_MS - 1) / 1000, tz))
+        off = start.utcoffset()
+        if off != end.utcoffset() or off.microseconds or off.seconds % 60:
+            odd.append(b)
+        offset_ms.append(int(off.total_seconds() * 1000))
+        offset_text.append(start.isoformat()[19:])  # '+08:00' (no fraction: the bucket starts on a minute)
+    where = pc.index_in(buckets, value_set=pa.array(distinct, buckets.type))
+    local = pc.add(at_ms, pa.array(offset_ms, pa.int64()).take(where)).cast(pa.timestamp("ms"))
+    text = pc.strftime(local, format="%Y-%m-%dT%H:%M:%S")  # seconds with '.mmm'
+    whole = pc.equal(pc.subtract(at_ms, pc.multiply(pc.divide(at_ms, 1000), 1000)), 0)
+    text = pc.if_else(whole, pc.utf8_slice_codeunits(text, 0, -4), text)
+    out = pc.binary_join_element_wise(text, pa.array(offset_text, pa.string()).take(where), "")
+    if odd:
+        rows = pc.indices_nonzero(pc.is_in(buckets, value_set=pa.array(odd, buckets.type))).to_pylist()
+        values = out.to_pylist()
+        for i in rows:
+            values[i] = fmt_time(at_ms[i].as_py(), tz)
+        out = pa.array(values, pa.string())
+    return out
+
+
+def fmt_amounts(fen: pa.Array) -> pa.Array:
+    """fmt_amount over a column: '' for null."""
+    fen = fen.combine_chunks() if isinstance(fen, pa.ChunkedArray) else fen
+    fen = fen.cast(pa.int64())
+    mag = pc.abs(fen)
+    whole = pc.divide(mag, 100).cast(pa.string())
+    cents = pc.utf8_lpad(pc.subtract(mag, pc.multiply(pc.divide(mag, 100), 100)).cast(pa.string()), 2, "0")
+    sign = pc.if_else(pc.less(fen, 0), "-", "")
+    return pc.fill_null(pc.binary_join_element_wise(sign, whole, ".", cents, ""), "")  # the last: the separator
+
+
 def fmt_score(score: float) -> str:
     if math.isinf(score):
         return "inf"
@@ -79,45 +129,67 @@ def risk_of(score: float, cutoffs) -> str:
 
 
 def assemble(ev: pa.Table, figures: dict[str, dict[str, dict]], sites: dict[str, tuple[str, str]],
-             cfg: LeadsConfig, tz: ZoneInfo, ring_ids: dict[str, str]) -> tuple[list[Lead], list[tuple]]:
+             cfg: LeadsConfig, tz: ZoneInfo, ring_ids: dict[str, str]) -> tuple[list[Lead], pa.Table]:
     """ev: sql.EVIDENCE_LINES; figures: per model, per subject, the model's figures (score and
     what its summary names); sites: site -> (kind, region) from the registry; ring_ids: the
-    engine's ring numbers -> leads.md ring ids (member site ids, sorted, joined by '+')."""
-    cols = {c: ev[c].to_pylist() for c in ev.column_names}
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, key in enumerate(zip(cols["model"], cols["subject_id"])):
-        groups[key].append(i)
-    leads, evidence = [], []
-    for (model, engine_subject), idx in groups.items():
+    engine's ring numbers -> leads.md ring ids (member site ids, sorted, joined by '+').
+
+    The leads in output order, and the evidence as a table of EVIDENCE_FIELDS in output order
+    (the leads' order, then time, line and role). A lead's figures come from Arrow's group-by over
+    its evidence lines and its rows are formatted column-wise: a national run has hundreds of
+    thousands of evidence lines, and per-row Python was most of the run's writing."""
+    key = pc.binary_join_element_wise(ev["model"], ev["subject_id"], "\x1f")
+    not_paid = pc.and_(pc.is_in(ev["model"], value_set=pa.array(RESALE_MODELS)), pc.not_equal(ev["role"], "later"))
+    paid = pc.if_else(not_paid, pa.scalar(None, pa.int64()), ev["amount_fen"].cast(pa.int64()))
+    every = pc.CountOptions(mode="all")
+    per_lead = pa.table({"key": key, "model": ev["model"], "subject": ev["subject_id"], "at": ev["at_ms"],
+                         "ckey": ev["ckey"], "paid": paid, "ord": ev["ord"]}).group_by(
+        ["key", "model", "subject"], use_threads=False).aggregate(
+        [("at", "min"), ("at", "max"), ("ckey", "count_distinct", every), ("ord", "count", every),
+         ("paid", "sum"), ("paid", "count")])
+    insured = [m.name for m in cfg.models.values() if m.subject_kind == "INSURED"]
+    site_lines: dict[str, Counter] = defaultdict(Counter)
+    if insured:  # an insured person's region: the site of most of their evidence lines
+        sel = pc.is_in(ev["model"], value_set=pa.array(insured, pa.string()))
+        counts = pa.table({"key": pc.filter(key, sel), "site": pc.filter(ev["site_id"], sel)}).group_by(
+            ["key", "site"], use_threads=False).aggregate([("site", "count", every)])
+        for k, site, n in zip(*(counts[c].to_pylist() for c in ("key", "site", "site_count"))):
+            site_lines[k][site] = n
+    leads, keys = [], []
+    for row in per_lead.to_pylist():
+        model, engine_subject = row["model"], row["subject"]
         m = cfg.model(model)
         if m.status == "RETIRED":  # a retired version writes neither leads nor evidence
             continue
         fig = dict(figures[model][engine_subject])
         subject = ring_ids[engine_subject] if model == "RING" else engine_subject
-        lid = lead_id(model, m.version, subject)
-        at = [cols["at_ms"][i] for i in idx]
-        paid_idx = [i for i in idx if cols["role"][i] == "later"] if model in RESALE_MODELS else idx
-        amounts = [cols["amount_fen"][i] for i in paid_idx if cols["amount_fen"][i] is not None]
-        amount = fmt_amount(sum(amounts)) if amounts else ""
-        site_lines = Counter(cols["site_id"][i] for i in idx)
-        region = _region(m.subject_kind, subject, site_lines, sites)
+        amount = fmt_amount(row["paid_sum"]) if row["paid_count"] else ""
+        region = _region(m.subject_kind, subject, site_lines.get(row["key"], Counter()), sites)
         score = float(fig.pop("score"))
-        fig.update(subject_id=subject, packs=len({cols["ckey"][i] for i in idx}), lines=len(idx),
-                   score=score, score_text=fmt_score(score))
-        leads.append(Lead(lid, model, m.version, m.subject_kind, subject, region, fmt_time(min(at), tz),
-                          fmt_time(max(at), tz), score, risk_of(score, m.risk), fig["packs"], len(idx), amount,
-                          summary(m.summary_zh, "zh", fig, amount), summary(m.summary_en, "en", fig, amount),
-                          m.status))
-        for i in idx:
-            evidence.append((lid, cols["role"][i], cols["site_id"][i], cols["settlement_id"][i],
-                             cols["line_no"][i], fmt_time(cols["at_ms"][i], tz), cols["ckey"][i],
-                             cols["product_id"][i], cols["insured"][i], fmt_amount(cols["amount_fen"][i]),
-                             cols["at_ms"][i], cols["ord"][i]))
+        lines = row["ord_count"]
+        fig.update(subject_id=subject, packs=row["ckey_count_distinct"], lines=lines, score=score,
+                   score_text=fmt_score(score))
+        leads.append(Lead(lead_id(model, m.version, subject), model, m.version, m.subject_kind, subject, region,
+                          fmt_time(row["at_min"], tz), fmt_time(row["at_max"], tz), score, risk_of(score, m.risk),
+                          fig["packs"], lines, amount, summary(m.summary_zh, "zh", fig, amount),
+                          summary(m.summary_en, "en", fig, amount), m.status))
+        keys.append(row["key"])
     order = {m: n for n, m in enumerate(MODEL_ORDER)}
-    leads.sort(key=lambda ld: (order[ld.model], -ld.score, ld.subject_id))
-    rank = {ld.lead_id: n for n, ld in enumerate(leads)}
-    evidence.sort(key=lambda e: (rank[e[0]], e[10], e[11], e[1]))
-    return leads, [e[:10] for e in evidence]
+    ranked = sorted(range(len(leads)), key=lambda i: (order[leads[i].model], -leads[i].score, leads[i].subject_id))
+    leads = [leads[i] for i in ranked]
+    # Each evidence line's lead by its rank (null: a retired model's line, left out), then the
+    # output order: rank, time, line, role.
+    rank = pc.index_in(key, value_set=pa.array([keys[i] for i in ranked], pa.string()))
+    kept = ev.append_column("rank", rank).filter(pc.is_valid(rank))
+    kept = kept.take(pc.sort_indices(kept, sort_keys=[("rank", "ascending"), ("at_ms", "ascending"),
+                                                      ("ord", "ascending"), ("role", "ascending")]))
+    lids = pa.array([ld.lead_id for ld in leads], pa.string()).take(kept["rank"])
+    evidence = pa.table({
+        "lead_id": lids, "role": kept["role"], "site_id": kept["site_id"], "settlement_id": kept["settlement_id"],
+        "line_no": kept["line_no"].cast(pa.int64()), "settled_at": fmt_times(kept["at_ms"], tz),
+        "canonical_code": kept["ckey"], "product_id": kept["product_id"], "insured_id": kept["insured"],
+        "amount": fmt_amounts(kept["amount_fen"])})
+    return leads, evidence
 
 
 def summary(template: str, lang: str, fig: dict, amount: str) -> str:
@@ -156,12 +228,12 @@ def leads_table(leads: list[Lead]) -> pa.Table:
     })
 
 
-def evidence_table(rows: list[tuple]) -> pa.Table:
-    cols: list = list(zip(*rows)) if rows else [[] for _ in EVIDENCE_FIELDS]
-    types = (pa.string(),) * 4 + (pa.int64(),) + (pa.string(),) * 5
-    arrays = [pa.array(list(c), t) for c, t in zip(cols, types)]
-    arrays[-1] = pa.array([v or None for v in cols[-1]], pa.string())
-    return pa.table(dict(zip(EVIDENCE_FIELDS, arrays)))
+def evidence_table(evidence: pa.Table) -> pa.Table:
+    """evidence.parquet: the evidence with every column text but line_no, an empty amount null."""
+    cols = {name: evidence[name].cast(pa.string()) for name in EVIDENCE_FIELDS}
+    cols["line_no"] = evidence["line_no"].cast(pa.int64())
+    cols["amount"] = pc.if_else(pc.equal(cols["amount"], ""), pa.scalar(None, pa.string()), cols["amount"])
+    return pa.table(cols)
 
 
 def lead_csv_row(ld: Lead) -> list:

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import assemble, canon, engines, network, receipts, robust, sql
 from . import state as state_mod
-from tracecode.rules.cells import neutralise_row
+from tracecode.rules.cells import FORMULA_STARTS, neutralise_row
 from tracecode.server.config import Config
 
 from .config import LeadsConfig
@@ -308,9 +309,35 @@ def _write_csv(path: str, header, rows) -> None:
         w.writerows(map(neutralise_row, rows))
 
 
-def _write_outputs(out: str, leads, evidence, errors: list[InputError]) -> None:
+def _csv_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as _write_csv writes its cells: text neutralised as rules/cells.py says, then
+    quoted as the csv module quotes (a comma, a quote or a newline in it), numbers as str()."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return pc.fill_null(col.cast(pa.string()), "")
+    col = pc.fill_null(col, "")
+    formula = pc.starts_with(col, FORMULA_STARTS[0])
+    for start in FORMULA_STARTS[1:]:
+        formula = pc.or_(formula, pc.starts_with(col, start))
+    col = pc.if_else(formula, pc.binary_join_element_wise("'", col, ""), col)
+    quote = pc.match_substring_regex(col, '[,"\n]')
+    return pc.if_else(quote, pc.binary_join_element_wise('"', pc.replace_substring(col, '"', '""'), '"', ""), col)
+
+
+def _write_csv_table(path: str, header, table: pa.Table) -> None:
+    """_write_csv for a table (the evidence: hundreds of thousands of rows), column-wise: the same
+    bytes (tests/test_leads_outputs.py holds the two to each other)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerow(neutralise_row(header))
+        if table.num_rows:
+            lines = pc.binary_join_element_wise(*(_csv_column(table[c]) for c in header), ",")
+            for chunk in (lines.chunks if isinstance(lines, pa.ChunkedArray) else [lines]):
+                fh.write("\n".join(chunk.to_pylist()))
+                fh.write("\n")
+
+
+def _write_outputs(out: str, leads, evidence: pa.Table, errors: list[InputError]) -> None:
     _write_csv(os.path.join(out, "leads.csv"), assemble.LEAD_FIELDS, (assemble.lead_csv_row(ld) for ld in leads))
-    _write_csv(os.path.join(out, "evidence.csv"), assemble.EVIDENCE_FIELDS, evidence)
+    _write_csv_table(os.path.join(out, "evidence.csv"), assemble.EVIDENCE_FIELDS, evidence)
     pq.write_table(assemble.leads_table(leads), os.path.join(out, "leads.parquet"))
     pq.write_table(assemble.evidence_table(evidence), os.path.join(out, "evidence.parquet"))
     errs = sorted(set(errors), key=lambda e: (e.file, e.line, e.field, e.reason))
