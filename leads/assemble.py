@@ -91,10 +91,15 @@ def fmt_times(at_ms: pa.Array, tz: ZoneInfo) -> pa.Array:
         offset_text.append(start.isoformat()[19:])  # '+08:00' (no fraction: the bucket starts on a minute)
     where = pc.index_in(buckets, value_set=pa.array(distinct, buckets.type))
     local = pc.add(at_ms, pa.array(offset_ms, pa.int64()).take(where)).cast(pa.timestamp("ms"))
-    text = pc.strftime(local, format="%Y-%m-%dT%H:%M:%S")  # seconds with '.mmm'
-    whole = pc.equal(pc.subtract(at_ms, pc.multiply(pc.divide(at_ms, 1000), 1000)), 0)
-    text = pc.if_else(whole, pc.utf8_slice_codeunits(text, 0, -4), text)
-    out = pc.binary_join_element_wise(text, pa.array(offset_text, pa.string()).take(where), "")
+
+    def padded(values, width: int):  # (the components and a join: twice as fast as strftime)
+        return pc.utf8_lpad(values.cast(pa.string()), width, "0")
+    ms = pc.millisecond(local)
+    fraction = pc.if_else(pc.equal(ms, 0), "", pc.binary_join_element_wise(".", padded(ms, 3), ""))
+    out = pc.binary_join_element_wise(
+        padded(pc.year(local), 4), "-", padded(pc.month(local), 2), "-", padded(pc.day(local), 2), "T",
+        padded(pc.hour(local), 2), ":", padded(pc.minute(local), 2), ":", padded(pc.second(local), 2), fraction,
+        pa.array(offset_text, pa.string()).take(where), "")
     if odd:
         rows = pc.indices_nonzero(pc.is_in(buckets, value_set=pa.array(odd, buckets.type))).to_pylist()
         values = out.to_pylist()

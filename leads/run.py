@@ -211,13 +211,19 @@ def run(opts: Options) -> Result:
         stages.done("models")
 
         ring_ids = {f"#{n}": "+".join(r) for n, r in enumerate(rings)}
+        t = time.perf_counter()
         leads, evidence = assemble.assemble(ev, figures, registry, opts.config, tz, ring_ids)
+        engines.log_timing("assemble", t)
         top = [ld.subject_id for ld in leads if ld.model == "RESALE_BUYER"][: opts.config.top_network_leads]
         drawing = network.start(os.path.join(opts.out, "network.png"), edges, top, rings)
         try:
+            t = time.perf_counter()
             _write_outputs(opts.out, leads, evidence, errors)
+            engines.log_timing("outputs", t)
         finally:
+            t = time.perf_counter()
             drawing.wait()
+            engines.log_timing("network.png (waited)", t)
         stages.done("write", f"{len(leads)} leads")
         result = Result(len(leads), len(evidence), n_lines, len(errors), verdict_counts, stages.seconds,
                         judged_per_file)
@@ -318,9 +324,13 @@ def _csv_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     formula = pc.starts_with(col, FORMULA_STARTS[0])
     for start in FORMULA_STARTS[1:]:
         formula = pc.or_(formula, pc.starts_with(col, start))
-    col = pc.if_else(formula, pc.binary_join_element_wise("'", col, ""), col)
-    quote = pc.match_substring_regex(col, '[,"\n]')
-    return pc.if_else(quote, pc.binary_join_element_wise('"', pc.replace_substring(col, '"', '""'), '"', ""), col)
+    # (a choice between two string columns costs more than the tests: made only where needed)
+    if pc.any(formula).as_py():
+        col = pc.if_else(formula, pc.binary_join_element_wise("'", col, ""), col)
+    quote = pc.or_(pc.or_(pc.match_substring(col, ","), pc.match_substring(col, '"')), pc.match_substring(col, "\n"))
+    if pc.any(quote).as_py():
+        col = pc.if_else(quote, pc.binary_join_element_wise('"', pc.replace_substring(col, '"', '""'), '"', ""), col)
+    return col
 
 
 def _write_csv_table(path: str, header, table: pa.Table) -> None:

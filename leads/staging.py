@@ -96,7 +96,7 @@ def _issuance(fi: int, paths: list[str], profile, out: str, part: tuple[int, int
 # A Parquet file is read in parts only when there are fewer settlement files than cores, and in
 # parts of at least PART_MIN_ROWS rows; a part per core times PARTS_PER_WORKER, so a worker done
 # early takes another part. The issuance files then go in parts as well.
-PART_MIN_ROWS = 200_000
+PART_MIN_ROWS = 100_000  # a day of a province (a few 100,000 lines) still goes on every core
 PARTS_PER_WORKER = 2
 
 
