@@ -459,11 +459,12 @@ def main() -> int:
     if args.keep_others and os.path.exists(os.path.join(common.RESULTS, "leads.json")):
         with open(os.path.join(common.RESULTS, "leads.json"), encoding="utf-8") as fh:
             kept = json.load(fh)
+        ran_standalone = bool(doc.get("spark_standalone"))
         for section, value in kept.items():
             if section not in doc:
                 doc[section] = value
         for target, met in kept.get("targets", {}).items():
-            if target.startswith("Spark") and not doc.get("spark_standalone"):
+            if target.startswith("Spark") and not ran_standalone:
                 doc["targets"][target] = met  # from the kept Spark section
     print("written", common.write_results("leads.json", doc))
     return 0

@@ -22,11 +22,13 @@ class Drawing:
     spec: str
 
     def wait(self) -> None:
-        """Wait for the picture; a failure is the run's failure, with the drawing's own message."""
+        """Wait for the picture; a failure is the run's failure (an output not written: OSError,
+        which the command line reports in one line), with the drawing's own last words."""
         _, err = self.proc.communicate()
         os.unlink(self.spec)
         if self.proc.returncode != 0:
-            raise RuntimeError(f"drawing network.png failed: {err.decode(errors='replace').strip()[-2000:]}")
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {self.proc.returncode}"]
+            raise OSError(f"network.png: the drawing failed: {last[0][:500]}")
 
 
 def start(path: str, edges: list[tuple[str, str, int]], top_sites: list[str], rings: list[list[str]]) -> Drawing:
