@@ -364,14 +364,14 @@ KNOWN_MAX = 2_000_000  # ids kept per key (about 60 bytes each); past it new one
 
 
 def pseudonyms_of(pz: Pseudonymizer, ids: pa.Array) -> pa.Array:
-    """pz.pseudonym_many over distinct normalised ids, the ones this process has seen before
+    """pz.pseudonym_many over distinct normalised ids (insured_normalised's), the ones this process has seen before
     taken from _KNOWN (the same strings: it holds pseudonym_many's own answers)."""
     tag = f"{pz.key_id}:{pz.fingerprint()}"
     keys, values = _KNOWN.get(tag, (pa.array([], pa.string()), pa.array([], pa.string())))
     idx = pc.index_in(ids, value_set=keys)
     unseen = pc.is_null(idx)
     fresh = pc.filter(ids, unseen)
-    computed = pa.array(pz.pseudonym_many(fresh.to_pylist()), pa.string())
+    computed = pa.array(pz.pseudonym_many_normalised(fresh.to_pylist()), pa.string())
     if len(keys) + len(fresh) <= KNOWN_MAX and len(fresh):
         _KNOWN[tag] = (pa.concat_arrays([keys, fresh]), pa.concat_arrays([values, computed]))
     if not len(keys):

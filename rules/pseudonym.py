@@ -84,11 +84,15 @@ class Pseudonymizer:
     def pseudonym_many(self, raw_ids) -> list[str]:
         """pseudonym() of each id, in order (the leads engine's columns): the same strings, with
         the per-call overhead paid once."""
-        prefix, norm_of, inner0, outer0 = f"{self.key_id}.", normalise, self._inner, self._outer
+        return self.pseudonym_many_normalised([normalise(raw) for raw in raw_ids])
+
+    def pseudonym_many_normalised(self, norm_ids) -> list[str]:
+        """pseudonym_many over ids that normalise() returned already (the leads engine's
+        checked columns): the same strings, without normalising them twice."""
+        prefix, inner0, outer0 = f"{self.key_id}.", self._inner, self._outer
         out = []
         append = out.append
-        for raw in raw_ids:
-            norm = norm_of(raw)
+        for norm in norm_ids:
             if not norm:
                 append("")
                 continue

@@ -30,6 +30,7 @@ def test_one_and_many_give_the_same_pseudonyms_as_hmac_says():
     ids += ["".join(rnd.choice("0123456789X -") for _ in range(rnd.randrange(1, 25))) for _ in range(500)]
     want = [f"k2.{hmac.digest(key, normalise(i).encode(), 'sha256')[:16].hex()}" if normalise(i) else "" for i in ids]
     assert p.pseudonym_many(ids) == want == [p.pseudonym(i) for i in ids]
+    assert p.pseudonym_many_normalised([normalise(i) for i in ids]) == want
 
 
 def test_a_pickled_pseudonymizer_gives_the_same_pseudonyms():
