@@ -10,7 +10,7 @@ import hashlib
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -84,7 +84,7 @@ def fmt_times(at_ms: pa.Array, tz: ZoneInfo) -> pa.Array:
     for b in distinct:
         start, end = (datetime.fromtimestamp(b * _BUCKET_MS / 1000, tz),
                       datetime.fromtimestamp(((b + 1) * _BUCKET_MS - 1) / 1000, tz))
-        off = start.utcoffset()
+        off = start.utcoffset() or timedelta(0)  # (never None for an aware time)
         if off != end.utcoffset() or off.microseconds or off.seconds % 60:
             odd.append(b)
         offset_ms.append(int(off.total_seconds() * 1000))

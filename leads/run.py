@@ -303,7 +303,7 @@ def _figures(engine, rings, edges, scored, models) -> dict[str, dict[str, dict]]
     return fig
 
 
-def _write_csv(path: str, header, rows) -> None:
+def write_csv(path: str, header, rows) -> None:
     """Every CSV of a run (leads, evidence, errors, lines): a text cell a spreadsheet would take
     for a formula (a site's region `=HYPERLINK(..)`, say) gets a leading apostrophe
     (rules/cells.py); numbers and every other cell are written as they are, so ids, which never
@@ -316,7 +316,7 @@ def _write_csv(path: str, header, rows) -> None:
 
 
 def _csv_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """A column as _write_csv writes its cells: text neutralised as rules/cells.py says, then
+    """A column as write_csv writes its cells: text neutralised as rules/cells.py says, then
     quoted as the csv module quotes (a comma, a quote or a newline in it), numbers as str()."""
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         return pc.fill_null(col.cast(pa.string()), "")
@@ -333,8 +333,8 @@ def _csv_column(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col
 
 
-def _write_csv_table(path: str, header, table: pa.Table) -> None:
-    """_write_csv for a table (the evidence: hundreds of thousands of rows), column-wise: the same
+def write_csv_table(path: str, header, table: pa.Table) -> None:
+    """write_csv for a table (the evidence: hundreds of thousands of rows), column-wise: the same
     bytes (tests/test_leads_outputs.py holds the two to each other)."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh, lineterminator="\n").writerow(neutralise_row(header))
@@ -346,12 +346,12 @@ def _write_csv_table(path: str, header, table: pa.Table) -> None:
 
 
 def _write_outputs(out: str, leads, evidence: pa.Table, errors: list[InputError]) -> None:
-    _write_csv(os.path.join(out, "leads.csv"), assemble.LEAD_FIELDS, (assemble.lead_csv_row(ld) for ld in leads))
-    _write_csv_table(os.path.join(out, "evidence.csv"), assemble.EVIDENCE_FIELDS, evidence)
+    write_csv(os.path.join(out, "leads.csv"), assemble.LEAD_FIELDS, (assemble.lead_csv_row(ld) for ld in leads))
+    write_csv_table(os.path.join(out, "evidence.csv"), assemble.EVIDENCE_FIELDS, evidence)
     pq.write_table(assemble.leads_table(leads), os.path.join(out, "leads.parquet"))
     pq.write_table(assemble.evidence_table(evidence), os.path.join(out, "evidence.parquet"))
     errs = sorted(set(errors), key=lambda e: (e.file, e.line, e.field, e.reason))
-    _write_csv(os.path.join(out, "errors.csv"), ERROR_FIELDS, ((e.file, e.line, e.field, e.reason) for e in errs))
+    write_csv(os.path.join(out, "errors.csv"), ERROR_FIELDS, ((e.file, e.line, e.field, e.reason) for e in errs))
 
 
 def _write_lines(t: pa.Table, files: list[str], out: str, tz) -> None:
@@ -364,5 +364,5 @@ def _write_lines(t: pa.Table, files: list[str], out: str, tz) -> None:
         "canonical_code": t["ckey"], "first_site_id": t["first_site_id"],
         "first_settlement_id": t["first_settlement_id"], "first_settled_at": pa.array(first_at, pa.string())})
     pq.write_table(table, os.path.join(out, "lines.parquet"))
-    _write_csv(os.path.join(out, "lines.csv"), LINE_FIELDS,
+    write_csv(os.path.join(out, "lines.csv"), LINE_FIELDS,
                ([("" if v is None else v) for v in row.values()] for row in table.to_pylist()))

@@ -38,8 +38,8 @@ class PseudonymKeyError(ValueError):
 
 
 class Pseudonymizer:
-    """HMAC-SHA256 pseudonyms under one key. Thread-safe (the key's two hash states are only
-    ever copied, and a copy takes the state's own lock)."""
+    """HMAC-SHA256 pseudonyms under one key. Thread-safe: the key's two hash states are never
+    updated, only copied (each MAC works on its copies)."""
 
     __slots__ = ("key_id", "_key", "_inner", "_outer")
 
@@ -90,7 +90,7 @@ class Pseudonymizer:
         """pseudonym_many over ids that normalise() returned already (the leads engine's
         checked columns): the same strings, without normalising them twice."""
         prefix, inner0, outer0 = f"{self.key_id}.", self._inner, self._outer
-        out = []
+        out: list[str] = []
         append = out.append
         for norm in norm_ids:
             if not norm:

@@ -43,16 +43,16 @@ def test_a_table_written_column_wise_is_the_csv_modules_bytes(tmp_path):
                       "role": pa.array([r[1] for r in rows], pa.string()),
                       "line_no": pa.array([r[2] for r in rows], pa.int64()),
                       "amount": pa.array([r[3] for r in rows], pa.string())})
-    run._write_csv_table(str(tmp_path / "columns.csv"), header, table)
-    run._write_csv(str(tmp_path / "rows.csv"), header, rows)
+    run.write_csv_table(str(tmp_path / "columns.csv"), header, table)
+    run.write_csv(str(tmp_path / "rows.csv"), header, rows)
     assert (tmp_path / "columns.csv").read_bytes() == (tmp_path / "rows.csv").read_bytes()
     # And it reads back as it was meant (rows without a bare carriage return: the csv module
     # leaves '\r' unquoted under a '\n' line end, as both writers do; the row rules refuse
     # control characters in ids, so none reaches the outputs).
     plain = [r for r in rows if not any(isinstance(c, str) and "\r" in c for c in r)]
-    run._write_csv_table(str(tmp_path / "plain.csv"), header, table.filter(pa.array([r in plain for r in rows])))
+    run.write_csv_table(str(tmp_path / "plain.csv"), header, table.filter(pa.array([r in plain for r in rows])))
     with open(tmp_path / "plain.csv", newline="", encoding="utf-8") as fh:
         back = list(csv.reader(fh))
     assert back[1:] == [[str(c) if isinstance(c, int) else (c or "") for c in neutralise_row(r)] for r in plain]
-    run._write_csv_table(str(tmp_path / "empty.csv"), header, table.slice(0, 0))
+    run.write_csv_table(str(tmp_path / "empty.csv"), header, table.slice(0, 0))
     assert (tmp_path / "empty.csv").read_text() == "lead_id,role,line_no,amount\n"
