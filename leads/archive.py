@@ -44,8 +44,6 @@ def export_from_archive(uri: str, out_path: str, day_from: str | None = None, da
                         engine: str = "duckdb", spark_master: str = "local[2]") -> int:
     """Write the archive's settlement lines between the dates (inclusive) as a Parquet export at
     out_path; the number of lines. A URI without partitions in range is an error naming it."""
-    import duckdb
-
     check_date("--from", day_from)
     check_date("--until", day_until)
     if "://" not in uri and not os.path.isdir(uri):
@@ -57,6 +55,37 @@ def export_from_archive(uri: str, out_path: str, day_from: str | None = None, da
         raise ArchiveError(f"archive {uri!r}: no files for settlement dates {day_from or 'start'}..{day_until or 'end'}")
     if engine == "spark" and archive.local:
         return _export_on_spark(files, out_path, spark_master)
+    return _copy(archive, files, out_path, """
+        SELECT site AS site_id, settlement_id,
+               strftime(settled_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g') || '+00:00' AS settled_at,
+               CAST(line + 1 AS VARCHAR) AS line_no, code, product_id,
+               CAST(units AS VARCHAR) AS units, insured_pseudonym AS insured_id, '' AS amount
+        FROM {source}
+        WHERE event IN ('DISPENSED', 'ATTEMPT') AND line >= 0 AND code IS NOT NULL
+        ORDER BY settled_at, site, settlement_id, line""")
+
+
+def receipts_from_archive(uri: str, out_path: str, day_until: str | None = None) -> int:
+    """Write the archive's RECEIVED entries up to day_until (inclusive; every earlier date) as a
+    receipts Parquet file at out_path; the number of receipts (0: none, and nothing written)."""
+    check_date("--until", day_until)
+    archive = Archive(uri)
+    files = [p for d in archive.dates() if day_until is None or d <= day_until for p in archive.live_files(d)]
+    if not files:
+        return 0
+    return _copy(archive, files, out_path, """
+        SELECT site AS site_id, code,
+               strftime(event_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g') || '+00:00' AS received_at,
+               settlement_id AS delivery_id, product_id, supplier
+        FROM {source}
+        WHERE event = 'RECEIVED' AND code IS NOT NULL AND site IS NOT NULL
+        ORDER BY event_at, stream, entry_id""")
+
+
+def _copy(archive: Archive, files: list[str], out_path: str, select: str) -> int:
+    """DuckDB: select ({source}: the archive's files) written to out_path as Parquet; its rows."""
+    import duckdb
+
     con = duckdb.connect()
     try:
         if archive.local:  # DuckDB reads the files itself, only the columns it needs
@@ -64,51 +93,7 @@ def export_from_archive(uri: str, out_path: str, day_from: str | None = None, da
         else:  # object storage: through pyarrow's filesystem (the URI's options and credentials)
             con.register("arch", archive.read_paths(files))
             source = "arch"
-        sql = f"""
-            COPY (
-              SELECT site AS site_id, settlement_id,
-                     strftime(settled_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g') || '+00:00' AS settled_at,
-                     CAST(line + 1 AS VARCHAR) AS line_no, code, product_id,
-                     CAST(units AS VARCHAR) AS units, insured_pseudonym AS insured_id, '' AS amount
-              FROM {source}
-              WHERE event IN ('DISPENSED', 'ATTEMPT') AND line >= 0 AND code IS NOT NULL
-              ORDER BY settled_at, site, settlement_id, line
-            ) TO {_literal(out_path)} (FORMAT PARQUET)"""
-        con.execute(sql)
-        row = con.execute(f"SELECT count(*) FROM read_parquet({_literal(out_path)})").fetchone()
-        return int(row[0]) if row else 0
-    finally:
-        con.close()
-
-
-def receipts_from_archive(uri: str, out_path: str, day_until: str | None = None) -> int:
-    """Write the archive's RECEIVED entries up to day_until (inclusive; every earlier date) as a
-    receipts Parquet file at out_path; the number of receipts (0: the file has no rows)."""
-    import duckdb
-
-    check_date("--until", day_until)
-    archive = Archive(uri)
-    files = [p for d in archive.dates() if day_until is None or d <= day_until for p in archive.live_files(d)]
-    con = duckdb.connect()
-    try:
-        if not files:
-            source = "(SELECT NULL::VARCHAR AS site, NULL::VARCHAR AS code, NULL::TIMESTAMPTZ AS event_at, " \
-                     "NULL::VARCHAR AS settlement_id, NULL::VARCHAR AS product_id, NULL::VARCHAR AS supplier, " \
-                     "NULL::VARCHAR AS event, NULL::VARCHAR AS entry_id, NULL::SMALLINT AS stream WHERE false)"
-        elif archive.local:
-            source = "read_parquet([" + ", ".join(_literal(p) for p in files) + "])"
-        else:
-            con.register("arch", archive.read_paths(files))
-            source = "arch"
-        con.execute(f"""
-            COPY (
-              SELECT site AS site_id, code,
-                     strftime(event_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S.%g') || '+00:00' AS received_at,
-                     settlement_id AS delivery_id, product_id, supplier
-              FROM {source}
-              WHERE event = 'RECEIVED' AND code IS NOT NULL AND site IS NOT NULL
-              ORDER BY event_at, stream, entry_id
-            ) TO {_literal(out_path)} (FORMAT PARQUET)""")
+        con.execute(f"COPY ({select.format(source=source)}) TO {_literal(out_path)} (FORMAT PARQUET)")
         row = con.execute(f"SELECT count(*) FROM read_parquet({_literal(out_path)})").fetchone()
         return int(row[0]) if row else 0
     finally:
