@@ -12,12 +12,16 @@ from libc.string cimport memcpy
 
 import hashlib
 
-from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
+from .wire_types import ACTIVE_STATUS, INT_FIELDS, OK_VERDICT, OWN, ROW_WIDTH, STATUS, VERDICT, Results
 
 cdef object _blake2b = hashlib.blake2b
 cdef object _Results = Results
 cdef Py_ssize_t _WIDTH = ROW_WIDTH
 cdef Py_ssize_t _OWN = OWN
+cdef Py_ssize_t _VERDICT = VERDICT
+cdef Py_ssize_t _STATUS = STATUS
+cdef str _OK = OK_VERDICT
+cdef str _ACTIVE = ACTIVE_STATUS
 cdef bint _IS_INT[32]
 for _i in range(32):
     _IS_INT[_i] = _i in INT_FIELDS
@@ -29,10 +33,12 @@ DEF FIELD_SEP = u"\x1f"
 
 
 cdef object _int(str text):
-    """As wire_fallback._int: an optional '-' and ASCII digits only."""
+    """As wire_fallback._int: '' for 0, else an optional '-' and ASCII digits only."""
     cdef Py_ssize_t n = len(text), i = 0, j
     cdef long long v = 0
     cdef Py_UCS4 c
+    if n == 0:
+        return 0
     if n and text[0] == u"-":
         i = 1
     if i >= n:
@@ -52,7 +58,7 @@ def decode_results(str text, row_type, own=None):
     cdef list parts, f
     cdef list rows = []
     cdef str head
-    cdef Py_ssize_t k, j, m
+    cdef Py_ssize_t k, j, m, w
     parts = text.split(RECORD_SEP)
     head = parts[0]
     if head != u"0" and head != u"1":
@@ -60,9 +66,20 @@ def decode_results(str text, row_type, own=None):
     m = len(parts)
     for k in range(1, m):
         f = (<str>parts[k]).split(FIELD_SEP)
-        if len(f) != _WIDTH:
-            raise ValueError(f"packed results: a line of {len(f)} fields, want {_WIDTH}")
-        if own is not None and f[_OWN] == u"=":
+        w = len(f)
+        if w > _WIDTH:
+            raise ValueError(f"packed results: a line of {w} fields, want at most {_WIDTH}")
+        while w < _WIDTH:
+            f.append(u"")
+            w += 1
+        if not f[_VERDICT]:
+            if f[_STATUS]:
+                raise ValueError(f"packed results: status {f[_STATUS][:20]!r} on a line written as OK")
+            f[_VERDICT] = _OK
+            f[_STATUS] = _ACTIVE
+        if f[_OWN] == u"=":
+            if own is None:
+                raise ValueError("packed results: a record's own first dispense ('=') read without its owner")
             f[_OWN:_OWN + 3] = str(own[0]), str(own[1]), str(own[2])
         for j in range(_WIDTH):
             if _IS_INT[j]:
@@ -84,7 +101,7 @@ def encode_results(recorded, rows):
             if _IS_INT[i]:
                 if type(v) is not int:
                     raise TypeError(f"field {i}: {type(v).__name__}, want int")
-                fields.append(str(v))
+                fields.append(str(v) if v else u"")
             else:
                 if type(v) is not str:
                     raise TypeError(f"field {i}: {type(v).__name__}, want str")
@@ -92,7 +109,12 @@ def encode_results(recorded, rows):
                     raise ValueError(f"field {i}: {v!r} holds a separator")
                 fields.append(v)
             i += 1
-        out.append(RECORD_SEP + FIELD_SEP.join(fields))
+        if not fields[_VERDICT]:
+            raise ValueError(f"field {_VERDICT}: an empty verdict")
+        if fields[_VERDICT] == _OK and fields[_STATUS] == _ACTIVE:
+            fields[_VERDICT] = u""
+            fields[_STATUS] = u""
+        out.append(RECORD_SEP + FIELD_SEP.join(fields).rstrip(FIELD_SEP))
     return u"".join(out)
 
 

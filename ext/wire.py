@@ -4,8 +4,10 @@ extension falls back to it with a WARNING). `IMPLEMENTATION` says which: "compil
 
     decode_results(text, row_type) -> Results(recorded, rows)
         A verify.lua answer (or a stored settlement's results), packed: "0" | "1" (recorded),
-        then per line "\\x1e" and the 12 fields of a row joined by "\\x1f", int fields in
-        decimal; zero lines is just "0" / "1". Each row is row_type(*its 12 fields) (the store's ScriptRow). decode_results(text,
+        then per line "\\x1e" and the 13 fields of a row joined by "\\x1f", int fields in
+        decimal, the defaults written as nothing (an int 0; the verdict OK and status ACTIVE of
+        the usual line, both ''; trailing empty fields left off); zero lines is just "0" / "1".
+        Each row is row_type(*its 13 fields) (the store's ScriptRow). decode_results(text,
         row_type, own=(site, settlement_id, settled_at_ms)) reads a stored record, whose own
         first dispense is written '=', '', '' in the packed form.
     encode_results(recorded, rows) -> the packed form (decode_results inverts it exactly).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from .wire_types import INT_FIELDS, OWN, ROW_WIDTH, Results
+from .wire_types import ACTIVE_STATUS, INT_FIELDS, OK_VERDICT, OWN, ROW_WIDTH, STATUS, VERDICT, Results
 
 RECORD_SEP = "\x1e"  # before each line of the packed form
 FIELD_SEP = "\x1f"  # between the fields of a line
@@ -18,8 +18,10 @@ _DIGITS = frozenset("0123456789")
 
 
 def _int(text: str) -> int:
-    """A decimal integer as the packed form writes it: an optional '-' and ASCII digits only
-    (int() would also take spaces, '+', '_' and other scripts' digits)."""
+    """A decimal integer as the packed form writes it: '' for 0, else an optional '-' and ASCII
+    digits only (int() would also take spaces, '+', '_' and other scripts' digits)."""
+    if not text:
+        return 0
     body = text[1:] if text[:1] == "-" else text
     if not body or not _DIGITS.issuperset(body):
         raise ValueError(f"packed results: {text!r} is not a decimal integer")
@@ -27,9 +29,11 @@ def _int(text: str) -> int:
 
 
 def decode_results(text: str, row_type: Any, own: Sequence[Any] | None = None) -> Results:
-    """A verify.lua reply or stored results text -> Results(recorded, rows of row_type). With
-    `own` (site, settlement id, settled_at ms: a stored record's own), a packed row whose first
-    dispense is written '=' (the settlement's own first dispense) gets those three values."""
+    """A verify.lua answer or stored results text -> Results(recorded, rows of row_type). The
+    packed row's defaults (rules/schema.py) come back: ints written '' are 0, a verdict '' is OK
+    of an ACTIVE pack, trailing fields left off are ''. With `own` (site, settlement id,
+    settled_at ms: a stored record's own), a packed row whose first dispense is written '='
+    (the settlement's own first dispense) gets those three values."""
     parts = text.split(RECORD_SEP)
     head = parts[0]
     if head != "0" and head != "1":
@@ -37,9 +41,17 @@ def decode_results(text: str, row_type: Any, own: Sequence[Any] | None = None) -
     rows = []
     for part in parts[1:]:
         f: list[Any] = part.split(FIELD_SEP)
-        if len(f) != ROW_WIDTH:
-            raise ValueError(f"packed results: a line of {len(f)} fields, want {ROW_WIDTH}")
-        if own is not None and f[OWN] == "=":
+        if len(f) > ROW_WIDTH:
+            raise ValueError(f"packed results: a line of {len(f)} fields, want at most {ROW_WIDTH}")
+        if len(f) < ROW_WIDTH:
+            f.extend([""] * (ROW_WIDTH - len(f)))
+        if not f[VERDICT]:
+            if f[STATUS]:
+                raise ValueError(f"packed results: status {f[STATUS][:20]!r} on a line written as OK")
+            f[VERDICT], f[STATUS] = OK_VERDICT, ACTIVE_STATUS
+        if f[OWN] == "=":
+            if own is None:
+                raise ValueError("packed results: a record's own first dispense ('=') read without its owner")
             f[OWN:OWN + 3] = str(own[0]), str(own[1]), str(own[2])
         for i in INT_FIELDS:
             f[i] = _int(f[i])
@@ -48,7 +60,9 @@ def decode_results(text: str, row_type: Any, own: Sequence[Any] | None = None) -
 
 
 def encode_results(recorded: bool, rows: Sequence[Sequence[Any]]) -> str:
-    """The packed form of (recorded, rows): decode_results(encode_results(r, rows)) == (r, rows)."""
+    """The packed form of (recorded, rows), with its defaults written as nothing:
+    decode_results(encode_results(r, rows)) == (r, rows). A verdict '' is refused (it would
+    read back as OK)."""
     out = ["1" if recorded else "0"]
     for row in rows:
         if len(row) != ROW_WIDTH:
@@ -58,14 +72,18 @@ def encode_results(recorded: bool, rows: Sequence[Sequence[Any]]) -> str:
             if i in INT_FIELDS:
                 if type(v) is not int:
                     raise TypeError(f"field {i}: {type(v).__name__}, want int")
-                fields.append(str(v))
+                fields.append(str(v) if v else "")
             else:
                 if type(v) is not str:
                     raise TypeError(f"field {i}: {type(v).__name__}, want str")
                 if RECORD_SEP in v or FIELD_SEP in v:
                     raise ValueError(f"field {i}: {v!r} holds a separator")
                 fields.append(v)
-        out.append(RECORD_SEP + FIELD_SEP.join(fields))
+        if not fields[VERDICT]:
+            raise ValueError(f"field {VERDICT}: an empty verdict")
+        if fields[VERDICT] == OK_VERDICT and fields[STATUS] == ACTIVE_STATUS:
+            fields[VERDICT] = fields[STATUS] = ""
+        out.append(RECORD_SEP + FIELD_SEP.join(fields).rstrip(FIELD_SEP))
     return "".join(out)
 
 

@@ -5,7 +5,8 @@ and the readers of the audit streams name their fields from it.
 
     ScriptRow       one line's result as verify.lua reports and stores it (ROW_FIELDS, in order;
                     ROW_INT_POSITIONS the int fields; OWN the first of the three first-dispense
-                    fields a stored record writes '=', '', '' when the dispense is its own)
+                    fields a stored record writes '=', '', '' when the dispense is its own;
+                    VERDICT, STATUS, OK_VERDICT, ACTIVE_STATUS: the packed row's defaults)
     VERIFY_ARGV     verify.lua's fixed arguments, then LINE_FIELDS per line, then the codes
     ENTRY_FIELDS    a code's packed value in its bucket hash; LOT_FIELDS a lot's
     US, RS          the separators of the packed forms (free text never holds them: text.py)
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, get_type_hints
 
-__all__ = ["ScriptRow", "ROW_FIELDS", "ROW_INT_POSITIONS", "ROW_WIDTH", "OWN", "VERIFY_ARGV", "LINE_FIELDS",
+__all__ = ["ScriptRow", "ROW_FIELDS", "ROW_INT_POSITIONS", "ROW_WIDTH", "OWN", "VERDICT", "STATUS", "OK_VERDICT",
+           "ACTIVE_STATUS", "VERIFY_ARGV", "LINE_FIELDS",
            "ROW_INTERNAL", "RECEIVE_ARGV", "RECEIVE_LINE_FIELDS", "ENTRY_FIELDS", "LOT_FIELDS", "US", "RS", "BUCKETS",
            "TAGS", "audit_stream", "AUDIT_FIELDS", "AUDIT_TYPES"]
 
@@ -51,6 +53,14 @@ ROW_INT_POSITIONS = tuple(i for i, t in enumerate(get_type_hints(ScriptRow).valu
 # A stored record writes its own first dispense as '=', '', '' from this position on (site,
 # settlement id, time): the record's own site, id and time complete them when it is read.
 OWN = ROW_FIELDS.index("first_site_id")
+# The packed row (verify.lua's answer and a settlement record's stored form) writes the common
+# values as nothing, since a record is kept for every settlement for weeks (docs/scaling.md): an
+# int 0 as '', the verdict OK of a pack whose status is ACTIVE (the usual line) as '' in both
+# places, and a row's trailing empty fields left off. A verdict is never '' (the encoders refuse
+# one), so '' can only be that OK.
+VERDICT = ROW_FIELDS.index("verdict")
+STATUS = ROW_FIELDS.index("status")
+OK_VERDICT, ACTIVE_STATUS = "OK", "ACTIVE"
 
 # verify.lua's fixed arguments, in ARGV order (1-based in Lua).
 VERIFY_ARGV = (

@@ -21,6 +21,7 @@ from tracecode.rules.schema import ENTRY_FIELDS, US
 from tracecode.server.app import Server, make_store, prune_expired
 from tracecode.server.errors import DataSetMismatch
 from tracecode.server.store import DataSetMarker, now_ms
+from tracecode.server.store.keys import LAYOUT
 from tracecode.server.store.types import SettlementCall
 from tracecode.server.verifier import Line, Verifier
 
@@ -117,7 +118,7 @@ def test_a_redis_that_would_not_keep_buckets_compact_is_named_at_start(redis_ser
 # ------------------------------------------------------------------ the data-set marker
 
 # Per compared field: a value the data set's marker holds instead of this process's.
-OTHER = {"layout": 2, "buckets": 4096, "code_buckets": 7, "key_id": "k9", "key_fingerprint": "00" * 8}
+OTHER = {"layout": LAYOUT - 1, "buckets": 4096, "code_buckets": 7, "key_id": "k9", "key_fingerprint": "00" * 8}
 
 
 def _marker(store) -> dict:
@@ -146,7 +147,7 @@ def test_the_first_server_writes_the_marker_the_next_finds_it(redis_server, conf
         first = Server(dataclasses.replace(config, key_prefix=store.keys.prefix, code_buckets=3), store)
         doc = _marker(store)
         assert {k: doc[k] for k in ("layout", "buckets", "code_buckets", "key_id", "key_fingerprint")} == {
-            "layout": 3, "buckets": 1024, "code_buckets": 3, "key_id": key.key_id, "key_fingerprint": key.fingerprint()}
+            "layout": LAYOUT, "buckets": 1024, "code_buckets": 3, "key_id": key.key_id, "key_fingerprint": key.fingerprint()}
         assert key.fingerprint() not in open(config.pseudonym_key_file).read()  # tells keys apart, reveals nothing
         second = Server(dataclasses.replace(config, key_prefix=store.keys.prefix, code_buckets=3), store)
         assert _marker(store) == doc

@@ -64,8 +64,23 @@ OK = ScriptRow("OK", 1, 1, 1, "ACTIVE", "8123456", 20301231, "", "", 0, 0, "", "
 BAD = ScriptRow("MALFORMED", 0, 0, 0, "", "", 0, "", "", 0, 0, "20 digits expected, got 7", "")
 
 
-def packed(recorded, rows):
+def plain(recorded, rows):
+    """Every field written out (the packed form before its defaults): the decoder reads it too."""
     return ("1" if recorded else "0") + "".join("\x1e" + "\x1f".join(str(v) for v in r) for r in rows)
+
+
+def packed(recorded, rows):
+    """The packed form as layout.py documents it, written independently of the twins: an int 0
+    as '', OK of an ACTIVE pack as '' in verdict and status, trailing empty fields left off."""
+    out = "1" if recorded else "0"
+    for r in rows:
+        f = ["" if type(v) is int and v == 0 else str(v) for v in r]
+        if r[0] == "OK" and r[4] == "ACTIVE":
+            f[0] = f[4] = ""
+        while f and f[-1] == "":
+            f.pop()
+        out += "\x1e" + "\x1f".join(f)
+    return out
 
 
 def test_decode_packed(wire):
@@ -82,7 +97,7 @@ def test_decode_packed_zero_lines(wire):
 
 
 def test_decode_packed_empty_strings_and_negatives(wire):
-    row = ScriptRow("", 0, -3, 0, "", "", 0, "", "", -1, 0, "", "")
+    row = ScriptRow("X", 0, -3, 0, "", "", 0, "", "", -1, 0, "", "")
     assert wire.decode_results(packed(False, [row]), ScriptRow).rows == [row]
 
 
@@ -91,14 +106,31 @@ def test_decode_packed_big_ints(wire):
     assert wire.decode_results(packed(True, [row]), ScriptRow).rows == [row]
 
 
+def test_packed_defaults_are_written_as_nothing(wire):
+    # The usual line of a record: OK, an ACTIVE pack, its own first dispense, no attempts.
+    own = OK._replace(first_site_id="=", first_settlement_id="", first_settled_at_ms="", received_by="")
+    assert wire.encode_results(True, [own._replace(first_settled_at_ms=0)]) == "1\x1e\x1f1\x1f1\x1f1\x1f\x1f8123456\x1f20301231\x1f="
+    assert wire.decode_results("1\x1e", ScriptRow) == (True, [ScriptRow("OK", 0, 0, 0, "ACTIVE", "", 0, "", "", 0, 0, "",
+                                                                         "")])
+    # OK of a pack of another status, and a verdict with status '', stay as they are.
+    odd = OK._replace(status="")
+    assert wire.decode_results(wire.encode_results(False, [odd]), ScriptRow).rows == [odd]
+    assert wire.decode_results(plain(True, [OK, DUP, BAD]), ScriptRow) == (True, [OK, DUP, BAD])
+
+
+def test_encode_refuses_an_empty_verdict(wire):
+    with pytest.raises(ValueError):
+        wire.encode_results(True, [OK._replace(verdict="")])
+
+
 @pytest.mark.parametrize("text", [
-    "", "2", "01", "x", "1\x1e", "1\x1eOK", "1\x1e" + "\x1f".join(["OK"] * 13),
+    "", "2", "01", "x", "1\x1e" + "\x1f".join(["OK"] * 14), "1\x1e\x1f0\x1f0\x1f0\x1fLOCKED",
     packed(True, [OK]).replace("\x1f1\x1f", "\x1f+1\x1f", 1),
     packed(True, [OK]).replace("\x1f1\x1f", "\x1f 1\x1f", 1),
     packed(True, [OK]).replace("\x1f1\x1f", "\x1f1_0\x1f", 1),
     packed(True, [OK]).replace("\x1f1\x1f", "\x1f\u0661\x1f", 1),  # ARABIC-INDIC DIGIT ONE: int() takes it
     packed(True, [OK]).replace("\x1f1\x1f", "\x1f-\x1f", 1),
-    packed(True, [OK]).replace("\x1f1\x1f", "\x1f\x1f", 1),
+    packed(True, [OK]).replace("\x1f1\x1f", "\x1f1 \x1f", 1),
 ])
 def test_decode_packed_refuses_damage(wire, text):
     with pytest.raises(ValueError):
@@ -107,15 +139,19 @@ def test_decode_packed_refuses_damage(wire, text):
 
 def _stored_oracle(text, site, sid, at_ms):
     """The stored-results reading as the store first wrote it (store.decode_stored before the
-    wire module), frozen: a row's own first dispense is '=', '', ''."""
+    wire module), frozen, with the defaults of layout 4: a row's own first dispense is '=', '',
+    ''; its trailing fields may be left off; an int '' is 0; a verdict '' is OK of an ACTIVE pack."""
     parts = text.split("\x1e")
     rows = []
     for part in parts[1:]:
         f = part.split("\x1f")
+        f += [""] * (13 - len(f))
+        if f[0] == "":
+            f[0], f[4] = "OK", "ACTIVE"
         if f[7] == "=":
             f[7:10] = site, sid, at_ms
         for i in (1, 2, 3, 6, 9, 10):
-            f[i] = int(f[i])
+            f[i] = int(f[i]) if f[i] != "" else 0
         rows.append(ScriptRow(*f))
     return parts[0] == "1", rows
 
@@ -152,7 +188,9 @@ def _random_row(rnd):
 
     def i():
         return rnd.choice([0, 1, -1, rnd.randrange(10**13), rnd.randrange(-10**6, 10**6), 10**19 + rnd.randrange(10)])
-    return ScriptRow(s(), i(), i(), i(), s(), s(), i(), s(), s(), i(), i(), s(), s())
+    # Verdicts are never '' (encode_results refuses one); OK and ACTIVE are the packed defaults.
+    return ScriptRow(rnd.choice(["OK", "DUPLICATE", s() or "X"]), i(), i(), i(), rnd.choice(["ACTIVE", "", s()]), s(), i(),
+                     s(), s(), i(), i(), s(), s())
 
 
 def test_encode_decode_round_trip(wire):

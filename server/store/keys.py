@@ -51,9 +51,10 @@ from redis.crc import key_slot
 from tracecode.rules.schema import BUCKETS, TAGS, audit_stream
 
 # The version of the layout above: the data-set marker carries it and refuses a data set of
-# another. 3: the packed national layout (issue 29, docs/scaling.md). Nothing is released, so no
-# migration from 2 exists: a layout-2 data set is refused by name.
-LAYOUT = 3
+# another. 3: the packed national layout (issue 29, docs/scaling.md); 4: its settlement records
+# packed too (results and ledger with their defaults as nothing, layout.py). Nothing is released,
+# so no migration exists: a data set of an earlier layout is refused by name.
+LAYOUT = 4
 # Hashes per tag. The default suits up to ~25 million codes (1024 x 64 hashes of ~400);
 # a national data set sets it from its size (docs/scaling.md: codes / 1024 / 300).
 DEFAULT_CODE_BUCKETS = 64

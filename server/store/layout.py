@@ -20,14 +20,22 @@ writes it and the store's readers:
     lot:    LOT_FIELDS joined by US, in the lot dictionary of the code's hash tag under its lot id
             (a small number in the order the tag met its lots: lua/_state.lua lot_id).
     results: the stored answer of a settlement (field 'r' of its record) and verify.lua's reply:
-            "0" or "1" (recorded), then per line RS (\x1e) and ROW_FIELDS joined by US. Ids and
+            "0" or "1" (recorded), then per line RS (\x1e) and ROW_FIELDS joined by US, the
+            common values as nothing (rules/schema.py: ints 0, OK of an ACTIVE pack, trailing
+            empty fields). Ids and
             free text never hold control characters (rules/text.py refuses them), so the separators
             cannot occur inside a value.
+    ledger: a settlement's lines for returns (field 'l' of its record): per line RS, then its
+            code packed (rules/packing.py; '' for a malformed line), units taken, units returned
+            and line index joined by US, 0 as '', the index '' when it is the line's position in
+            the ledger, trailing empty fields left off (_state.lua ledger_text, store.py
+            ledger_entries).
 """
 from __future__ import annotations
 
-from tracecode.rules.schema import (ENTRY_FIELDS, LINE_FIELDS, LOT_FIELDS, RECEIVE_ARGV, RECEIVE_LINE_FIELDS, ROW_FIELDS,
-                                    ROW_INT_POSITIONS, ROW_INTERNAL, RS, US, VERIFY_ARGV)
+from tracecode.rules.schema import (ACTIVE_STATUS, ENTRY_FIELDS, LINE_FIELDS, LOT_FIELDS, OK_VERDICT, RECEIVE_ARGV,
+                                    RECEIVE_LINE_FIELDS, ROW_FIELDS, ROW_INT_POSITIONS, ROW_INTERNAL, RS, STATUS, US,
+                                    VERDICT, VERIFY_ARGV)
 
 __all__ = ["VERIFY_ARGV", "LINE_FIELDS", "ROW_INTERNAL", "ENTRY_FIELDS", "LOT_FIELDS", "US", "RS", "lua_layout",
            "lua_row_text"]
@@ -66,6 +74,18 @@ def lua_layout() -> str:
 
 
 def lua_row_text() -> str:
-    """The Lua function that packs one result row: one concatenation, numbers through istr."""
-    parts = [f"istr(r[{i + 1}])" if i in ROW_INT_POSITIONS else f"r[{i + 1}]" for i in range(len(ROW_FIELDS))]
-    return "local function row_text(r) return " + " .. US .. ".join(parts) + " end"
+    """The Lua function that packs one result row (rules/schema.py: ints 0 as '', OK of an ACTIVE
+    pack as '' twice, trailing empty fields left off): one concatenation, then the trailing
+    separators cut (a field never holds one)."""
+    parts = [f"zstr(r[{i + 1}])" if i in ROW_INT_POSITIONS else f"r[{i + 1}]" for i in range(len(ROW_FIELDS))]
+    parts[VERDICT], parts[STATUS] = "v", "s"
+    return "\n".join([
+        "local function row_text(r)",
+        f"  local v, s = r[{VERDICT + 1}], r[{STATUS + 1}]",
+        f"  if v == '{OK_VERDICT}' and s == '{ACTIVE_STATUS}' then v, s = '', '' end",
+        "  local t = " + " .. US .. ".join(parts),
+        "  local n = #t",
+        "  while n > 0 and string.byte(t, n) == 31 do n = n - 1 end",
+        "  return string.sub(t, 1, n)",
+        "end",
+    ])

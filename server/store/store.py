@@ -879,11 +879,12 @@ def _event(raw: str) -> CodeEvent:
 
 def ledger_entries(text: str | None) -> list[list]:
     """A stored ledger's lines [code, units taken, units returned, line index], its codes unpacked
-    (the Lua twin: _state.lua's ledger_read)."""
-    lines = json.loads(text) if text else []
-    for line in lines:
-        if line[0]:
-            line[0] = code_of(line[0])
+    (layout.py's packed form; the Lua twin is _state.lua's ledger_read)."""
+    lines: list[list] = []
+    for pos, part in enumerate((text or "").split(RS)[1:]):
+        f = part.split(US)
+        f += [""] * (4 - len(f))
+        lines.append([code_of(f[0]) if f[0] else "", int(f[1] or 0), int(f[2] or 0), int(f[3]) if f[3] else pos])
     return lines
 
 

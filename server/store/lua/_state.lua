@@ -21,6 +21,11 @@ local function istr(x)
   end
   return s
 end
+-- An int field of a packed row or ledger line: 0 is written as nothing (layout.py).
+local function zstr(x)
+  if x == 0 or x == '0' then return '' end
+  return istr(x)
+end
 local function inum(text)
   local n = tonumber(text)
   if n then ISTR[n] = text end
@@ -338,40 +343,53 @@ local function results_encode(recorded, rows, own)
   return text
 end
 
--- The inverse (`own` as above). The numbers come back as numbers, in ROW_FIELDS' int positions.
+-- The inverse (`own` as above). The numbers come back as numbers, in ROW_FIELDS' int positions;
+-- the fields written as nothing (row_text) come back as they were.
 local ROW_INTS = {R.accepted, R.used, R.pack_units, R.expiry, R.first_settled_at_ms, R.attempts}
 local function results_decode(text, own)
   local parts = split(text, RS)
   local rows = {}
   for i = 2, #parts do
     local row = split(parts[i], US)
+    for k = #row + 1, NROW do row[k] = '' end
+    if row[R.verdict] == '' then row[R.verdict], row[R.status] = 'OK', 'ACTIVE' end
     if row[R.first_site_id] == '=' then
       row[R.first_site_id], row[R.first_settlement_id], row[R.first_settled_at_ms] = own[1], own[2], own[3]
     end
-    for _, k in ipairs(ROW_INTS) do row[k] = inum(row[k]) end
+    for _, k in ipairs(ROW_INTS) do row[k] = inum(row[k]) or 0 end
     rows[i - 1] = row
   end
   return parts[1] == '1', rows
 end
 
--- A settlement's ledger (per line: code, units taken, units returned, line index) as json, the
--- code packed (cfield; '' for a malformed line); built here rather than by cjson, whose numbers
--- go through the same slow printf.
-local function ledger_line(code, taken, returned, line)
+-- A settlement's ledger (per line: code, units taken, units returned, line index) in its packed
+-- form (layout.py): per line RS and the fields joined by US, the code packed (cfield; '' for a
+-- malformed line), 0 as '', the index as '' when it is the line's position `pos` (0-based) in
+-- the ledger, trailing empty fields left off.
+local function ledger_line(code, taken, returned, line, pos)
   if code ~= '' then code = cfield(code) end
-  if string.find(code, '["\\]') then code = string.gsub(code, '(["\\])', '\\%1') end
-  return '["' .. code .. '",' .. istr(taken) .. ',' .. istr(returned) .. ',' .. istr(line) .. ']'
+  if tonumber(line) == pos then line = '' end
+  local t = RS .. code .. US .. zstr(taken) .. US .. zstr(returned) .. US .. zstr(line)
+  local n = #t
+  while string.byte(t, n) == 31 do n = n - 1 end
+  return string.sub(t, 1, n)
 end
 local function ledger_text(ledger)
   local out = presized(#ledger)
-  for i, e in ipairs(ledger) do out[i] = ledger_line(e[1], e[2], e[3], e[4]) end
-  return '[' .. table.concat(out, ',') .. ']'
+  for i, e in ipairs(ledger) do out[i] = ledger_line(e[1], e[2], e[3], e[4], i - 1) end
+  return table.concat(out)
 end
--- A stored ledger, its codes unpacked (code_of).
+-- A stored ledger as a list of {code, taken, returned, line index}, its codes unpacked (code_of).
 local function ledger_read(text)
-  local ledger = cjson.decode(text)
-  for _, e in ipairs(ledger) do
-    if e[1] ~= '' then e[1] = code_of(e[1]) end
+  local parts = split(text, RS)
+  local ledger = presized(#parts - 1)
+  for i = 2, #parts do
+    local f = split(parts[i], US)
+    local code = f[1]
+    if code ~= '' then code = code_of(code) end
+    local line = tonumber(f[4])
+    if not line then line = i - 2 end
+    ledger[i - 1] = {code, tonumber(f[2]) or 0, tonumber(f[3]) or 0, line}
   end
   return ledger
 end

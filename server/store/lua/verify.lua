@@ -342,7 +342,7 @@ for i = 1, n do
   local res = results[i]
   local u = res[R.code_index]
   ledger[i] = ledger_line(u and ARGV[CODE0 + u - 1] or '', res[R.accepted], 0,
-                          ARGV[LINE0 + STRIDE * (i - 1) + L.line_index])
+                          ARGV[LINE0 + STRIDE * (i - 1) + L.line_index], i - 1)
   res[R.code_index], res[R.want] = nil, nil
 end
 -- Packed once, in the stored form (a first dispense that is this settlement's own as '='): the
@@ -351,7 +351,7 @@ local out = results_encode(recorded, results, {site, sid, at})
 if writes then
   -- Packed (rules/packing.py): the digest in 22 characters (by the server), the time in 7; the
   -- site and the settlement id are the key's own (record_owner).
-  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', '[' .. table.concat(ledger, ',') .. ']',
+  redis.call('HSET', KEYS[1], 'd', digest, 'r', out, 'l', table.concat(ledger),
              'at', msf(at), 'ps', part_state)
   if prepared then
     local pu = {}
