@@ -22,9 +22,16 @@ local function istr(x)
   return s
 end
 -- An int field of a packed row or ledger line: 0 is written as nothing (layout.py).
+-- (istr's body again rather than a call to it: rows and ledgers are packed on every settlement.)
 local function zstr(x)
   if x == 0 or x == '0' then return '' end
-  return istr(x)
+  if type(x) ~= 'number' then return x end
+  local s = ISTR[x]
+  if not s then
+    s = string.format('%d', x)
+    ISTR[x] = s
+  end
+  return s
 end
 local function inum(text)
   local n = tonumber(text)
@@ -370,9 +377,9 @@ local function ledger_line(code, taken, returned, line, pos)
   if code ~= '' then code = cfield(code) end
   if tonumber(line) == pos then line = '' end
   local t = RS .. code .. US .. zstr(taken) .. US .. zstr(returned) .. US .. zstr(line)
-  local n = #t
-  while string.byte(t, n) == 31 do n = n - 1 end
-  return string.sub(t, 1, n)
+  local cut = string.find(t, '\031+$')
+  if cut then return string.sub(t, 1, cut - 1) end
+  return t
 end
 local function ledger_text(ledger)
   local out = presized(#ledger)

@@ -50,9 +50,16 @@ local function istr(x)
   return s
 end
 -- An int field of a packed row or ledger line: 0 is written as nothing (layout.py).
+-- (istr's body again rather than a call to it: rows and ledgers are packed on every settlement.)
 local function zstr(x)
   if x == 0 or x == '0' then return '' end
-  return istr(x)
+  if type(x) ~= 'number' then return x end
+  local s = ISTR[x]
+  if not s then
+    s = string.format('%d', x)
+    ISTR[x] = s
+  end
+  return s
 end
 local function inum(text)
   local n = tonumber(text)
@@ -359,9 +366,9 @@ local function row_text(r)
   local v, s = r[1], r[5]
   if v == 'OK' and s == 'ACTIVE' then v, s = '', '' end
   local t = v .. US .. zstr(r[2]) .. US .. zstr(r[3]) .. US .. zstr(r[4]) .. US .. s .. US .. r[6] .. US .. zstr(r[7]) .. US .. r[8] .. US .. r[9] .. US .. zstr(r[10]) .. US .. zstr(r[11]) .. US .. r[12] .. US .. r[13]
-  local n = #t
-  while n > 0 and string.byte(t, n) == 31 do n = n - 1 end
-  return string.sub(t, 1, n)
+  local cut = string.find(t, '\031+$')
+  if cut then return string.sub(t, 1, cut - 1) end
+  return t
 end
 local function results_encode(recorded, rows, own)
   local text = recorded and '1' or '0'
@@ -405,9 +412,9 @@ local function ledger_line(code, taken, returned, line, pos)
   if code ~= '' then code = cfield(code) end
   if tonumber(line) == pos then line = '' end
   local t = RS .. code .. US .. zstr(taken) .. US .. zstr(returned) .. US .. zstr(line)
-  local n = #t
-  while string.byte(t, n) == 31 do n = n - 1 end
-  return string.sub(t, 1, n)
+  local cut = string.find(t, '\031+$')
+  if cut then return string.sub(t, 1, cut - 1) end
+  return t
 end
 local function ledger_text(ledger)
   local out = presized(#ledger)
