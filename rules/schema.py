@@ -99,7 +99,8 @@ ENTRY_FIELDS = (
     "fa",
     "at",      # duplicate attempts against that first dispense
     "fp",      # the first buyer's insured pseudonym
-    "ev",      # events ever logged for the code (kept or not)
+    "ev",      # events ever logged for the code (kept or not); '=' the plain first dispense: ev 1,
+               # fd 0, fu = u, written as '=' with fd and fu empty (lua/_state.lua entry_write)
     "fd",      # position of the first-ever DISPENSED event among the kept events ('' none yet)
     "fl",      # that event's line index and units, while it is implicit (fx = '')
     "fu",

@@ -58,6 +58,54 @@ class World:
 
 
 @pytest.mark.backend_independent
+def test_a_plain_first_dispense_is_written_short_and_every_reader_sees_it_whole(redis_server, config):
+    """Layout 4: the commonest entry, a pack whose one event is its first dispense and whose
+    cycle used what that dispense took, writes ev '=' for (ev 1, fd 0, fu = u) and line 0 as
+    nothing; the history, a later event, a continuation and a return read and rewrite it whole."""
+    store = _store(redis_server, config, f"{config.key_prefix}e{next(_runs)}")
+    try:
+        w = World(store, config)
+        whole = [cn20() for _ in range(3)]
+        split = cn20()
+        store.upsert_issuance([(x, "8123456", "", "B1", 20991231, 1, "Demo Pharma", "") for x in whole]
+                              + [(split, "8123456", "", "B1", 20991231, 10, "Demo Pharma", "")], replace=False)
+        rows = w.settle("SITE-A", "P1", [(x, "8123456") for x in whole] + [(split, "8123456", 3)]).rows
+        assert [r.verdict for r in rows] == ["OK"] * 4
+
+        def raw(code):
+            bucket = store.keys.code_keys(code)[0]
+            return dict(zip(ENTRY_FIELDS, store.r.hget(bucket, code_field(code)).split(US)))
+
+        for i, x in enumerate([*whole, split]):
+            f = raw(x)
+            assert f["ev"] == "=" and f.get("fd", "") == "" and f.get("fu", "") == "", f
+            assert f.get("fl", "") == ("" if i == 0 else str(i))
+            (event,) = store.code_history(x).events
+            assert (event.type, event.site_id, event.settlement_id, event.line_index, event.units) == \
+                ("DISPENSED", "SITE-A", "P1", i, 3 if x == split else 1)
+        # A continuation of the split pack: the cycle has used more than the first dispense took.
+        assert w.settle("SITE-A", "P2", [(split, "8123456", 2)]).rows[0].verdict == "OK"
+        assert raw(split)["ev"] == "2"
+        assert [(e.settlement_id, e.line_index, e.units) for e in store.code_history(split).events] == \
+            [("P1", 3, 3), ("P2", 0, 2)]
+        # Another site's attempt on a whole pack: a second event.
+        assert w.settle("SITE-B", "Q1", [(whole[1], "8123456")]).rows[0].verdict == "DUPLICATE"
+        assert raw(whole[1])["ev"] == "2"
+        assert [(e.type, e.settlement_id, e.line_index) for e in store.code_history(whole[1]).events] == \
+            [("DISPENSED", "P1", 1), ("ATTEMPT", "Q1", 0)]
+        # A return empties a pack: the first dispense is written out into the list first.
+        w.reverse("SITE-A", "P1", [2])
+        history = store.code_history(whole[2])
+        assert [(e.type, e.settlement_id, e.line_index, e.units) for e in history.events] == \
+            [("DISPENSED", "P1", 2, 1), ("REVERSED", "P1", 2, 1)]
+        assert history.units_used == 0 and raw(whole[2])["ev"] == "2"
+        # The untouched pack still reads whole.
+        assert store.code_history(whole[0]).events[0].units == 1 and store.code_history(whole[0]).events_total == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.backend_independent
 def test_a_dispensed_pack_is_one_field_of_a_shared_hash(redis_server, config):
     """Per code one entry in a shared bucket hash, no keys of its own until it has events beyond
     its first dispense (store/keys.py)."""

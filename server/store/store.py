@@ -890,10 +890,15 @@ def ledger_entries(text: str | None) -> list[list]:
 
 def entry_fields(text: str | None) -> list[str]:
     """A stored entry's fields (ENTRY_FIELDS order, trailing empty ones left off), its packed time
-    and pseudonym unpacked (rules/packing.py; the Lua twin is _state.lua's entry_read)."""
+    and pseudonym unpacked (rules/packing.py) and a plain first dispense's '=' expanded (the Lua
+    twin is _state.lua's entry_read)."""
     if not text:
         return []
     entry = text.split(US)
+    ev = _E["ev"]
+    if ev < len(entry) and entry[ev] == "=":  # the plain first dispense (_state.lua entry_write)
+        entry += [""] * (_E["fu"] + 1 - len(entry))
+        entry[ev], entry[_E["fd"]], entry[_E["fu"]] = "1", "0", entry[_E["u"]]
     fa, fp = _E["fa"], _E["fp"]
     if fa < len(entry) and entry[fa]:
         entry[fa] = str(ms_of(entry[fa]))

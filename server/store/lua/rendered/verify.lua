@@ -536,17 +536,27 @@ local function entry_read(bkey, code)
   local fa = e[E.fa]
   if fa and fa ~= '' then e[E.fa] = istr(ms_of(fa)) end
   e[E.fs], e[E.fi], e[E.rs] = id_of(e[E.fs]), id_of(e[E.fi]), id_of(e[E.rs])
+  if e[E.ev] == '=' then e[E.ev], e[E.fd], e[E.fu] = '1', '0', e[E.u] end  -- see entry_write
   return e
 end
 
 -- Write an entry back (its table is packed in place and not used after); trailing empty fields
 -- are left off (a code never dispensed: its lot id). Fields not set are false or nil.
--- No time and no attempts are written as nothing rather than '0'.
+-- No time and no attempts are written as nothing rather than '0'. The plain first dispense (the
+-- code's one event, implicit at position 0, its units all the cycle has used: most dispensed
+-- codes) is '=' in `ev` for ev 1, fd 0 and fu = u (entry_read and store.py entry_fields expand
+-- it), and line index 0 is nothing.
 local function entry_write(bkey, code, e)
   local fa, at = tonumber(e[E.fa]), e[E.at]
   e[E.fa] = (fa and fa ~= 0) and msf(fa) or ''
   e[E.fs], e[E.fi], e[E.rs] = idf(e[E.fs]), idf(e[E.fi]), idf(e[E.rs])
   if at == 0 or at == '0' then e[E.at] = '' end
+  local ev, fd, fl = e[E.ev], e[E.fd], e[E.fl]
+  if (fd == 0 or fd == '0') and (ev == 1 or ev == '1') and e[E.fx] ~= '1'
+     and tonumber(e[E.fu]) == tonumber(e[E.u]) then
+    e[E.ev], e[E.fd], e[E.fu] = '=', '', ''
+  end
+  if fl == 0 or fl == '0' then e[E.fl] = '' end
   local n = NENTRY
   while n > 1 and (not e[n] or e[n] == '') do n = n - 1 end
   for i = 1, n do e[i] = istr(e[i] or '') end
