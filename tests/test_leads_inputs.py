@@ -15,7 +15,7 @@ import pytest
 
 from tracecode.clients.files import InputFileError
 from tracecode.clients.reverify import parse_time
-from tracecode.leads import synth
+from tracecode.leads import inputs, synth
 from tracecode.leads.canon import profile_of
 from tracecode.leads.inputs import Limits, Pseudonyms, load_check, read_issuance, read_settlements, settled_ms
 from tracecode.server.config import Config
@@ -190,3 +190,10 @@ def test_the_read_stage_on_spark_executors_stages_what_the_worker_processes_stag
     assert n_errors >= 3 + 9  # the rows broken above, the issuance rejections
     people = set(pq.read_table(spark[0][0].path)["insured"].to_pylist()) - {""}
     assert people and all(Pseudonymizer.looks_like_pseudonym(p) for p in people)
+
+
+def test_the_strip_set_is_every_whitespace_character_python_knows():
+    # inputs.py scans only the code points below PY_SPACE_BOUND (start-up time): no whitespace
+    # character of the running Python's Unicode lies above it.
+    assert inputs.PY_SPACE == "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    assert all(not chr(c).isspace() for c in range(inputs.PY_SPACE_BOUND, 0x110000))

@@ -15,7 +15,8 @@ writes it and the store's readers:
             code's field in its bucket hash (the field name is the code packed, rules/packing.py):
             its issuance (lot id, status; '' = ACTIVE) and its dispense state, the first
             dispense's time, site, settlement id and buyer and the receiving site packed,
-            attempts 0 as ''. A code that was never dispensed
+            attempts 0 as '', a plain first dispense's counters as ev '=' (rules/schema.py).
+            A code that was never dispensed
             is just "<lot>" (or "<lot>US<status>").
     lot:    LOT_FIELDS joined by US, in the lot dictionary of the code's hash tag under its lot id
             (a small number in the order the tag met its lots: lua/_state.lua lot_id).
